@@ -1,0 +1,25 @@
+"""All environment variables NanoCP reads, in one place (prefix ``NANOCP_``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _get(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def cpu_kv_cache_gb() -> float:
+    """KV cache budget on CPU when --max-total-tokens is not given (GiB)."""
+    return float(_get("NANOCP_CPU_KV_CACHE_GB", "1.0"))
+
+
+def cache_dir() -> Path:
+    """Where NanoCP keeps generated artefacts (demo model, test models)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanocp"
+    return Path(_get("NANOCP_CACHE_DIR", str(default)))
+
+
+def log_level() -> str:
+    return _get("NANOCP_LOG_LEVEL", "info")

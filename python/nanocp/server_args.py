@@ -1,0 +1,178 @@
+"""ServerArgs: the one configuration object of NanoCP, also its command-line parser.
+
+Flag names follow SGLang's so that its users can reuse their launch commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("cuda", "cpu")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
+
+
+class ServerArgsError(ValueError):
+    """A bad configuration value; the message names the offending flag."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class ServerArgs:
+    # Model and tokenizer
+    model_path: str | None = None
+    tokenizer_path: str | None = None
+    dtype: str = "auto"
+    device: str | None = None  # default: cuda when available, else cpu
+    load_format: str = "auto"
+    context_length: int | None = None
+    trust_remote_code: bool = False
+    skip_tokenizer_init: bool = False
+    # Memory and scheduling
+    page_size: int = 1
+    max_total_tokens: int | None = None
+    mem_fraction_static: float = 0.85
+    chunked_prefill_size: int = 8192
+    max_running_requests: int = 256
+    random_seed: int = 0
+    # Kernels
+    attention_backend: str = "torch"
+    disable_cuda_graph: bool = False
+    cuda_graph_max_bs: int = 256
+    # Logging
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.device is None:
+            self.device = _default_device()
+        if self.tokenizer_path is None:
+            self.tokenizer_path = self.model_path
+        self._check_choice("dtype", DTYPES)
+        self._check_choice("device", DEVICES)
+        self._check_choice("load_format", LOAD_FORMATS)
+        self._check_choice("attention_backend", ATTENTION_BACKENDS)
+        self._check_int("page_size", minimum=1)
+        self._check_int("chunked_prefill_size", minimum=1)
+        self._check_int("max_running_requests", minimum=1)
+        self._check_int("cuda_graph_max_bs", minimum=1)
+        self._check_int("random_seed", minimum=0)
+        self._check_int("max_total_tokens", minimum=1, optional=True)
+        self._check_int("context_length", minimum=1, optional=True)
+        if not isinstance(self.mem_fraction_static, (int, float)) or not 0 < self.mem_fraction_static < 1:
+            raise ServerArgsError(
+                f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static!r}"
+            )
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            raise ServerArgsError(
+                f"--max-total-tokens ({self.max_total_tokens}) must be at least --page-size ({self.page_size})"
+            )
+        if self.model_path is not None and not os.path.exists(self.model_path):
+            raise ServerArgsError(
+                f"--model-path {self.model_path!r} does not exist (NanoCP never downloads from a model hub; "
+                "pass a local checkpoint directory, or use --load-format dummy with a directory holding config.json)"
+            )
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ServerArgsError("--device cuda was requested but no CUDA device is available")
+
+    # ------------------------------------------------------------------ checks
+    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+        value = getattr(self, name)
+        if value not in choices:
+            raise ServerArgsError(f"{_flag(name)} must be one of {', '.join(choices)}; got {value!r}")
+
+    def _check_int(self, name: str, minimum: int, optional: bool = False) -> None:
+        value = getattr(self, name)
+        if value is None and optional:
+            return
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ServerArgsError(f"{_flag(name)} must be an integer, got {value!r}")
+        if value < minimum:
+            raise ServerArgsError(f"{_flag(name)} must be >= {minimum}, got {value}")
+
+    # --------------------------------------------------------------------- CLI
+    @staticmethod
+    def add_cli_args(parser: argparse.ArgumentParser) -> None:
+        a = parser.add_argument
+        a("--model-path", type=str, help="Local HF checkpoint directory (config.json + safetensors).")
+        a("--tokenizer-path", type=str, help="Tokenizer directory (default: --model-path).")
+        a("--dtype", type=str, default=ServerArgs.dtype, choices=DTYPES)
+        a("--device", type=str, choices=DEVICES, help="Default: cuda when available, else cpu.")
+        a(
+            "--load-format",
+            type=str,
+            default=ServerArgs.load_format,
+            choices=LOAD_FORMATS,
+            help="'dummy' makes random weights from config.json alone (real-size runs without checkpoints).",
+        )
+        a("--context-length", type=int, help="Max tokens per request (default: the model's).")
+        a("--trust-remote-code", action="store_true")
+        a(
+            "--skip-tokenizer-init",
+            action="store_true",
+            help="No tokenizer: requests must give input_ids, outputs carry no text.",
+        )
+        a("--page-size", type=int, default=ServerArgs.page_size, help="Tokens per KV cache page.")
+        a("--max-total-tokens", type=int, help="KV cache capacity in tokens (default: from memory).")
+        a(
+            "--mem-fraction-static",
+            type=float,
+            default=ServerArgs.mem_fraction_static,
+            help="Fraction of GPU memory for weights + KV cache.",
+        )
+        a(
+            "--chunked-prefill-size",
+            type=int,
+            default=ServerArgs.chunked_prefill_size,
+            help="Max tokens of one forward step (prefill chunks + decodes).",
+        )
+        a("--max-running-requests", type=int, default=ServerArgs.max_running_requests)
+        a("--random-seed", type=int, default=ServerArgs.random_seed)
+        a("--attention-backend", type=str, default=ServerArgs.attention_backend, choices=ATTENTION_BACKENDS)
+        a("--disable-cuda-graph", action="store_true")
+        a("--cuda-graph-max-bs", type=int, default=ServerArgs.cuda_graph_max_bs)
+        a("--log-level", type=str, default=ServerArgs.log_level)
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in vars(args).items() if k in names})
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> ServerArgs:
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown server argument(s): {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    @classmethod
+    def parse(cls, argv: list[str] | None = None, prog: str | None = None) -> ServerArgs:
+        """Parse a command line; a bad value exits with a message naming the flag."""
+        parser = argparse.ArgumentParser(prog=prog)
+        cls.add_cli_args(parser)
+        args = parser.parse_args(argv)
+        try:
+            return cls.from_cli_args(args)
+        except ServerArgsError as e:
+            parser.error(str(e))
+            raise  # unreachable: parser.error exits
+
+    def replace(self, **changes: Any) -> ServerArgs:
+        return dataclasses.replace(self, **changes)
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
