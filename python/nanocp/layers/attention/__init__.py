@@ -1,0 +1,9 @@
+from nanocp.layers.attention import torch_backend  # noqa: F401  (registers "torch")
+from nanocp.layers.attention.base import (
+    AttentionBackend,
+    create_attention_backend,
+    register_attention_backend,
+)
+from nanocp.layers.attention.layer import Attention
+
+__all__ = ["Attention", "AttentionBackend", "create_attention_backend", "register_attention_backend"]

@@ -1,0 +1,55 @@
+"""Attention backend interface and registry.
+
+Every backend returns (output, lse) for any split of queries and keys, so that context-parallel
+execution can merge partial results; ``forward`` is the unsharded convenience path.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from nanocp.engine.forward_batch import ForwardBatch
+    from nanocp.layers.attention.layer import Attention
+
+
+class AttentionBackend(ABC):
+    @abstractmethod
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        """Build per-step metadata once; every layer of the step reuses it."""
+
+    @abstractmethod
+    def forward_with_lse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' K/V, then attend. q: [T, Hq, D]; returns o [T, Hq, D], lse [T, Hq]."""
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
+    ) -> torch.Tensor:
+        return self.forward_with_lse(q, k, v, layer, batch)[0]
+
+
+_REGISTRY: dict[str, Callable[..., AttentionBackend]] = {}
+
+
+def register_attention_backend(name: str) -> Callable:
+    def deco(factory: Callable[..., AttentionBackend]) -> Callable[..., AttentionBackend]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return deco
+
+
+def create_attention_backend(name: str, **kwargs) -> AttentionBackend:
+    # Importing the package registers the built-in backends.
+    import nanocp.layers.attention  # noqa: F401
+
+    if name not in _REGISTRY:
+        available = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"--attention-backend {name!r} is not available here (available: {available})")
+    return _REGISTRY[name](**kwargs)

@@ -1,0 +1,26 @@
+"""The attention layer models call; the actual work goes to the step's attention backend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanocp.engine.forward_batch import get_forward_batch
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_id: int, num_heads: int, num_kv_heads: int, head_dim: int, scaling: float):
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scaling = scaling
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [T, Hq*D], k/v: [T, Hkv*D] -> [T, Hq*D]."""
+        batch = get_forward_batch()
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        return batch.attn_backend.forward(q, k, v, self, batch).reshape(q.shape[0], -1)

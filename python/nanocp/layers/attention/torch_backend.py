@@ -1,0 +1,52 @@
+"""Reference attention backend: plain torch over the paged KV cache; runs on CPU and GPU."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from nanocp.layers.attention.base import AttentionBackend, register_attention_backend
+from nanocp_kernels.reference import paged_attention_ref
+
+if TYPE_CHECKING:
+    from nanocp.engine.forward_batch import ForwardBatch
+    from nanocp.layers.attention.layer import Attention
+
+
+@register_attention_backend("torch")
+class TorchAttnBackend(AttentionBackend):
+    def __init__(self, **_: object) -> None:
+        self.meta: tuple | None = None
+
+    def init_forward_metadata(self, batch: ForwardBatch) -> None:
+        table = batch.req_to_token_pool.req_to_token
+        qo_indptr, kv_indptr, rows, kv_pos = [0], [0], [], []
+        for i, (seq_len, ext_len) in enumerate(zip(batch.seq_lens_cpu, batch.extend_seq_lens_cpu)):
+            qo_indptr.append(qo_indptr[-1] + ext_len)
+            kv_indptr.append(kv_indptr[-1] + seq_len)
+            rows.append(table[batch.req_pool_indices[i], :seq_len])
+            kv_pos.append(torch.arange(seq_len, device=table.device))
+        if rows:
+            kv_indices, kv_positions = torch.cat(rows), torch.cat(kv_pos)
+        else:
+            kv_indices = kv_positions = torch.empty(0, dtype=torch.int64, device=table.device)
+        self.meta = (qo_indptr, kv_indptr, kv_indices, kv_positions)
+
+    def forward_with_lse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.meta is not None, "init_forward_metadata was not called"
+        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        qo_indptr, kv_indptr, kv_indices, kv_pos = self.meta
+        return paged_attention_ref(
+            q,
+            batch.kv_pool.k_buffer[layer.layer_id],
+            batch.kv_pool.v_buffer[layer.layer_id],
+            qo_indptr,
+            kv_indptr,
+            kv_indices,
+            batch.positions,
+            kv_pos,
+            layer.scaling,
+        )

@@ -1,0 +1,75 @@
+"""Mixture-of-experts layer: top-k softmax router + SwiGLU experts stored as stacked tensors.
+
+Experts are held as w13 [E_local, 2I, H] and w2 [E_local, H, I] so that expert-parallel ranks
+own a contiguous slice of them and fused kernels see one tensor per projection.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from nanocp_kernels.reference import fused_moe_ref
+
+
+def select_experts(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax in float32 over all experts, keep the top-k (optionally renormalised)."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(dtype), ids
+
+
+class FusedMoE(nn.Module):
+    def __init__(
+        self,
+        num_experts: int,
+        top_k: int,
+        hidden_size: int,
+        intermediate_size: int,
+        renormalize: bool,
+        ep_rank: int = 0,
+        ep_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if num_experts % ep_size:
+            raise ValueError(f"num_experts ({num_experts}) must be divisible by --ep-size ({ep_size})")
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.intermediate_size = intermediate_size
+        self.num_local_experts = num_experts // ep_size
+        self.expert_offset = ep_rank * self.num_local_experts
+        self.w13_weight = nn.Parameter(
+            torch.empty(self.num_local_experts, 2 * intermediate_size, hidden_size)
+        )
+        self.w2_weight = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, intermediate_size))
+
+    def load_expert(self, expert_id: int, proj: str, tensor: torch.Tensor) -> bool:
+        """Load one checkpoint tensor (gate_proj/up_proj/down_proj of one expert); False if not local."""
+        e = expert_id - self.expert_offset
+        if not 0 <= e < self.num_local_experts:
+            return False
+        size = self.intermediate_size
+        if proj == "gate_proj":
+            self.w13_weight.data[e, :size].copy_(tensor)
+        elif proj == "up_proj":
+            self.w13_weight.data[e, size:].copy_(tensor)
+        elif proj == "down_proj":
+            self.w2_weight.data[e].copy_(tensor)
+        else:
+            raise ValueError(f"unknown expert projection {proj!r}")
+        return True
+
+    def load_stacked(self, name: str, tensor: torch.Tensor) -> None:
+        """Load transformers-v5 style stacked experts (gate_up_proj [E, 2I, H], down_proj [E, H, I])."""
+        sl = slice(self.expert_offset, self.expert_offset + self.num_local_experts)
+        target = self.w13_weight if name == "gate_up_proj" else self.w2_weight
+        target.data.copy_(tensor[sl])
+
+    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        weights, ids = select_experts(router_logits, self.top_k, self.renormalize, x.dtype)
+        return fused_moe_ref(x, self.w13_weight, self.w2_weight, weights, ids, self.expert_offset)
