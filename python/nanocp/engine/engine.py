@@ -1,0 +1,189 @@
+"""Offline engine, like SGLang's ``sgl.Engine``: load a model once, generate for one prompt or a batch."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from nanocp.errors import InvalidRequestError
+from nanocp.model_executor.model_runner import ModelRunner
+from nanocp.sampling.sampling_params import SamplingParams
+from nanocp.scheduler.request import Req
+from nanocp.scheduler.scheduler import ReqOutput, Scheduler
+from nanocp.server_args import ServerArgs
+from nanocp.tokenizer.detokenizer import IncrementalDetokenizer, NullDetokenizer, load_tokenizer
+from nanocp.utils import set_log_level
+
+
+def eos_token_ids(tokenizer: Any, hf_config: Any, model_path: str | None) -> set[int]:
+    """EOS ids from the tokenizer, config.json and generation_config.json."""
+    ids: set[int] = set()
+
+    def add(x: Any) -> None:
+        if isinstance(x, int):
+            ids.add(x)
+        elif isinstance(x, (list, tuple)):
+            ids.update(i for i in x if isinstance(i, int))
+
+    add(getattr(tokenizer, "eos_token_id", None))
+    add(getattr(hf_config, "eos_token_id", None))
+    if model_path:
+        try:
+            from transformers import GenerationConfig
+
+            add(GenerationConfig.from_pretrained(model_path).eos_token_id)
+        except OSError:
+            pass
+    return ids
+
+
+class Engine:
+    """In-process engine. ``generate`` takes one prompt (returns a dict) or a batch (a list).
+
+    Each result: {"text", "output_ids", "meta_info": {"id", "prompt_tokens", "completion_tokens",
+    "finish_reason"}}. With stream=True it yields incremental results instead: each has the text
+    and token ids added since the previous chunk for that request, and "index" (its position in
+    the batch); the chunk with meta_info["finish_reason"] set is that request's last.
+    """
+
+    def __init__(self, model_path: str | None = None, server_args: ServerArgs | None = None, **kwargs: Any):
+        if server_args is None:
+            server_args = ServerArgs.from_kwargs(model_path=model_path, **kwargs)
+        if server_args.model_path is None:
+            raise ValueError("model_path is required")
+        set_log_level(server_args.log_level)
+        self.server_args = server_args
+        self.tokenizer = (
+            None
+            if server_args.skip_tokenizer_init
+            else load_tokenizer(server_args.tokenizer_path, server_args.trust_remote_code)
+        )
+        self.runner = ModelRunner(server_args)
+        self.scheduler = Scheduler(self.runner)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.hf_config, server_args.model_path)
+        self._seed_rng = torch.Generator().manual_seed(server_args.random_seed)
+        self._rid_counter = itertools.count()
+
+    # ---------------------------------------------------------------- lifecycle
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Free the model and KV cache. The engine cannot be used afterwards."""
+        for attr in ("scheduler", "runner"):
+            if hasattr(self, attr):
+                delattr(self, attr)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ requests
+    def _make_requests(self, prompt, input_ids, sampling_params) -> tuple[list[Req], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise InvalidRequestError("prompt", "exactly one of prompt and input_ids must be given")
+        single = isinstance(prompt, str) or (
+            input_ids is not None and (len(input_ids) == 0 or not isinstance(input_ids[0], list))
+        )
+        if prompt is not None:
+            if self.tokenizer is None:
+                raise InvalidRequestError(
+                    "prompt", "the server runs with --skip-tokenizer-init; send input_ids"
+                )
+            prompts = [prompt] if single else list(prompt)
+            if not all(isinstance(p, str) for p in prompts):
+                raise InvalidRequestError("prompt", "must be a string or a list of strings")
+            ids_list = [self.tokenizer.encode(p) for p in prompts]
+        else:
+            ids_list = [input_ids] if single else list(input_ids)
+            for ids in ids_list:
+                if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise InvalidRequestError(
+                        "input_ids", "must be a list of integers (or a list of such lists)"
+                    )
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(ids_list):
+                raise InvalidRequestError("sampling_params", "one dict per prompt, or a single dict for all")
+            params_list = sampling_params
+        else:
+            params_list = [sampling_params] * len(ids_list)
+        params = [SamplingParams.from_dict(p) for p in params_list]
+        for ids, p in zip(ids_list, params):  # validate the whole batch before submitting any of it
+            if p.stop_strs and self.tokenizer is None:
+                raise InvalidRequestError(
+                    "stop", "stop strings need a tokenizer (--skip-tokenizer-init is set)"
+                )
+            self.scheduler.check_request(ids, p.max_new_tokens)
+            p.verify(self.runner.vocab_size)
+        return [self._new_req(ids, p) for ids, p in zip(ids_list, params)], single
+
+    def _new_req(self, ids: list[int], params: SamplingParams) -> Req:
+        seed = params.sampling_seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        generator = torch.Generator(device=self.runner.device).manual_seed(seed)
+        if self.tokenizer is None:
+            detok = NullDetokenizer()
+        else:
+            detok = IncrementalDetokenizer(
+                self.tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens
+            )
+        rid = f"{next(self._rid_counter)}-{uuid.uuid4().hex[:8]}"
+        return Req(rid, list(ids), params, generator, self.eos_token_ids, detok)
+
+    def generate(
+        self,
+        prompt: str | list[str] | None = None,
+        input_ids: list[int] | list[list[int]] | None = None,
+        sampling_params: dict | list[dict] | None = None,
+        stream: bool = False,
+    ) -> dict | list[dict] | Iterator[dict]:
+        reqs, single = self._make_requests(prompt, input_ids, sampling_params)
+        for req in reqs:
+            self.scheduler.add_request(req)
+        if stream:
+            return self._stream(reqs)
+        for _ in self._run(reqs):
+            pass
+        results = [self._result(r) for r in reqs]
+        return results[0] if single else results
+
+    def _run(self, reqs: list[Req]) -> Iterator[ReqOutput]:
+        pending = {r.rid for r in reqs}
+        try:
+            while pending:
+                for out in self.scheduler.step():
+                    if out.rid in pending:
+                        yield out
+                        if out.finished:
+                            pending.discard(out.rid)
+        finally:  # a closed stream (or an error) must not leave requests holding KV
+            for rid in pending:
+                self.scheduler.abort_request(rid)
+
+    def _stream(self, reqs: list[Req]) -> Iterator[dict]:
+        index = {r.rid: i for i, r in enumerate(reqs)}
+        for out in self._run(reqs):
+            yield {
+                "index": index[out.rid],
+                "text": out.text_delta,
+                "output_ids": out.new_token_ids,
+                "meta_info": self._meta(reqs[index[out.rid]]),
+            }
+
+    @staticmethod
+    def _meta(req: Req) -> dict:
+        return {
+            "id": req.rid,
+            "prompt_tokens": len(req.origin_input_ids),
+            "completion_tokens": len(req.output_ids),
+            "finish_reason": req.finished_reason,
+        }
+
+    def _result(self, req: Req) -> dict:
+        return {"text": req.text, "output_ids": list(req.output_ids), "meta_info": self._meta(req)}

@@ -1,0 +1,70 @@
+"""Per-request KV bookkeeping on top of the page allocator and the req->token table."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from nanocp.kvcache.pool import PageAllocator, ReqToTokenPool
+
+
+class KVOwner(Protocol):
+    """What the manager needs to know of a request (nanocp.scheduler.request.Req)."""
+
+    req_pool_idx: int | None
+    kv_pages: list[int]
+    kv_len: int
+
+
+class KVManager:
+    def __init__(self, allocator: PageAllocator, req_to_token_pool: ReqToTokenPool) -> None:
+        self.allocator = allocator
+        self.req_to_token_pool = req_to_token_pool
+        self.page_size = allocator.page_size
+
+    def pages_needed(self, req: KVOwner, new_len: int) -> int:
+        """Extra pages a request needs to hold new_len tokens."""
+        need = -(-new_len // self.page_size)
+        return max(0, need - len(req.kv_pages))
+
+    def can_extend(self, req: KVOwner, num_tokens: int) -> bool:
+        if req.req_pool_idx is None and self.req_to_token_pool.num_free == 0:
+            return False
+        return self.pages_needed(req, req.kv_len + num_tokens) <= self.allocator.num_free_pages
+
+    def extend(self, req: KVOwner, num_tokens: int) -> torch.Tensor | None:
+        """Reserve slots for the request's next num_tokens tokens; returns their slot ids.
+
+        Returns None (and changes nothing) when the pool cannot hold them.
+        """
+        if req.req_pool_idx is None:
+            row = self.req_to_token_pool.alloc()
+            if row is None:
+                return None
+            req.req_pool_idx = row
+        start, end = req.kv_len, req.kv_len + num_tokens
+        pages = self.allocator.alloc(self.pages_needed(req, end))
+        if pages is None:
+            if req.kv_len == 0 and not req.kv_pages:
+                self.req_to_token_pool.free(req.req_pool_idx)
+                req.req_pool_idx = None
+            return None
+        req.kv_pages.extend(pages)
+        table = self.req_to_token_pool.req_to_token
+        pos = torch.arange(start, end, device=table.device)
+        page_ids = torch.tensor(req.kv_pages, dtype=torch.int64, device=table.device)
+        slots = page_ids[pos // self.page_size] * self.page_size + pos % self.page_size
+        table[req.req_pool_idx, start:end] = slots
+        req.kv_len = end
+        return slots
+
+    def release(self, req: KVOwner) -> None:
+        """Free every page of the request and its table row."""
+        if req.kv_pages:
+            self.allocator.free(req.kv_pages)
+        req.kv_pages = []
+        req.kv_len = 0
+        if req.req_pool_idx is not None:
+            self.req_to_token_pool.free(req.req_pool_idx)
+            req.req_pool_idx = None

@@ -1,0 +1,83 @@
+"""ModelRunner: owns the model weights, the KV cache and the attention backend of one instance."""
+
+from __future__ import annotations
+
+import torch
+
+from nanocp import envs
+from nanocp.engine.forward_batch import ForwardBatch, forward_context
+from nanocp.kvcache.pool import KVCachePool, PageAllocator, ReqToTokenPool
+from nanocp.layers.attention import create_attention_backend
+from nanocp.layers.sampler import Sampler
+from nanocp.models.loader import load_hf_config, load_model
+from nanocp.models.qwen3 import head_dim_of
+from nanocp.server_args import ServerArgs
+from nanocp.utils import get_logger, resolve_dtype
+
+logger = get_logger(__name__)
+
+
+class ModelRunner:
+    def __init__(self, server_args: ServerArgs, ep_rank: int = 0, ep_size: int = 1) -> None:
+        self.server_args = args = server_args
+        self.device = torch.device(args.device)
+        self.hf_config = load_hf_config(args.model_path, args.trust_remote_code)
+        self.dtype = resolve_dtype(args.dtype, self.hf_config, args.device)
+        self.context_length = args.context_length or self.hf_config.max_position_embeddings
+        self.vocab_size = self.hf_config.vocab_size
+        torch.manual_seed(args.random_seed)
+        logger.info("Loading %s (%s, %s) on %s", args.model_path, args.load_format, self.dtype, self.device)
+        self.model = load_model(
+            args.model_path,
+            self.hf_config,
+            args.load_format,
+            self.dtype,
+            args.device,
+            seed=args.random_seed,
+            ep_rank=ep_rank,
+            ep_size=ep_size,
+        )
+        self._init_kv_cache()
+        self.attn_backend = create_attention_backend(args.attention_backend, device=self.device)
+        self.sampler = Sampler()
+
+    def _init_kv_cache(self) -> None:
+        cfg, args = self.hf_config, self.server_args
+        num_layers, kv_heads, head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim_of(cfg)
+        per_token = KVCachePool.bytes_per_token(num_layers, kv_heads, head_dim, self.dtype)
+        if args.max_total_tokens is not None:
+            max_tokens = args.max_total_tokens
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            budget = total * args.mem_fraction_static - (total - free)
+            if budget <= 0:
+                raise RuntimeError(
+                    f"no GPU memory left for the KV cache (weights use {(total - free) / 2**30:.1f} GiB of "
+                    f"{total / 2**30:.1f} GiB); raise --mem-fraction-static or set --max-total-tokens"
+                )
+            max_tokens = int(budget // per_token)
+        else:
+            max_tokens = int(envs.cpu_kv_cache_gb() * 2**30 // per_token)
+        page = args.page_size
+        num_pages = max_tokens // page
+        if num_pages < 1:
+            raise RuntimeError("the KV cache budget is smaller than one page")
+        self.max_total_num_tokens = num_pages * page
+        self.kv_pool = KVCachePool(num_layers, num_pages * page, kv_heads, head_dim, self.dtype, self.device)
+        self.page_allocator = PageAllocator(num_pages, page)
+        self.req_to_token_pool = ReqToTokenPool(args.max_running_requests, self.context_length, self.device)
+        logger.info(
+            "KV cache: %d tokens in %d pages of %d (%.2f GiB)",
+            self.max_total_num_tokens,
+            num_pages,
+            page,
+            self.max_total_num_tokens * per_token / 2**30,
+        )
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Runs the model; returns float32 logits for the rows in batch.logits_indices."""
+        self.attn_backend.init_forward_metadata(batch)
+        with forward_context(batch):
+            hidden = self.model(batch.input_ids, batch.positions)
+        return self.model.compute_logits(hidden[batch.logits_indices])

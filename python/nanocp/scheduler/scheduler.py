@@ -1,0 +1,252 @@
+"""Continuous-batching scheduler of one instance.
+
+Every step runs, in one forward, the decodes of all running requests plus prefill chunks (at most
+--chunked-prefill-size prompt tokens per step). New requests are admitted first-come first-served
+while the KV budget allows; when running requests outgrow the pool, the newest ones are retracted
+(their KV freed, prompt + outputs recomputed later), so no request fails for lack of memory.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
+from nanocp.errors import InvalidRequestError
+from nanocp.kvcache.manager import KVManager
+from nanocp.model_executor.model_runner import ModelRunner
+from nanocp.scheduler.request import Req, ReqStatus
+from nanocp.utils import get_logger
+
+logger = get_logger(__name__)
+
+# Admission reserves this fraction of each running request's remaining output budget
+# (SGLang's "new token ratio"): optimistic, decays each step, reset after a retraction.
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
+RESERVE_CLIP = 4096  # a request reserves at most this many future output tokens
+
+
+@dataclass
+class ReqOutput:
+    rid: str
+    new_token_ids: list[int]
+    text_delta: str
+    finished: bool
+    finish_reason: dict[str, Any] | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Scheduler:
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        args = runner.server_args
+        self.kv = KVManager(runner.page_allocator, runner.req_to_token_pool)
+        self.chunked_prefill_size = args.chunked_prefill_size
+        self.max_running_requests = args.max_running_requests
+        self.waiting: list[Req] = []  # sorted by arrival (retracted requests go back in order)
+        self.running: list[Req] = []  # admission order; the newest is retracted first
+        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        self.num_retractions = 0
+        self.forward_ct = 0
+
+    # ----------------------------------------------------------------- requests
+    def check_request(self, input_ids: list[int], max_new_tokens: int) -> None:
+        if not input_ids:
+            raise InvalidRequestError("input_ids", "the prompt is empty")
+        vocab = self.runner.vocab_size
+        bad = next((t for t in input_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError("input_ids", f"token id {bad} outside the vocabulary [0, {vocab})")
+        total = len(input_ids) + max_new_tokens
+        if total > self.runner.context_length:
+            raise InvalidRequestError(
+                "max_new_tokens",
+                f"prompt ({len(input_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                f"the context length {self.runner.context_length}",
+            )
+        if self.kv.pages_needed(_EMPTY, total) > self.kv.allocator.num_pages:
+            raise InvalidRequestError(
+                "max_new_tokens",
+                f"prompt + max_new_tokens = {total} tokens exceeds the KV cache capacity "
+                f"({self.runner.max_total_num_tokens} tokens; raise --max-total-tokens)",
+            )
+
+    def add_request(self, req: Req) -> None:
+        self.check_request(req.origin_input_ids, req.sampling_params.max_new_tokens)
+        req.sampling_params.verify(self.runner.vocab_size)
+        self._enqueue(req)
+
+    def abort_request(self, rid: str) -> Req | None:
+        for queue in (self.waiting, self.running):
+            for req in queue:
+                if req.rid == rid:
+                    queue.remove(req)
+                    self.kv.release(req)
+                    req.finish({"type": "abort", "message": "aborted by request"})
+                    return req
+        return None
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # --------------------------------------------------------------------- step
+    def step(self) -> list[ReqOutput]:
+        """Schedule, run one forward, sample; returns an output for every request that sampled."""
+        work = self._schedule()
+        if not work:
+            return []
+        batch, sampling = self._build_batch(work)
+        logits = self.runner.forward(batch)
+        next_ids = self.runner.sampler(logits, sampling) if sampling else []
+        self.forward_ct += 1
+        outputs = []
+        for req, token in zip(sampling, next_ids):
+            delta = req.append_token(token)
+            outputs.append(
+                ReqOutput(
+                    req.rid,
+                    [token],
+                    delta,
+                    req.finished,
+                    req.finished_reason,
+                    len(req.origin_input_ids),
+                    len(req.output_ids),
+                )
+            )
+            if req.finished:
+                self.running.remove(req)
+                self.kv.release(req)
+        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        return outputs
+
+    def _schedule(self) -> list[tuple[Req, int]]:
+        budget = self.chunked_prefill_size
+        work: list[tuple[Req, int]] = []
+        # 1. running requests: every decode, and continued prefill chunks within the budget
+        for req in self.running:
+            if req.num_pending == 1:
+                work.append((req, 1))
+            elif budget > 0:
+                n = min(req.num_pending, budget)
+                budget -= n
+                work.append((req, n))
+        work = self._fit_or_retract(work)
+        for req, n in work:
+            self.kv.extend(req, n)
+        # 2. admit waiting requests first-come first-served
+        while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
+            req = self.waiting[0]
+            n = min(req.num_pending, budget)
+            if not self._can_admit(req, n) or self.kv.extend(req, n) is None:
+                break
+            self.waiting.pop(0)
+            req.status = ReqStatus.RUNNING
+            self.running.append(req)
+            work.append((req, n))
+            budget -= n
+        return work
+
+    def _future_tokens(self, req: Req, scheduled: int) -> float:
+        """KV tokens a request may still need after this step's `scheduled` tokens."""
+        remaining_out = req.sampling_params.max_new_tokens - len(req.output_ids)
+        return req.num_pending - scheduled + min(remaining_out, RESERVE_CLIP) * self.new_token_ratio
+
+    def _can_admit(self, req: Req, n: int) -> bool:
+        page = self.kv.page_size
+        reserved = sum(self._future_tokens(r, 0) for r in self.running) / page
+        need = self.kv.pages_needed(req, n) + self._future_tokens(req, n) / page
+        return need + reserved <= self.kv.allocator.num_free_pages
+
+    def _fit_or_retract(self, work: list[tuple[Req, int]]) -> list[tuple[Req, int]]:
+        while sum(self.kv.pages_needed(r, r.kv_len + n) for r, n in work) > self.kv.allocator.num_free_pages:
+            if len(self.running) <= 1:
+                raise RuntimeError("KV cache cannot hold a single request; this is a bug in admission")
+            victim = self.running.pop()
+            self.kv.release(victim)
+            victim.status = ReqStatus.WAITING
+            victim.num_retractions += 1
+            self.num_retractions += 1
+            self._enqueue(victim)
+            work = [(r, n) for r, n in work if r is not victim]
+            self.new_token_ratio = 1.0
+            logger.debug("retracted %s (%d tokens) to free KV cache", victim.rid, len(victim.fill_ids))
+        return work
+
+    def _enqueue(self, req: Req) -> None:
+        keys = [r.arrival for r in self.waiting]
+        self.waiting.insert(bisect.bisect(keys, req.arrival), req)
+
+    def _build_batch(self, work: list[tuple[Req, int]]) -> tuple[ForwardBatch, list[Req]]:
+        """Lay out the step's tokens request by request. KV slots were reserved by _schedule."""
+        device = self.runner.device
+        table = self.kv.req_to_token_pool.req_to_token
+        input_ids, positions, locs, logits_rows, sampling = [], [], [], [], []
+        seq_lens, ext_lens, prefix_lens, rows = [], [], [], []
+        offset = 0
+        for req, n in work:
+            end = req.kv_len  # extend() already advanced kv_len past this step's tokens
+            start = end - n
+            input_ids.extend(req.fill_ids[start:end])
+            positions.append(torch.arange(start, end))
+            locs.append(table[req.req_pool_idx, start:end])
+            offset += n
+            if end == len(req.fill_ids):
+                logits_rows.append(offset - 1)
+                sampling.append(req)
+            seq_lens.append(end)
+            ext_lens.append(n)
+            prefix_lens.append(start)
+            rows.append(req.req_pool_idx)
+        if all(n == 1 and p > 0 for n, p in zip(ext_lens, prefix_lens)):
+            mode = ForwardMode.DECODE
+        elif any(n == 1 and p > 0 for n, p in zip(ext_lens, prefix_lens)):
+            mode = ForwardMode.MIXED
+        else:
+            mode = ForwardMode.EXTEND
+
+        def t(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64, device=device)
+
+        batch = ForwardBatch(
+            forward_mode=mode,
+            batch_size=len(work),
+            input_ids=t(input_ids),
+            positions=torch.cat(positions).to(device),
+            out_cache_loc=torch.cat(locs),
+            req_pool_indices=t(rows),
+            seq_lens=t(seq_lens),
+            extend_seq_lens=t(ext_lens),
+            extend_prefix_lens=t(prefix_lens),
+            logits_indices=t(logits_rows),
+            seq_lens_cpu=seq_lens,
+            extend_seq_lens_cpu=ext_lens,
+            req_to_token_pool=self.kv.req_to_token_pool,
+            kv_pool=self.runner.kv_pool,
+            attn_backend=self.runner.attn_backend,
+        )
+        return batch, sampling
+
+    # ---------------------------------------------------------------- inspection
+    def kv_usage(self) -> dict[str, int]:
+        alloc = self.kv.allocator
+        return {
+            "total_pages": alloc.num_pages,
+            "free_pages": alloc.num_free_pages,
+            "running": len(self.running),
+            "waiting": len(self.waiting),
+        }
+
+
+class _Empty:
+    kv_pages: list[int] = []
+    req_pool_idx = None
+    kv_len = 0
+
+
+_EMPTY = _Empty()
