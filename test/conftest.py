@@ -1,0 +1,88 @@
+"""Shared fixtures: tiny random-weight models (built once per session) and the HF oracle."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from nanocp.testing import make_tiny_model
+
+
+@pytest.fixture(scope="session")
+def model_factory(tmp_path_factory):
+    """model_factory(arch="qwen3_moe", **overrides) -> checkpoint dir (cached per argument set)."""
+    cache: dict[str, str] = {}
+
+    def make(arch: str = "qwen3_moe", **kwargs) -> str:
+        key = json.dumps([arch, kwargs], sort_keys=True)
+        if key not in cache:
+            path = tmp_path_factory.mktemp(f"{arch}_model")
+            cache[key] = make_tiny_model(path, arch=arch, **kwargs)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def moe_model(model_factory) -> str:
+    return model_factory("qwen3_moe")
+
+
+@pytest.fixture(scope="session")
+def dense_model(model_factory) -> str:
+    return model_factory("qwen3")
+
+
+def random_prompts(lengths: list[int], vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    # Stay below the special tokens (ids 0..2) so prompts look like text.
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+class HFOracle:
+    """Greedy generation with transformers (fp32), one prompt at a time (no padding effects)."""
+
+    def __init__(self, path: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.model.generation_config.eos_token_id = None  # the engine side runs with ignore_eos
+
+    @torch.no_grad()
+    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+        from transformers import GenerationConfig
+
+        cfg = GenerationConfig(
+            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0
+        )
+        out = self.model.generate(torch.tensor([prompt]), generation_config=cfg)
+        tokens = out[0, len(prompt) :].tolist()
+        assert len(tokens) == max_new_tokens, "HF stopped early; the oracle must run to max_new_tokens"
+        return tokens
+
+
+@pytest.fixture(scope="session")
+def hf_oracle():
+    cache: dict[str, HFOracle] = {}
+
+    def get(path: str) -> HFOracle:
+        if path not in cache:
+            cache[path] = HFOracle(path)
+        return cache[path]
+
+    return get
+
+
+def assert_pool_free(engine) -> None:
+    """Every KV page and request row is back in the free lists."""
+    sched = engine.scheduler
+    assert not sched.running and not sched.waiting
+    assert sched.kv.allocator.num_free_pages == sched.kv.allocator.num_pages
+    assert sched.kv.req_to_token_pool.num_free == sched.kv.req_to_token_pool.max_reqs
+
+
+def greedy_params(max_new_tokens: int, **kw) -> dict:
+    return {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True, **kw}

@@ -1,0 +1,41 @@
+"""A KV cache far smaller than the batch needs: requests are retracted and recomputed, none fails."""
+
+from __future__ import annotations
+
+from conftest import assert_pool_free, greedy_params, random_prompts
+from nanocp import Engine
+
+LENGTHS = [40, 3, 90, 17, 60, 120, 8, 75, 33, 100, 5, 64]
+NEW_TOKENS = 40
+
+
+def test_tiny_pool_completes_everything_with_same_tokens(moe_model, hf_oracle):
+    prompts = random_prompts(LENGTHS, vocab=500, seed=11)
+    expected = [hf_oracle(moe_model).greedy(p, NEW_TOKENS) for p in prompts]
+    need = sum(LENGTHS) + NEW_TOKENS * len(LENGTHS)  # ~1200 tokens
+    with Engine(model_path=moe_model, page_size=16, max_total_tokens=256, chunked_prefill_size=64) as engine:
+        assert engine.runner.max_total_num_tokens * 4 < need
+        results = engine.generate(input_ids=prompts, sampling_params=greedy_params(NEW_TOKENS))
+        assert engine.scheduler.num_retractions > 0, "the test must exercise retraction"
+        assert [r["output_ids"] for r in results] == expected
+        assert_pool_free(engine)
+
+
+def test_request_larger_than_pool_is_rejected_clearly(moe_model):
+    import pytest
+
+    from nanocp.errors import InvalidRequestError
+
+    with Engine(model_path=moe_model, max_total_tokens=64) as engine:
+        with pytest.raises(InvalidRequestError, match="KV cache capacity"):
+            engine.generate(input_ids=[5] * 50, sampling_params={"max_new_tokens": 20})
+        with pytest.raises(InvalidRequestError, match="context length"):
+            engine.generate(input_ids=[5] * 10, sampling_params={"max_new_tokens": 5000})
+        # the engine still serves afterwards
+        assert (
+            engine.generate(input_ids=[5] * 10, sampling_params=greedy_params(4))["meta_info"][
+                "completion_tokens"
+            ]
+            == 4
+        )
+        assert_pool_free(engine)

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from nanocp.server_args import ServerArgs, ServerArgsError
+
+
+def test_defaults_and_cli_roundtrip(moe_model):
+    args = ServerArgs.parse(
+        [
+            "--model-path",
+            moe_model,
+            "--page-size",
+            "16",
+            "--dtype",
+            "float32",
+            "--max-total-tokens",
+            "1024",
+            "--disable-cuda-graph",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert args.page_size == 16 and args.dtype == "float32" and args.max_total_tokens == 1024
+    assert args.disable_cuda_graph and args.tokenizer_path == moe_model and args.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    "kwargs, flag",
+    [
+        ({"page_size": 0}, "--page-size"),
+        ({"dtype": "fp8"}, "--dtype"),
+        ({"device": "tpu"}, "--device"),
+        ({"load_format": "pt"}, "--load-format"),
+        ({"attention_backend": "magic"}, "--attention-backend"),
+        ({"mem_fraction_static": 1.5}, "--mem-fraction-static"),
+        ({"chunked_prefill_size": -1}, "--chunked-prefill-size"),
+        ({"max_running_requests": 0}, "--max-running-requests"),
+        ({"max_total_tokens": 0}, "--max-total-tokens"),
+        ({"max_total_tokens": 8, "page_size": 16}, "--max-total-tokens"),
+        ({"context_length": 0}, "--context-length"),
+        ({"cuda_graph_max_bs": 0}, "--cuda-graph-max-bs"),
+        ({"random_seed": -1}, "--random-seed"),
+        ({"model_path": "/does/not/exist"}, "--model-path"),
+    ],
+)
+def test_bad_values_name_the_flag(kwargs, flag):
+    with pytest.raises(ServerArgsError, match=flag):
+        ServerArgs(**kwargs)
+
+
+def test_unknown_engine_kwarg_is_a_type_error():
+    with pytest.raises(TypeError, match="page_sise"):
+        ServerArgs.from_kwargs(page_sise=4)
+
+
+def test_cli_error_exits_with_flag_name(tmp_path):
+    code = "from nanocp.server_args import ServerArgs; ServerArgs.parse(['--page-size', '0'])"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "--page-size must be >= 1" in proc.stderr
+
+
+def test_unavailable_attention_backend_is_reported(moe_model):
+    from nanocp import Engine
+
+    with pytest.raises(ValueError, match="--attention-backend 'flashinfer' is not available"):
+        Engine(model_path=moe_model, attention_backend="flashinfer", max_total_tokens=128, device="cpu")
