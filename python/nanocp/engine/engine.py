@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import uuid
 from collections.abc import Iterator
@@ -168,13 +169,16 @@ class Engine:
 
     def _stream(self, reqs: list[Req]) -> Iterator[dict]:
         index = {r.rid: i for i, r in enumerate(reqs)}
-        for out in self._run(reqs):
-            yield {
-                "index": index[out.rid],
-                "text": out.text_delta,
-                "output_ids": out.new_token_ids,
-                "meta_info": self._meta(reqs[index[out.rid]]),
-            }
+        # closing(): a consumer that stops early closes _run at once, so its requests are aborted
+        # deterministically rather than whenever the generator happens to be collected.
+        with contextlib.closing(self._run(reqs)) as outputs:
+            for out in outputs:
+                yield {
+                    "index": index[out.rid],
+                    "text": out.text_delta,
+                    "output_ids": out.new_token_ids,
+                    "meta_info": self._meta(reqs[index[out.rid]]),
+                }
 
     @staticmethod
     def _meta(req: Req) -> dict:

@@ -44,7 +44,8 @@ class RotaryEmbedding(nn.Module):
             if rope_type not in ROPE_INIT_FUNCTIONS:
                 raise NotImplementedError(f"unknown rope_scaling type {rope_type!r}")
             inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, "cpu")
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        # HF builds the frequencies on the CPU; keep them where the model is being built.
+        self.register_buffer("inv_freq", inv_freq.float().to(torch.get_default_device()), persistent=False)
         self.attention_scaling = float(scaling)
 
     def forward(
