@@ -228,3 +228,24 @@ def test_bad_batch_submits_nothing(engine):
     with pytest.raises(SamplingParamsError):
         engine.generate(input_ids=[[5, 6], [7, 8]], sampling_params=[{"max_new_tokens": 4}, {"top_p": 2}])
     assert_pool_free(engine)
+
+
+def test_logprobs_match_transformers(moe_model, engine):
+    from transformers import AutoModelForCausalLM
+
+    prompt = random_prompts([9], vocab=500, seed=12)[0]
+    res = engine.generate(
+        input_ids=prompt, sampling_params=greedy_params(5), return_logprob=True, top_logprobs_num=3
+    )
+    lps = res["meta_info"]["output_token_logprobs"]
+    tops = res["meta_info"]["output_top_logprobs"]
+    assert [t for _, t, _ in lps] == res["output_ids"]
+    hf = AutoModelForCausalLM.from_pretrained(moe_model, dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + res["output_ids"]])).logits[0, len(prompt) - 1 : -1]
+    ref = torch.log_softmax(logits, -1)
+    for step, ((lp, tok, _), top) in enumerate(zip(lps, tops)):
+        assert abs(lp - ref[step, tok].item()) < 1e-4
+        vals, ids = ref[step].topk(3)
+        assert [t for _, t, _ in top] == ids.tolist()
+        assert top[0][1] == tok  # greedy: the chosen token is the most likely one

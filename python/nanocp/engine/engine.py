@@ -13,33 +13,11 @@ import torch
 from nanocp.errors import InvalidRequestError
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.sampling.sampling_params import SamplingParams
-from nanocp.scheduler.request import Req
+from nanocp.scheduler.request import Req, RequestFactory
 from nanocp.scheduler.scheduler import ReqOutput, Scheduler
 from nanocp.server_args import ServerArgs
-from nanocp.tokenizer.detokenizer import IncrementalDetokenizer, NullDetokenizer, load_tokenizer
+from nanocp.tokenizer.detokenizer import eos_token_ids, load_tokenizer
 from nanocp.utils import set_log_level
-
-
-def eos_token_ids(tokenizer: Any, hf_config: Any, model_path: str | None) -> set[int]:
-    """EOS ids from the tokenizer, config.json and generation_config.json."""
-    ids: set[int] = set()
-
-    def add(x: Any) -> None:
-        if isinstance(x, int):
-            ids.add(x)
-        elif isinstance(x, (list, tuple)):
-            ids.update(i for i in x if isinstance(i, int))
-
-    add(getattr(tokenizer, "eos_token_id", None))
-    add(getattr(hf_config, "eos_token_id", None))
-    if model_path:
-        try:
-            from transformers import GenerationConfig
-
-            add(GenerationConfig.from_pretrained(model_path).eos_token_id)
-        except OSError:
-            pass
-    return ids
 
 
 class Engine:
@@ -66,7 +44,9 @@ class Engine:
         self.runner = ModelRunner(server_args)
         self.scheduler = Scheduler(self.runner)
         self.eos_token_ids = eos_token_ids(self.tokenizer, self.runner.hf_config, server_args.model_path)
-        self._seed_rng = torch.Generator().manual_seed(server_args.random_seed)
+        self.make_req = RequestFactory(
+            self.tokenizer, self.eos_token_ids, self.runner.device, server_args.random_seed
+        )
         self._rid_counter = itertools.count()
 
     # ---------------------------------------------------------------- lifecycle
@@ -121,21 +101,8 @@ class Engine:
                 )
             self.scheduler.check_request(ids, p.max_new_tokens)
             p.verify(self.runner.vocab_size)
-        return [self._new_req(ids, p) for ids, p in zip(ids_list, params)], single
-
-    def _new_req(self, ids: list[int], params: SamplingParams) -> Req:
-        seed = params.sampling_seed
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
-        generator = torch.Generator(device=self.runner.device).manual_seed(seed)
-        if self.tokenizer is None:
-            detok = NullDetokenizer()
-        else:
-            detok = IncrementalDetokenizer(
-                self.tokenizer, params.skip_special_tokens, params.spaces_between_special_tokens
-            )
-        rid = f"{next(self._rid_counter)}-{uuid.uuid4().hex[:8]}"
-        return Req(rid, list(ids), params, generator, self.eos_token_ids, detok)
+        rids = [f"{next(self._rid_counter)}-{uuid.uuid4().hex[:8]}" for _ in ids_list]
+        return [self.make_req(rid, ids, p) for rid, ids, p in zip(rids, ids_list, params)], single
 
     def generate(
         self,
@@ -143,8 +110,25 @@ class Engine:
         input_ids: list[int] | list[list[int]] | None = None,
         sampling_params: dict | list[dict] | None = None,
         stream: bool = False,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
     ) -> dict | list[dict] | Iterator[dict]:
+        """return_logprob: meta_info gets "output_token_logprobs" [(logprob, token_id, None), ...]
+        and, with top_logprobs_num > 0, "output_top_logprobs" (as in SGLang; raw model logits)."""
+        if (
+            isinstance(top_logprobs_num, bool)
+            or not isinstance(top_logprobs_num, int)
+            or top_logprobs_num < 0
+        ):
+            raise InvalidRequestError(
+                "top_logprobs_num", f"must be an integer >= 0, got {top_logprobs_num!r}"
+            )
         reqs, single = self._make_requests(prompt, input_ids, sampling_params)
+        for req in reqs:
+            req.return_logprob, req.top_logprobs_num = (
+                return_logprob,
+                top_logprobs_num if return_logprob else 0,
+            )
         for req in reqs:
             self.scheduler.add_request(req)
         if stream:
@@ -182,12 +166,21 @@ class Engine:
 
     @staticmethod
     def _meta(req: Req) -> dict:
-        return {
+        meta = {
             "id": req.rid,
             "prompt_tokens": len(req.origin_input_ids),
             "completion_tokens": len(req.output_ids),
             "finish_reason": req.finished_reason,
         }
+        if req.return_logprob:
+            meta["output_token_logprobs"] = [
+                (lp, t, None) for lp, t in zip(req.output_token_logprobs, req.output_ids)
+            ]
+            if req.top_logprobs_num:
+                meta["output_top_logprobs"] = [
+                    [(lp, t, None) for lp, t in top] for top in req.output_top_logprobs
+                ]
+        return meta
 
     def _result(self, req: Req) -> dict:
-        return {"text": req.text, "output_ids": list(req.output_ids), "meta_info": self._meta(req)}
+        return {"text": req.stream.text, "output_ids": list(req.output_ids), "meta_info": self._meta(req)}

@@ -75,8 +75,15 @@ def top_k_top_p_min_p_probs(
 
 class Sampler:
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, reqs: list[SamplingReq]) -> list[int]:
+    def __call__(
+        self, logits: torch.Tensor, reqs: list[SamplingReq]
+    ) -> tuple[list[int], list[tuple[float, list[tuple[float, int]]] | None]]:
+        """Returns the next token of every row, and for rows whose request asked for logprobs,
+        (logprob of the chosen token, top-n (logprob, id) pairs) under the model's raw logits."""
         logits = logits.float()
+        want_lp = [i for i, r in enumerate(reqs) if getattr(r, "return_logprob", False)]
+        raw_logprobs = torch.log_softmax(logits[want_lp], dim=-1) if want_lp else None
+        logits = logits.clone()
         apply_penalties(logits, reqs)
         _mask_early_stops(logits, reqs)
         next_ids = logits.argmax(dim=-1)
@@ -97,4 +104,13 @@ class Sampler:
             )
             for row, i in enumerate(sampled):
                 next_ids[i] = torch.multinomial(probs[row], 1, generator=reqs[i].generator)[0]
-        return next_ids.tolist()
+        ids = next_ids.tolist()
+        logprobs: list = [None] * len(reqs)
+        for row, i in enumerate(want_lp):
+            lp = raw_logprobs[row]
+            top: list[tuple[float, int]] = []
+            if reqs[i].top_logprobs_num:
+                vals, top_ids = lp.topk(reqs[i].top_logprobs_num)
+                top = list(zip(vals.tolist(), top_ids.tolist()))
+            logprobs[i] = (float(lp[ids[i]]), top)
+        return ids, logprobs

@@ -1,4 +1,4 @@
-"""A request as the scheduler sees it."""
+"""A request as the scheduler sees it, and the checks every request passes before it is queued."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
+from nanocp.errors import InvalidRequestError
 from nanocp.sampling.sampling_params import SamplingParams
-from nanocp.tokenizer.detokenizer import IncrementalDetokenizer, NullDetokenizer, find_stop_str
+from nanocp.tokenizer.detokenizer import TextStream
 
 _ARRIVAL = itertools.count()
 
@@ -28,8 +29,12 @@ class Req:
     sampling_params: SamplingParams
     generator: torch.Generator
     eos_token_ids: set[int]
-    detokenizer: IncrementalDetokenizer | NullDetokenizer
+    stream: TextStream
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
     output_ids: list[int] = field(default_factory=list)
+    output_token_logprobs: list[float] = field(default_factory=list)
+    output_top_logprobs: list[list[tuple[float, int]]] = field(default_factory=list)
     status: ReqStatus = ReqStatus.WAITING
     finished_reason: dict[str, Any] | None = None
     arrival: int = field(default_factory=lambda: next(_ARRIVAL))
@@ -38,12 +43,11 @@ class Req:
     kv_pages: list[int] = field(default_factory=list)
     kv_len: int = 0
     num_retractions: int = 0
-    text: str = ""  # output text so far (stop strings trimmed on finish)
 
     @property
     def fill_ids(self) -> list[int]:
-        """The tokens whose KV the request needs: prompt + all outputs but the last sampled one
-        (that one is the next step's input and enters the cache then)."""
+        """Prompt + outputs. All but the newest output are in the KV cache of a running request;
+        the newest is the next step's input."""
         return self.origin_input_ids + self.output_ids
 
     @property
@@ -55,44 +59,99 @@ class Req:
     def finished(self) -> bool:
         return self.status == ReqStatus.FINISHED
 
-    def max_total_len(self) -> int:
-        return len(self.origin_input_ids) + self.sampling_params.max_new_tokens
-
-    def append_token(self, token: int) -> str:
-        """Record a sampled token, update text and finish state; returns the new text delta."""
+    def append_token(self, token: int) -> None:
+        """Record a sampled token and decide whether the request is finished."""
         self.output_ids.append(token)
         p = self.sampling_params
-        prev_len = len(self.detokenizer.text)
-        delta = self.detokenizer.step(self.output_ids)
+        stop_str = self.stream.update(self.output_ids)
         n = len(self.output_ids)
         if n >= p.min_new_tokens:
             if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
                 self.finish({"type": "stop", "matched": token})
-            elif (
-                p.stop_strs and delta and (hit := find_stop_str(self.detokenizer.text, p.stop_strs, prev_len))
-            ):
-                pos, s = hit
-                self.finish({"type": "stop", "matched": s}, trim_at=None if p.no_stop_trim else pos)
+            elif stop_str is not None:
+                self.finish({"type": "stop", "matched": stop_str})
         if not self.finished and n >= p.max_new_tokens:
             self.finish({"type": "length", "length": p.max_new_tokens})
-        return self._text_delta()
 
-    def finish(self, reason: dict[str, Any], trim_at: int | None = None) -> None:
+    def finish(self, reason: dict[str, Any]) -> None:
         if self.finished:
             return
-        self.detokenizer.finish(self.output_ids)
-        if trim_at is not None:
-            self.detokenizer.text = self.detokenizer.text[:trim_at]
+        matched = reason.get("matched")
+        self.stream.finish(self.output_ids, matched if isinstance(matched, str) else None)
         self.status = ReqStatus.FINISHED
         self.finished_reason = reason
 
-    def _text_delta(self) -> str:
-        """Newly visible text. While running, a tail that may begin a stop string is held back, so
-        streamed text is always a prefix of the final (stop-trimmed) text."""
-        text = self.detokenizer.text
-        if not self.finished:
-            stops = self.sampling_params.stop_strs
-            hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-            text = text[: len(text) - hold]
-        delta, self.text = text[len(self.text) :], text
-        return delta
+
+def validate_input(
+    input_ids: list[int],
+    max_new_tokens: int,
+    vocab_size: int,
+    context_length: int,
+    max_total_tokens: int,
+) -> None:
+    """Reject what could never run: empty prompts, unknown token ids, too long for the model or
+    for the whole KV cache (such a request would wait forever)."""
+    if not input_ids:
+        raise InvalidRequestError("input_ids", "the prompt is empty")
+    bad = next((t for t in input_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError("input_ids", f"token id {bad} outside the vocabulary [0, {vocab_size})")
+    total = len(input_ids) + max_new_tokens
+    if total > context_length:
+        raise InvalidRequestError(
+            "max_new_tokens",
+            f"prompt ({len(input_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+            f"the context length {context_length}",
+        )
+    if total > max_total_tokens:
+        raise InvalidRequestError(
+            "max_new_tokens",
+            f"prompt + max_new_tokens = {total} tokens exceeds the KV cache capacity "
+            f"({max_total_tokens} tokens; raise --max-total-tokens)",
+        )
+
+
+class RequestFactory:
+    """Builds Reqs with their sampling generator, EOS ids and text stream (engine and workers)."""
+
+    def __init__(
+        self, tokenizer: Any | None, eos_token_ids: set[int], device: torch.device, seed: int
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self._seed_rng = torch.Generator().manual_seed(seed)
+
+    def __call__(
+        self,
+        rid: str,
+        input_ids: list[int],
+        params: SamplingParams,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        need_text: bool = True,
+    ) -> Req:
+        """need_text=False: text is made elsewhere (the detokenizer process); the stream then only
+        decodes for requests with stop strings, to detect them."""
+        seed = params.sampling_seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_rng))
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        decode = self.tokenizer if (need_text or params.stop_strs) else None
+        stream = TextStream(
+            decode,
+            params.stop_strs,
+            params.no_stop_trim,
+            params.skip_special_tokens,
+            params.spaces_between_special_tokens,
+        )
+        return Req(
+            rid,
+            list(input_ids),
+            params,
+            generator,
+            self.eos_token_ids,
+            stream,
+            return_logprob=return_logprob,
+            top_logprobs_num=top_logprobs_num,
+        )

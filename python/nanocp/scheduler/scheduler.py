@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
-from nanocp.errors import InvalidRequestError
 from nanocp.kvcache.manager import KVManager
 from nanocp.model_executor.model_runner import ModelRunner
-from nanocp.scheduler.request import Req, ReqStatus
+from nanocp.scheduler.request import Req, ReqStatus, validate_input
 from nanocp.utils import get_logger
 
 logger = get_logger(__name__)
@@ -40,6 +39,8 @@ class ReqOutput:
     finish_reason: dict[str, Any] | None
     prompt_tokens: int
     completion_tokens: int
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[float, int]]] | None = None
 
 
 class Scheduler:
@@ -57,25 +58,8 @@ class Scheduler:
 
     # ----------------------------------------------------------------- requests
     def check_request(self, input_ids: list[int], max_new_tokens: int) -> None:
-        if not input_ids:
-            raise InvalidRequestError("input_ids", "the prompt is empty")
-        vocab = self.runner.vocab_size
-        bad = next((t for t in input_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise InvalidRequestError("input_ids", f"token id {bad} outside the vocabulary [0, {vocab})")
-        total = len(input_ids) + max_new_tokens
-        if total > self.runner.context_length:
-            raise InvalidRequestError(
-                "max_new_tokens",
-                f"prompt ({len(input_ids)} tokens) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
-                f"the context length {self.runner.context_length}",
-            )
-        if self.kv.pages_needed(_EMPTY, total) > self.kv.allocator.num_pages:
-            raise InvalidRequestError(
-                "max_new_tokens",
-                f"prompt + max_new_tokens = {total} tokens exceeds the KV cache capacity "
-                f"({self.runner.max_total_num_tokens} tokens; raise --max-total-tokens)",
-            )
+        r = self.runner
+        validate_input(input_ids, max_new_tokens, r.vocab_size, r.context_length, r.max_total_num_tokens)
 
     def add_request(self, req: Req) -> None:
         self.check_request(req.origin_input_ids, req.sampling_params.max_new_tokens)
@@ -103,22 +87,27 @@ class Scheduler:
             return []
         batch, sampling = self._build_batch(work)
         logits = self.runner.forward(batch)
-        next_ids = self.runner.sampler(logits, sampling) if sampling else []
+        next_ids, logprobs = self.runner.sampler(logits, sampling) if sampling else ([], [])
         self.forward_ct += 1
         outputs = []
-        for req, token in zip(sampling, next_ids):
-            delta = req.append_token(token)
-            outputs.append(
-                ReqOutput(
-                    req.rid,
-                    [token],
-                    delta,
-                    req.finished,
-                    req.finished_reason,
-                    len(req.origin_input_ids),
-                    len(req.output_ids),
-                )
+        for req, token, lp in zip(sampling, next_ids, logprobs):
+            req.append_token(token)
+            out = ReqOutput(
+                req.rid,
+                [token],
+                req.stream.take_delta(),
+                req.finished,
+                req.finished_reason,
+                len(req.origin_input_ids),
+                len(req.output_ids),
             )
+            if lp is not None:
+                req.output_token_logprobs.append(lp[0])
+                out.token_logprobs = [lp[0]]
+                if req.top_logprobs_num:
+                    req.output_top_logprobs.append(lp[1])
+                    out.top_logprobs = [lp[1]]
+            outputs.append(out)
             if req.finished:
                 self.running.remove(req)
                 self.kv.release(req)
@@ -241,12 +230,3 @@ class Scheduler:
             "running": len(self.running),
             "waiting": len(self.waiting),
         }
-
-
-class _Empty:
-    kv_pages: list[int] = []
-    req_pool_idx = None
-    kv_len = 0
-
-
-_EMPTY = _Empty()
