@@ -1,0 +1,46 @@
+"""What the router knows of every instance, from the instances' load reports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class InstanceLoad:
+    instance: int
+    total_pages: int = 0
+    free_pages: int = 0
+    page_size: int = 1
+    running: int = 0  # requests in the running batch
+    waiting: int = 0  # requests queued on the instance
+    kv_tokens: int = 0  # tokens held in the KV cache
+    # Requests dispatched since the last report, so back-to-back dispatches see each other.
+    pending_requests: int = 0
+    pending_tokens: int = 0
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.free_pages / self.total_pages if self.total_pages else 0.0
+
+
+@dataclass
+class ClusterState:
+    instances: list[InstanceLoad] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, n: int) -> ClusterState:
+        return cls([InstanceLoad(i) for i in range(n)])
+
+    def on_report(self, report: dict) -> None:
+        inst = self.instances[report["instance"]]
+        for key in ("total_pages", "free_pages", "page_size", "running", "waiting", "kv_tokens"):
+            setattr(inst, key, report[key])
+        inst.pending_requests = inst.pending_tokens = 0
+
+    def on_dispatch(self, instance: int, num_tokens: int) -> None:
+        inst = self.instances[instance]
+        inst.pending_requests += 1
+        inst.pending_tokens += num_tokens
+
+    def snapshot(self) -> list[dict]:
+        return [{**asdict(i), "kv_usage": round(i.kv_usage, 4)} for i in self.instances]

@@ -1,0 +1,67 @@
+"""ZMQ sockets carrying orjson-encoded dicts (no pickle on the wire) between NanoCP processes."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import zmq
+
+
+def dumps(msg: dict[str, Any]) -> bytes:
+    return orjson.dumps(msg, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def loads(data: bytes) -> dict[str, Any]:
+    return orjson.loads(data)
+
+
+@dataclass
+class PortArgs:
+    """IPC endpoints of one server (ipc:// sockets in a private directory)."""
+
+    ipc_dir: str
+    tokenizer: str  # HTTP/tokenizer process pulls outputs and cluster state here
+    router: str  # router pulls requests (from the tokenizer) and load reports (from workers)
+    detokenizer: str  # detokenizer pulls token outputs from the workers
+    workers: list[str] = field(default_factory=list)  # worker i pulls its requests here
+
+    @classmethod
+    def create(cls, dp_size: int) -> PortArgs:
+        d = tempfile.mkdtemp(prefix=f"nanocp-{uuid.uuid4().hex[:6]}-")
+        ep = lambda name: f"ipc://{os.path.join(d, name)}"  # noqa: E731
+        return cls(
+            d, ep("tokenizer"), ep("router"), ep("detokenizer"), [ep(f"worker{i}") for i in range(dp_size)]
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def pull(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.PULL)
+    sock.bind(endpoint)
+    return sock
+
+
+def push(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+def drain(sock: zmq.Socket, timeout_ms: int = 0) -> list[dict[str, Any]]:
+    """Every message waiting on sock (waiting up to timeout_ms for the first one)."""
+    out = []
+    if timeout_ms and not sock.poll(timeout_ms):
+        return out
+    while True:
+        try:
+            out.append(loads(sock.recv(zmq.NOBLOCK)))
+        except zmq.Again:
+            return out
