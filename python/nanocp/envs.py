@@ -23,3 +23,8 @@ def cache_dir() -> Path:
 
 def log_level() -> str:
     return _get("NANOCP_LOG_LEVEL", "info")
+
+
+def startup_timeout_s() -> float:
+    """How long launch_server waits for its instances to load."""
+    return float(_get("NANOCP_STARTUP_TIMEOUT_S", "900"))

@@ -11,10 +11,13 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
+from nanocp_router.policy import POLICIES
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("cuda", "cpu")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
+LOAD_BALANCE_METHODS = tuple(POLICIES)
 
 
 class ServerArgsError(ValueError):
@@ -47,6 +50,13 @@ class ServerArgs:
     attention_backend: str = "torch"
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 256
+    # HTTP server
+    host: str = "127.0.0.1"
+    port: int = 30000
+    served_model_name: str | None = None  # default: the model path
+    # Parallelism (--dp-size N without DP attention: N independent replicas behind the router)
+    dp_size: int = 1
+    load_balance_method: str = "round_robin"
     # Logging
     log_level: str = "info"
 
@@ -55,6 +65,8 @@ class ServerArgs:
             self.device = _default_device()
         if self.tokenizer_path is None:
             self.tokenizer_path = self.model_path
+        if self.served_model_name is None:
+            self.served_model_name = self.model_path
         self._check_choice("dtype", DTYPES)
         self._check_choice("device", DEVICES)
         self._check_choice("load_format", LOAD_FORMATS)
@@ -64,6 +76,11 @@ class ServerArgs:
         self._check_int("max_running_requests", minimum=1)
         self._check_int("cuda_graph_max_bs", minimum=1)
         self._check_int("random_seed", minimum=0)
+        self._check_int("port", minimum=1)
+        if self.port > 65535:
+            raise ServerArgsError(f"--port must be <= 65535, got {self.port}")
+        self._check_int("dp_size", minimum=1)
+        self._check_choice("load_balance_method", LOAD_BALANCE_METHODS)
         self._check_int("max_total_tokens", minimum=1, optional=True)
         self._check_int("context_length", minimum=1, optional=True)
         if not isinstance(self.mem_fraction_static, (int, float)) or not 0 < self.mem_fraction_static < 1:
@@ -141,6 +158,21 @@ class ServerArgs:
         a("--attention-backend", type=str, default=ServerArgs.attention_backend, choices=ATTENTION_BACKENDS)
         a("--disable-cuda-graph", action="store_true")
         a("--cuda-graph-max-bs", type=int, default=ServerArgs.cuda_graph_max_bs)
+        a("--host", type=str, default=ServerArgs.host)
+        a("--port", type=int, default=ServerArgs.port)
+        a("--served-model-name", type=str, help="Model name in the OpenAI API (default: --model-path).")
+        a(
+            "--dp-size",
+            type=int,
+            default=ServerArgs.dp_size,
+            help="Number of instances (data-parallel replicas).",
+        )
+        a(
+            "--load-balance-method",
+            type=str,
+            default=ServerArgs.load_balance_method,
+            choices=LOAD_BALANCE_METHODS,
+        )
         a("--log-level", type=str, default=ServerArgs.log_level)
 
     @classmethod

@@ -116,6 +116,10 @@ class SamplingParams:
         ):
             raise SamplingParamsError("stop_token_ids", f"must be a list of integers, got {ids!r}")
 
+    def to_dict(self) -> dict[str, Any]:
+        """The constructor arguments (normalised), e.g. to send the request to a worker."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
     def verify(self, vocab_size: int) -> None:
         """Checks that need the model."""
         for t in self.stop_token_ids or []:

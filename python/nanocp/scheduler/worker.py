@@ -1,0 +1,185 @@
+"""Worker process: one instance's scheduler loop behind ZMQ.
+
+Receives requests from the router, runs scheduler steps, sends new token ids to the
+detokenizer and load reports to the router.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from typing import Any
+
+import zmq
+
+from nanocp.errors import InvalidRequestError
+from nanocp.model_executor.model_runner import ModelRunner
+from nanocp.sampling.sampling_params import SamplingParams
+from nanocp.scheduler.request import RequestFactory
+from nanocp.scheduler.scheduler import ReqOutput, Scheduler
+from nanocp.server_args import ServerArgs
+from nanocp.tokenizer.detokenizer import eos_token_ids, load_tokenizer
+from nanocp_router.ipc import PortArgs, drain, dumps, pull, push
+from nanocp_router.process import child_process_setup
+
+logger = logging.getLogger("nanocp.worker")
+REPORT_INTERVAL_S = 0.5
+IDLE_POLL_MS = 20
+
+
+def detok_params(p: SamplingParams) -> dict[str, Any]:
+    """What the detokenizer needs to turn a request's tokens into its text."""
+    return {
+        "stop_strs": p.stop_strs,
+        "no_stop_trim": p.no_stop_trim,
+        "skip_special_tokens": p.skip_special_tokens,
+        "spaces_between_special_tokens": p.spaces_between_special_tokens,
+    }
+
+
+class Worker:
+    def __init__(self, server_args: ServerArgs, instance: int, ports: PortArgs) -> None:
+        self.instance = instance
+        tokenizer = (
+            None
+            if server_args.skip_tokenizer_init
+            else load_tokenizer(server_args.tokenizer_path, server_args.trust_remote_code)
+        )
+        self.runner = ModelRunner(server_args)
+        self.scheduler = Scheduler(self.runner)
+        eos = eos_token_ids(tokenizer, self.runner.hf_config, server_args.model_path)
+        self.make_req = RequestFactory(tokenizer, eos, self.runner.device, server_args.random_seed + instance)
+        self.ctx = zmq.Context()
+        self.inbox = pull(self.ctx, ports.workers[instance])
+        self.to_router = push(self.ctx, ports.router)
+        self.to_detok = push(self.ctx, ports.detokenizer)
+        self._announced: dict[str, dict] = {}  # rid -> detok params not yet sent
+        self._finished: list[str] = []
+        self._last_report = 0.0
+
+    def info(self) -> dict[str, Any]:
+        r = self.runner
+        return {
+            "instance": self.instance,
+            "max_total_num_tokens": r.max_total_num_tokens,
+            "context_length": r.context_length,
+            "vocab_size": r.vocab_size,
+            "page_size": r.page_allocator.page_size,
+            "dtype": str(r.dtype),
+            "device": str(r.device),
+            "pid": os.getpid(),
+        }
+
+    # ---------------------------------------------------------------- messages
+    def handle(self, msg: dict) -> list[dict]:
+        kind = msg["type"]
+        if kind == "generate":
+            params = SamplingParams.from_dict(msg["sampling_params"])
+            req = self.make_req(
+                msg["rid"],
+                msg["input_ids"],
+                params,
+                return_logprob=msg.get("return_logprob", False),
+                top_logprobs_num=msg.get("top_logprobs_num", 0),
+                need_text=False,
+            )
+            self._announced[req.rid] = detok_params(params)
+            try:
+                self.scheduler.add_request(req)
+            except InvalidRequestError as e:
+                req.finish({"type": "abort", "message": str(e), "status_code": 400})
+                return [
+                    self._encode(
+                        ReqOutput(req.rid, [], "", True, req.finished_reason, len(req.origin_input_ids), 0)
+                    )
+                ]
+        elif kind == "abort":
+            req = self.scheduler.abort_request(msg["rid"])
+            if req is not None:
+                out = ReqOutput(
+                    req.rid, [], "", True, req.finished_reason, len(req.origin_input_ids), len(req.output_ids)
+                )
+                return [self._encode(out)]
+        elif kind == "flush_cache":
+            pass  # no prefix cache yet: nothing is kept beyond running requests
+        else:
+            logger.warning("worker: unknown message type %r", kind)
+        return []
+
+    def _encode(self, out: ReqOutput) -> dict:
+        d = {
+            "rid": out.rid,
+            "ids": out.new_token_ids,
+            "finished": out.finished,
+            "reason": out.finish_reason,
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens,
+        }
+        if out.token_logprobs is not None:
+            d["lp"] = out.token_logprobs
+            if out.top_logprobs is not None:
+                d["top"] = out.top_logprobs
+        params = self._announced.pop(out.rid, None) if out.finished else self._announced.get(out.rid)
+        if params is not None:
+            d["detok"] = params
+            if not out.finished:
+                self._announced[out.rid] = None  # sent; keep the key so finish pops it
+        if out.finished:
+            self._finished.append(out.rid)
+        return d
+
+    def report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_report < REPORT_INTERVAL_S:
+            return
+        s = self.scheduler
+        alloc = s.kv.allocator
+        self.to_router.send(
+            dumps(
+                {
+                    "type": "load",
+                    "instance": self.instance,
+                    "total_pages": alloc.num_pages,
+                    "free_pages": alloc.num_free_pages,
+                    "page_size": alloc.page_size,
+                    "running": len(s.running),
+                    "waiting": len(s.waiting),
+                    "kv_tokens": sum(r.kv_len for r in s.running),
+                    "finished": self._finished,
+                }
+            )
+        )
+        self._finished = []
+        self._last_report = now
+
+    def run_forever(self) -> None:
+        while True:
+            busy = self.scheduler.has_work()
+            outs: list[dict] = []
+            for msg in drain(self.inbox, timeout_ms=0 if busy else IDLE_POLL_MS):
+                outs += self.handle(msg)
+            if self.scheduler.has_work():
+                outs += [self._encode(o) for o in self.scheduler.step()]
+            if outs:
+                self.to_detok.send(dumps({"type": "out", "instance": self.instance, "outputs": outs}))
+            self.report(force=bool(self._finished) and not self.scheduler.has_work())
+
+
+def run_worker_process(server_args: ServerArgs, instance: int, ports: dict, ready_conn) -> None:
+    child_process_setup(f"worker{instance}", server_args.log_level)
+    try:
+        worker = Worker(server_args, instance, PortArgs(**ports))
+    except BaseException as e:  # tell the launcher why, instead of dying silently
+        ready_conn.send(
+            {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        )
+        raise SystemExit(1) from e
+    ready_conn.send({"ok": True, **worker.info()})
+    ready_conn.close()
+    try:
+        worker.run_forever()
+    except Exception:
+        logger.error("instance %d failed:\n%s", instance, traceback.format_exc())
+        raise SystemExit(1) from None

@@ -1,0 +1,288 @@
+"""HTTP entrypoints: SGLang's native API (/generate, /health, /server_info, ...) and /metrics.
+
+The OpenAI-compatible routes live in openai_api.py. Every client error becomes an HTTP 400 with an
+OpenAI-style error body naming the offending field; engine failures become 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+
+import nanocp
+from nanocp.errors import InvalidRequestError
+from nanocp.server.errors import error_body, error_response, json_response
+from nanocp.server.tokenizer_manager import EngineError, ReqState, TokenizerManager
+
+T = TypeVar("T")
+GENERATE_FIELDS = {
+    "text",
+    "input_ids",
+    "sampling_params",
+    "stream",
+    "rid",
+    "return_logprob",
+    "top_logprobs_num",
+    "logprob_start_len",
+    "return_text_in_logprobs",
+    "model",
+}
+DISCONNECT_POLL_S = 0.5
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def read_json(request: Request) -> dict:
+    try:
+        body = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
+        raise InvalidRequestError("body", f"malformed JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequestError("body", "the request body must be a JSON object")
+    return body
+
+
+async def until_done_or_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client goes away first, cancel it (which aborts its requests)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            raise ClientDisconnected()
+
+
+async def last_state(states: AsyncIterator[ReqState]) -> ReqState:
+    """Run a request to completion; its final state."""
+    state = None
+    async for state in states:  # noqa: B007
+        pass
+    assert state is not None
+    return state
+
+
+def sse(data: Any) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+async def sse_stream(chunks: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    """Server-sent events; an error after the stream began is sent as a final error event.
+    If the client disconnects, Starlette closes this generator and `chunks` aborts its request."""
+    try:
+        async for chunk in chunks:
+            yield sse(chunk)
+    except (InvalidRequestError, EngineError) as e:
+        status = 400 if isinstance(e, InvalidRequestError) else e.status_code
+        yield sse(error_body(status, str(e), getattr(e, "param", None)))
+    yield SSE_DONE
+
+
+def create_app(manager: TokenizerManager) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        manager.start()
+        yield
+
+    app = FastAPI(title="NanoCP", version=nanocp.__version__, lifespan=lifespan)
+    args = manager.server_args
+    app.state.manager = manager
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(InvalidRequestError)
+    async def _invalid(_: Request, e: InvalidRequestError):
+        return error_response(400, str(e), e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in err.get("loc", []) if x != "body"]
+        param = ".".join(loc) or "body"
+        msg = err.get("msg", "invalid request")
+        if err.get("type") == "json_invalid":
+            msg, param = f"malformed JSON: {msg}", "body"
+        return error_response(400, f"{param}: {msg}", param)
+
+    @app.exception_handler(EngineError)
+    async def _engine(_: Request, e: EngineError):
+        return error_response(e.status_code, str(e))
+
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(_: Request, e: ClientDisconnected):
+        return Response(status_code=499)
+
+    # --------------------------------------------------------------- generate
+    @app.post("/generate")
+    async def generate(request: Request):
+        body = await read_json(request)
+        # SGLang clients send more fields than NanoCP implements (lora_path, image_data, ...):
+        # accept them while unset, refuse them when they ask for something.
+        unsupported = sorted(
+            k for k, v in body.items() if k not in GENERATE_FIELDS and v not in (None, False, [], {}, "")
+        )
+        if unsupported:
+            raise InvalidRequestError(unsupported[0], "not supported by NanoCP")
+        text, input_ids = body.get("text"), body.get("input_ids")
+        if (text is None) == (input_ids is None):
+            raise InvalidRequestError("text", "exactly one of text and input_ids must be given")
+        stream = _bool(body, "stream")
+        return_logprob = _bool(body, "return_logprob")
+        top_n = body.get("top_logprobs_num", 0)
+        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
+            raise InvalidRequestError("top_logprobs_num", f"must be an integer >= 0, got {top_n!r}")
+        batch = isinstance(text, list) or (
+            isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list)
+        )
+        if batch:
+            prompts = text if text is not None else input_ids
+        else:
+            prompts = [text if text is not None else input_ids]
+        if text is not None and not all(isinstance(t, str) for t in prompts):
+            raise InvalidRequestError("text", "must be a string or a list of strings")
+        params_list = body.get("sampling_params")
+        if isinstance(params_list, list):
+            if len(params_list) != len(prompts):
+                raise InvalidRequestError("sampling_params", "one object per prompt, or one for all")
+        else:
+            params_list = [params_list] * len(prompts)
+        rids = body.get("rid")
+        rids = rids if isinstance(rids, list) else [rids] * len(prompts)
+        if len(rids) != len(prompts) or not all(r is None or isinstance(r, str) for r in rids):
+            raise InvalidRequestError("rid", "must be a string (or one string per prompt)")
+        if batch and rids[0] is not None and len(set(rids)) != len(rids):
+            raise InvalidRequestError("rid", "request ids must be unique")
+        validated = []
+        for p, sp in zip(prompts, params_list):
+            validated.append(manager.validate(manager.tokenize(p) if text is not None else p, sp))
+
+        def run(i: int) -> AsyncIterator[ReqState]:
+            ids, params = validated[i]
+            return manager.generate(ids, params, rids[i], return_logprob, top_n)
+
+        def native(state: ReqState) -> dict:
+            return {
+                "text": state.text,
+                "output_ids": list(state.output_ids),
+                "meta_info": state.meta_info(return_logprob),
+            }
+
+        if stream:
+            if batch:
+                raise InvalidRequestError("stream", "streaming takes a single prompt")
+
+            async def chunks() -> AsyncIterator[dict]:
+                async for state in run(0):
+                    yield native(state)
+
+            return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
+
+        async def final(i: int) -> dict:
+            return native(await last_state(run(i)))
+
+        results = await until_done_or_disconnect(
+            request, asyncio.gather(*(final(i) for i in range(len(prompts))))
+        )
+        return json_response(results if batch else results[0])
+
+    # ------------------------------------------------------------------- info
+    @app.get("/health")
+    async def health():
+        if manager.dead:
+            return error_response(503, manager.dead)
+        return Response(status_code=200)
+
+    @app.get("/health_generate")
+    async def health_generate():
+        if manager.dead:
+            return error_response(503, manager.dead)
+        ids, params = manager.validate([1], {"max_new_tokens": 1, "temperature": 0, "ignore_eos": True})
+
+        async def one_token() -> None:
+            async for _ in manager.generate(ids, params):
+                pass
+
+        try:
+            await asyncio.wait_for(one_token(), timeout=30)
+        except (asyncio.TimeoutError, EngineError) as e:
+            return error_response(503, f"health generation failed: {e or 'timed out'}")
+        return Response(status_code=200)
+
+    @app.get("/model_info")
+    async def model_info():
+        return {
+            "model_path": args.model_path,
+            "tokenizer_path": args.tokenizer_path,
+            "served_model_name": args.served_model_name,
+            "is_generation": True,
+            "context_length": manager.context_length,
+            "vocab_size": manager.vocab_size,
+        }
+
+    async def server_info():
+        return {
+            **dataclasses.asdict(args),
+            "version": nanocp.__version__,
+            "max_total_num_tokens": manager.max_total_tokens,
+            "instances": manager.worker_infos,
+            "processes": manager.process_pids,
+            "cluster": manager.cluster,
+            "internal_states": [{**i, **_load_of(manager, i["instance"])} for i in manager.worker_infos],
+        }
+
+    app.get("/server_info")(server_info)
+    app.get("/get_server_info")(server_info)
+
+    @app.post("/flush_cache")
+    async def flush_cache():
+        manager.flush_cache()
+        return PlainTextResponse("Cache flushed.\n")
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request):
+        body = await read_json(request)
+        if _bool(body, "abort_all"):
+            manager.abort_all()
+        else:
+            rid = body.get("rid")
+            if not isinstance(rid, str) or not rid:
+                raise InvalidRequestError("rid", "must be a non-empty string (or set abort_all)")
+            manager.abort(rid)
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(manager.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    from nanocp.server.openai_api import add_openai_routes
+
+    add_openai_routes(app, manager)
+    return app
+
+
+def _bool(body: dict, name: str) -> bool:
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidRequestError(name, f"must be a boolean, got {value!r}")
+    return value
+
+
+def _load_of(manager: TokenizerManager, instance: int) -> dict:
+    for item in manager.cluster:
+        if item["instance"] == instance:
+            return item
+    return {}

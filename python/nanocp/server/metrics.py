@@ -1,0 +1,84 @@
+"""Prometheus metrics of the HTTP process (GET /metrics)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.5,
+    0.75,
+    1,
+    2,
+    5,
+    10,
+    20,
+    60,
+    120,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter(
+            "nanocp:num_requests", "Finished requests by outcome", ["outcome"], registry=r
+        )
+        self.prompt_tokens = Counter("nanocp:prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("nanocp:generation_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram(
+            "nanocp:time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "nanocp:time_per_output_token_seconds",
+            "Mean time per output token after the first",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "nanocp:e2e_request_latency_seconds",
+            "End-to-end request latency",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "nanocp:num_requests_in_flight", "Requests accepted and not finished", registry=r
+        )
+        self.queue = Gauge("nanocp:num_queue_reqs", "Requests waiting on instances", registry=r)
+        self.running = Gauge("nanocp:num_running_reqs", "Running batch size", ["instance"], registry=r)
+        self.kv_usage = Gauge(
+            "nanocp:kv_usage", "Fraction of KV cache pages in use", ["instance"], registry=r
+        )
+        self.kv_tokens = Gauge("nanocp:kv_tokens", "Tokens held in the KV cache", ["instance"], registry=r)
+
+    def on_finish(
+        self, outcome: str, prompt_tokens: int, completion_tokens: int, ttft: float | None, e2e: float
+    ) -> None:
+        self.requests.labels(outcome).inc()
+        self.prompt_tokens.inc(prompt_tokens)
+        self.generation_tokens.inc(completion_tokens)
+        self.e2e.observe(e2e)
+        if ttft is not None:
+            self.ttft.observe(ttft)
+            if completion_tokens > 1:
+                self.tpot.observe((e2e - ttft) / (completion_tokens - 1))
+
+    def on_cluster(self, instances: list[dict]) -> None:
+        self.queue.set(sum(i["waiting"] for i in instances))
+        for i in instances:
+            label = str(i["instance"])
+            self.running.labels(label).set(i["running"])
+            self.kv_usage.labels(label).set(i["kv_usage"])
+            self.kv_tokens.labels(label).set(i["kv_tokens"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,223 @@
+"""TokenizerManager: the HTTP process's side of the engine.
+
+Tokenizes and validates requests, sends them to the router, and turns the detokenizer's outputs
+back into per-request state that HTTP handlers await. Also follows cluster state (for /metrics
+and /server_info) and fails in-flight requests when a process of the engine dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from nanocp.errors import InvalidRequestError
+from nanocp.sampling.sampling_params import SamplingParams
+from nanocp.scheduler.request import validate_input
+from nanocp.server.metrics import Metrics
+from nanocp.server_args import ServerArgs
+from nanocp_router.ipc import PortArgs, dumps, loads, push
+
+logger = logging.getLogger("nanocp.tokenizer_manager")
+
+
+class EngineError(RuntimeError):
+    """The engine could not serve the request (HTTP status in `status_code`)."""
+
+    def __init__(self, status_code: int, message: str) -> None:
+        super().__init__(message)
+        self.status_code = status_code
+
+
+@dataclass
+class ReqState:
+    rid: str
+    prompt_tokens: int
+    created: float = field(default_factory=time.perf_counter)
+    text: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[list]] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: dict[str, Any] | None = None
+    first_token_time: float | None = None
+    error: EngineError | None = None
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    # what the latest event added (for OpenAI-style delta streaming)
+    delta_text: str = ""
+    delta_ids: list[int] = field(default_factory=list)
+
+    def meta_info(self, return_logprob: bool = False) -> dict[str, Any]:
+        meta = {
+            "id": self.rid,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": len(self.output_ids),
+            "cached_tokens": 0,
+            "finish_reason": self.finish_reason,
+            "e2e_latency": round(time.perf_counter() - self.created, 6),
+        }
+        if return_logprob:
+            meta["output_token_logprobs"] = [
+                [lp, t, None] for lp, t in zip(self.token_logprobs, self.output_ids)
+            ]
+            if self.top_logprobs:
+                meta["output_top_logprobs"] = [[[lp, t, None] for lp, t in top] for top in self.top_logprobs]
+        return meta
+
+
+class TokenizerManager:
+    def __init__(
+        self, server_args: ServerArgs, ports: PortArgs, worker_infos: list[dict], tokenizer: Any
+    ) -> None:
+        self.server_args = server_args
+        self.tokenizer = tokenizer
+        self.worker_infos = worker_infos
+        self.vocab_size = min(i["vocab_size"] for i in worker_infos)
+        self.context_length = min(i["context_length"] for i in worker_infos)
+        self.max_total_tokens = min(i["max_total_num_tokens"] for i in worker_infos)
+        self.metrics = Metrics()
+        self.cluster: list[dict] = []
+        self.dead: str | None = None
+        self.states: dict[str, ReqState] = {}
+        self.process_pids: dict[str, int] = {}  # every engine process, for /server_info
+        self._sync_ctx = zmq.Context()
+        self.to_router = push(self._sync_ctx, ports.router)
+        self._async_ctx = zmq.asyncio.Context()
+        self.inbox = self._async_ctx.socket(zmq.PULL)
+        self.inbox.bind(ports.tokenizer)
+        self._loop_task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._loop_task = asyncio.get_running_loop().create_task(self._handle_loop())
+
+    # --------------------------------------------------------------- requests
+    def tokenize(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("text", "the server runs with --skip-tokenizer-init; send input_ids")
+        return self.tokenizer.encode(text)
+
+    def validate(self, input_ids: Any, sampling_params: dict | None) -> tuple[list[int], SamplingParams]:
+        if not isinstance(input_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in input_ids
+        ):
+            raise InvalidRequestError("input_ids", "must be a list of integers")
+        if sampling_params is not None and not isinstance(sampling_params, dict):
+            raise InvalidRequestError("sampling_params", "must be an object")
+        params = SamplingParams.from_dict(sampling_params)
+        if params.stop_strs and self.tokenizer is None:
+            raise InvalidRequestError("stop", "stop strings need a tokenizer (--skip-tokenizer-init is set)")
+        params.verify(self.vocab_size)
+        validate_input(
+            input_ids, params.max_new_tokens, self.vocab_size, self.context_length, self.max_total_tokens
+        )
+        return input_ids, params
+
+    async def generate(
+        self,
+        input_ids: list[int],
+        params: SamplingParams,
+        rid: str | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+    ) -> AsyncIterator[ReqState]:
+        """Yields the request's state after every update; the last one has finished=True.
+        Leaving the iteration early (client gone) aborts the request."""
+        if self.dead:
+            raise EngineError(503, self.dead)
+        rid = rid or uuid.uuid4().hex
+        if rid in self.states:
+            raise InvalidRequestError("rid", f"request id {rid!r} is already in use")
+        state = ReqState(rid, len(input_ids))
+        self.states[rid] = state
+        self.metrics.in_flight.inc()
+        self.to_router.send(
+            dumps(
+                {
+                    "type": "generate",
+                    "rid": rid,
+                    "input_ids": input_ids,
+                    "sampling_params": params.to_dict(),
+                    "return_logprob": return_logprob,
+                    "top_logprobs_num": top_logprobs_num if return_logprob else 0,
+                }
+            )
+        )
+        try:
+            while True:
+                await state.event.wait()
+                state.event.clear()
+                if state.error is not None:
+                    raise state.error
+                yield state
+                state.delta_text, state.delta_ids = "", []
+                if state.finished:
+                    return
+        finally:
+            self.states.pop(rid, None)
+            self.metrics.in_flight.dec()
+            if not state.finished:
+                self.abort(rid)
+                self._record(state, "error" if state.error else "abort")
+
+    def abort(self, rid: str) -> None:
+        self.to_router.send(dumps({"type": "abort", "rid": rid}))
+
+    def abort_all(self) -> None:
+        for rid in list(self.states):
+            self.abort(rid)
+
+    def flush_cache(self) -> None:
+        self.to_router.send(dumps({"type": "flush_cache"}))
+
+    # ---------------------------------------------------------------- inbound
+    async def _handle_loop(self) -> None:
+        while True:
+            msg = loads(await self.inbox.recv())
+            if msg["type"] == "out":
+                for out in msg["outputs"]:
+                    self._on_output(out)
+            elif msg["type"] == "cluster":
+                self.cluster = msg["instances"]
+                self.metrics.on_cluster(self.cluster)
+
+    def _on_output(self, out: dict) -> None:
+        state = self.states.get(out["rid"])
+        if state is None:
+            return  # aborted by the client meanwhile
+        if out["ids"] and state.first_token_time is None:
+            state.first_token_time = time.perf_counter()
+        state.text += out["text"]
+        state.delta_text += out["text"]
+        state.output_ids += out["ids"]
+        state.delta_ids += out["ids"]
+        state.token_logprobs += out.get("lp", [])
+        state.top_logprobs += out.get("top", [])
+        if out["finished"]:
+            reason = out["reason"] or {}
+            if reason.get("type") == "abort" and "status_code" in reason:
+                state.error = EngineError(reason["status_code"], reason.get("message", "aborted"))
+            state.finished = True
+            state.finish_reason = reason
+            self._record(state, reason.get("type", "unknown"))
+        state.event.set()
+
+    def _record(self, state: ReqState, outcome: str) -> None:
+        ttft = state.first_token_time - state.created if state.first_token_time else None
+        self.metrics.on_finish(
+            outcome, state.prompt_tokens, len(state.output_ids), ttft, time.perf_counter() - state.created
+        )
+
+    def on_process_death(self, message: str) -> None:
+        """A process of the engine died: fail everything in flight, refuse new work."""
+        if self.dead is None:
+            self.dead = message
+        for state in list(self.states.values()):
+            state.error = EngineError(503, message)
+            state.event.set()
