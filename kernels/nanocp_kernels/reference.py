@@ -65,6 +65,21 @@ def merge_states_ref(
     return o.to(outputs[0].dtype), lse
 
 
+def expert_ffn_ref(
+    x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, expert_ids: torch.Tensor
+) -> torch.Tensor:
+    """Row r of x through expert expert_ids[r] (SwiGLU, unweighted). Rows whose id is outside
+    [0, E_local) give 0. x: [R, H]; w13: [E_local, 2I, H]; w2: [E_local, H, I]."""
+    out = x.new_zeros(x.shape)
+    for e in torch.unique(expert_ids).tolist():
+        if e < 0 or e >= w13.shape[0]:
+            continue
+        rows = torch.where(expert_ids == e)[0]
+        gate, up = torch.nn.functional.linear(x[rows], w13[e]).chunk(2, dim=-1)
+        out[rows] = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2[e])
+    return out
+
+
 def fused_moe_ref(
     x: torch.Tensor,
     w13: torch.Tensor,

@@ -18,6 +18,7 @@ DEVICES = ("cuda", "cpu")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
 LOAD_BALANCE_METHODS = tuple(POLICIES)
+MOE_A2A_BACKENDS = ("allgather", "all_to_all", "deepep")
 
 
 class ServerArgsError(ValueError):
@@ -56,7 +57,11 @@ class ServerArgs:
     served_model_name: str | None = None  # default: the model path
     # Parallelism (--dp-size N without DP attention: N independent replicas behind the router)
     dp_size: int = 1
+    ep_size: int = 1
+    enable_dp_attention: bool = False  # accepted for SGLang compatibility: attention is always DP here
+    moe_a2a_backend: str = "all_to_all"
     load_balance_method: str = "round_robin"
+    step_trace_file: str | None = None
     # Logging
     log_level: str = "info"
 
@@ -80,6 +85,21 @@ class ServerArgs:
         if self.port > 65535:
             raise ServerArgsError(f"--port must be <= 65535, got {self.port}")
         self._check_int("dp_size", minimum=1)
+        self._check_int("ep_size", minimum=1)
+        if self.ep_size not in (1, self.dp_size):
+            raise ServerArgsError(
+                f"--ep-size must be 1 (every instance holds all experts) or equal to --dp-size ({self.dp_size}); "
+                f"got {self.ep_size}"
+            )
+        self._check_choice("moe_a2a_backend", MOE_A2A_BACKENDS)
+        if self.device == "cuda" and self.dp_size > 1:
+            import torch
+
+            if torch.cuda.device_count() < self.dp_size:
+                raise ServerArgsError(
+                    f"--dp-size {self.dp_size} needs {self.dp_size} GPUs (one per instance), "
+                    f"found {torch.cuda.device_count()}"
+                )
         self._check_choice("load_balance_method", LOAD_BALANCE_METHODS)
         self._check_int("max_total_tokens", minimum=1, optional=True)
         self._check_int("context_length", minimum=1, optional=True)
@@ -163,10 +183,35 @@ class ServerArgs:
         a("--served-model-name", type=str, help="Model name in the OpenAI API (default: --model-path).")
         a(
             "--dp-size",
+            "--attn-dp-size",
+            "--data-parallel-size",
+            dest="dp_size",
             type=int,
             default=ServerArgs.dp_size,
-            help="Number of instances (data-parallel replicas).",
+            help="Number of instances (data-parallel attention ranks).",
         )
+        a(
+            "--ep-size",
+            "--expert-parallel-size",
+            dest="ep_size",
+            type=int,
+            default=ServerArgs.ep_size,
+            help="Expert parallelism: 1 (replicas) or --dp-size (experts sharded over the instances).",
+        )
+        a("--enable-dp-attention", action="store_true", help="Accepted for SGLang compatibility (always on).")
+        a(
+            "--moe-a2a-backend",
+            type=str,
+            default=ServerArgs.moe_a2a_backend,
+            choices=MOE_A2A_BACKENDS,
+            help="MoE token exchange between expert-parallel instances.",
+        )
+        a(
+            "--step-trace-file",
+            type=str,
+            help="Write per-step timings of every instance (JSON lines; instance i appends .i).",
+        )
+
         a(
             "--load-balance-method",
             type=str,

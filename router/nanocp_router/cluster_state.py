@@ -14,6 +14,7 @@ class InstanceLoad:
     running: int = 0  # requests in the running batch
     waiting: int = 0  # requests queued on the instance
     kv_tokens: int = 0  # tokens held in the KV cache
+    trace: dict | None = None  # cumulative step timings (--step-trace-file)
     # Requests dispatched since the last report, so back-to-back dispatches see each other.
     pending_requests: int = 0
     pending_tokens: int = 0
@@ -35,6 +36,8 @@ class ClusterState:
         inst = self.instances[report["instance"]]
         for key in ("total_pages", "free_pages", "page_size", "running", "waiting", "kv_tokens"):
             setattr(inst, key, report[key])
+        inst.trace = report.get("trace")
+
         inst.pending_requests = inst.pending_tokens = 0
 
     def on_dispatch(self, instance: int, num_tokens: int) -> None:

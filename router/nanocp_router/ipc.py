@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 import uuid
 from dataclasses import dataclass, field
@@ -29,14 +30,14 @@ class PortArgs:
     router: str  # router pulls requests (from the tokenizer) and load reports (from workers)
     detokenizer: str  # detokenizer pulls token outputs from the workers
     workers: list[str] = field(default_factory=list)  # worker i pulls its requests here
+    dist_port: int = 0  # TCP port on 127.0.0.1 for torch.distributed rendezvous of the instances
 
     @classmethod
     def create(cls, dp_size: int) -> PortArgs:
         d = tempfile.mkdtemp(prefix=f"nanocp-{uuid.uuid4().hex[:6]}-")
         ep = lambda name: f"ipc://{os.path.join(d, name)}"  # noqa: E731
-        return cls(
-            d, ep("tokenizer"), ep("router"), ep("detokenizer"), [ep(f"worker{i}") for i in range(dp_size)]
-        )
+        workers = [ep(f"worker{i}") for i in range(dp_size)]
+        return cls(d, ep("tokenizer"), ep("router"), ep("detokenizer"), workers, _free_tcp_port())
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -65,3 +66,9 @@ def drain(sock: zmq.Socket, timeout_ms: int = 0) -> list[dict[str, Any]]:
             out.append(loads(sock.recv(zmq.NOBLOCK)))
         except zmq.Again:
             return out
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

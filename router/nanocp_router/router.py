@@ -35,7 +35,10 @@ class Router:
         kind = msg["type"]
         if kind == "generate":
             budget = len(msg["input_ids"]) + msg["sampling_params"].get("max_new_tokens", 128)
-            inst = self.policy.select(self.state, budget)
+            inst = msg.get("data_parallel_rank")
+            if inst is None:
+                inst = self.policy.select(self.state, budget)
+
             self.state.on_dispatch(inst, budget)
             self.rid_to_instance[msg["rid"]] = inst
             self.workers[inst].send(dumps(msg))

@@ -34,6 +34,11 @@ class Engine:
             server_args = ServerArgs.from_kwargs(model_path=model_path, **kwargs)
         if server_args.model_path is None:
             raise ValueError("model_path is required")
+        if server_args.dp_size > 1:
+            raise ValueError(
+                "nanocp.Engine runs one instance; for --dp-size > 1 use `python -m nanocp.launch_server`"
+            )
+
         set_log_level(server_args.log_level)
         self.server_args = server_args
         self.tokenizer = (

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from nanocp.distributed.moe_comm import MoEComm
+    from nanocp.engine.step_trace import StepTracer
     from nanocp.kvcache.pool import KVCachePool, ReqToTokenPool
     from nanocp.layers.attention.base import AttentionBackend
 
@@ -55,6 +57,9 @@ class ForwardBatch:
     req_to_token_pool: ReqToTokenPool
     kv_pool: KVCachePool
     attn_backend: AttentionBackend
+    moe_comm: MoEComm | None = None  # None: all experts are local
+    global_num_tokens: list[int] | None = None  # every DP rank's token count this step
+    tracer: StepTracer | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -67,6 +72,10 @@ _CURRENT: ForwardBatch | None = None
 def get_forward_batch() -> ForwardBatch:
     if _CURRENT is None:
         raise RuntimeError("no forward batch is set: model layers run only inside forward_context()")
+    return _CURRENT
+
+
+def current_forward_batch() -> ForwardBatch | None:
     return _CURRENT
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanocp.engine.forward_batch import get_forward_batch
+from nanocp.engine.step_trace import trace_section
 from nanocp_kernels.reference import fused_moe_ref
 
 
@@ -72,4 +74,8 @@ class FusedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         weights, ids = select_experts(router_logits, self.top_k, self.renormalize, x.dtype)
-        return fused_moe_ref(x, self.w13_weight, self.w2_weight, weights, ids, self.expert_offset)
+        batch = get_forward_batch()
+        if batch.moe_comm is None:
+            with trace_section("moe_compute"):
+                return fused_moe_ref(x, self.w13_weight, self.w2_weight, weights, ids, self.expert_offset)
+        return batch.moe_comm.forward(x, weights, ids, self, batch.global_num_tokens)

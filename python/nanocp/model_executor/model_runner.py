@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from nanocp import envs
+from nanocp.distributed.moe_comm import create_moe_comm
+from nanocp.distributed.parallel_state import ParallelState
 from nanocp.engine.forward_batch import ForwardBatch, forward_context
 from nanocp.kvcache.pool import KVCachePool, PageAllocator, ReqToTokenPool
 from nanocp.layers.attention import create_attention_backend
@@ -18,9 +20,12 @@ logger = get_logger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, server_args: ServerArgs, ep_rank: int = 0, ep_size: int = 1) -> None:
+    def __init__(self, server_args: ServerArgs, parallel: ParallelState | None = None) -> None:
         self.server_args = args = server_args
-        self.device = torch.device(args.device)
+        self.parallel = parallel = parallel or ParallelState()
+        self.device = torch.device(f"cuda:{parallel.rank}") if args.device == "cuda" else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         self.hf_config = load_hf_config(args.model_path, args.trust_remote_code)
         self.dtype = resolve_dtype(args.dtype, self.hf_config, args.device)
         self.context_length = args.context_length or self.hf_config.max_position_embeddings
@@ -32,11 +37,12 @@ class ModelRunner:
             self.hf_config,
             args.load_format,
             self.dtype,
-            args.device,
+            str(self.device),
             seed=args.random_seed,
-            ep_rank=ep_rank,
-            ep_size=ep_size,
+            ep_rank=parallel.ep_rank,
+            ep_size=parallel.ep_size,
         )
+        self.moe_comm = create_moe_comm(args.moe_a2a_backend, parallel)
         self._init_kv_cache()
         self.attn_backend = create_attention_backend(args.attention_backend, device=self.device)
         self.sampler = Sampler()

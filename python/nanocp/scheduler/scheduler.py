@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
+from nanocp.engine.step_trace import StepTracer
 from nanocp.kvcache.manager import KVManager
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.scheduler.request import Req, ReqStatus, validate_input
@@ -44,8 +45,9 @@ class ReqOutput:
 
 
 class Scheduler:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, tracer: StepTracer | None = None) -> None:
         self.runner = runner
+        self.tracer = tracer
         args = runner.server_args
         self.kv = KVManager(runner.page_allocator, runner.req_to_token_pool)
         self.chunked_prefill_size = args.chunked_prefill_size
@@ -82,11 +84,35 @@ class Scheduler:
     # --------------------------------------------------------------------- step
     def step(self) -> list[ReqOutput]:
         """Schedule, run one forward, sample; returns an output for every request that sampled."""
+        next_batch = self.get_next_batch()
+        return self.run_batch(*next_batch) if next_batch is not None else []
+
+    def get_next_batch(self) -> tuple[ForwardBatch, list[Req]] | None:
+        """Schedule this step (reserving its KV); None when there is nothing to run."""
+        if self.tracer is not None:
+            self.tracer.begin_step()
         work = self._schedule()
-        if not work:
-            return []
-        batch, sampling = self._build_batch(work)
+        return self._build_batch(work) if work else None
+
+    def idle_batch(self) -> ForwardBatch:
+        """A batch of no tokens: lets an instance without work take part in the step's collectives."""
+        if self.tracer is not None:
+            self.tracer.begin_step()
+        return self._build_batch([])[0]
+
+    def run_batch(self, batch: ForwardBatch, sampling: list[Req]) -> list[ReqOutput]:
         logits = self.runner.forward(batch)
+        if self.tracer is not None:
+            self.tracer.end_step(
+                {
+                    "mode": batch.forward_mode.name,
+                    "batch_size": batch.batch_size,
+                    "num_tokens": batch.num_tokens,
+                    "kv_tokens": sum(batch.seq_lens_cpu),
+                    "global_num_tokens": batch.global_num_tokens,
+                }
+            )
+
         next_ids, logprobs = self.runner.sampler(logits, sampling) if sampling else ([], [])
         self.forward_ct += 1
         outputs = []
@@ -192,7 +218,9 @@ class Scheduler:
             ext_lens.append(n)
             prefix_lens.append(start)
             rows.append(req.req_pool_idx)
-        if all(n == 1 and p > 0 for n, p in zip(ext_lens, prefix_lens)):
+        if not work:
+            mode = ForwardMode.IDLE
+        elif all(n == 1 and p > 0 for n, p in zip(ext_lens, prefix_lens)):
             mode = ForwardMode.DECODE
         elif any(n == 1 and p > 0 for n, p in zip(ext_lens, prefix_lens)):
             mode = ForwardMode.MIXED
@@ -206,8 +234,8 @@ class Scheduler:
             forward_mode=mode,
             batch_size=len(work),
             input_ids=t(input_ids),
-            positions=torch.cat(positions).to(device),
-            out_cache_loc=torch.cat(locs),
+            positions=torch.cat(positions).to(device) if positions else t([]),
+            out_cache_loc=torch.cat(locs) if locs else t([]),
             req_pool_indices=t(rows),
             seq_lens=t(seq_lens),
             extend_seq_lens=t(ext_lens),
@@ -218,15 +246,7 @@ class Scheduler:
             req_to_token_pool=self.kv.req_to_token_pool,
             kv_pool=self.runner.kv_pool,
             attn_backend=self.runner.attn_backend,
+            moe_comm=self.runner.moe_comm,
+            tracer=self.tracer,
         )
         return batch, sampling
-
-    # ---------------------------------------------------------------- inspection
-    def kv_usage(self) -> dict[str, int]:
-        alloc = self.kv.allocator
-        return {
-            "total_pages": alloc.num_pages,
-            "free_pages": alloc.num_free_pages,
-            "running": len(self.running),
-            "waiting": len(self.waiting),
-        }

@@ -12,8 +12,11 @@ import time
 import traceback
 from typing import Any
 
+import torch
 import zmq
 
+from nanocp.distributed.parallel_state import init_parallel_state
+from nanocp.engine.step_trace import StepTracer
 from nanocp.errors import InvalidRequestError
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.sampling.sampling_params import SamplingParams
@@ -47,8 +50,19 @@ class Worker:
             if server_args.skip_tokenizer_init
             else load_tokenizer(server_args.tokenizer_path, server_args.trust_remote_code)
         )
-        self.runner = ModelRunner(server_args)
-        self.scheduler = Scheduler(self.runner)
+        dp = server_args.dp_size
+        if server_args.device == "cpu" and dp > 1:  # instances share the host's cores
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // dp))
+        device = torch.device(f"cuda:{instance}" if server_args.device == "cuda" else "cpu")
+        self.parallel = init_parallel_state(instance, dp, server_args.ep_size, device, ports.dist_port)
+        self.lockstep = server_args.ep_size > 1  # MoE collectives: every instance runs every step
+        self.runner = ModelRunner(server_args, self.parallel)
+        tracer = None
+        if server_args.step_trace_file:
+            path = f"{server_args.step_trace_file}.{instance}" if dp > 1 else server_args.step_trace_file
+            tracer = StepTracer(path, instance, self.runner.device)
+        self.scheduler = Scheduler(self.runner, tracer)
+        self._cluster_busy = False
         eos = eos_token_ids(tokenizer, self.runner.hf_config, server_args.model_path)
         self.make_req = RequestFactory(tokenizer, eos, self.runner.device, server_args.random_seed + instance)
         self.ctx = zmq.Context()
@@ -148,20 +162,37 @@ class Worker:
                     "waiting": len(s.waiting),
                     "kv_tokens": sum(r.kv_len for r in s.running),
                     "finished": self._finished,
+                    "trace": s.tracer.summary() if s.tracer is not None else None,
                 }
             )
         )
         self._finished = []
         self._last_report = now
 
+    def step_lockstep(self) -> list[ReqOutput]:
+        """One step of expert-parallel instances: all agree (one small all-gather) on every
+        instance's token count and mode; if any has work, all run, idle ones with an empty batch."""
+        next_batch = self.scheduler.get_next_batch()
+        local = [next_batch[0].num_tokens, int(next_batch[0].forward_mode)] if next_batch else [0, 0]
+        counts = [g[0] for g in self.parallel.all_gather_ints(local)]
+        self._cluster_busy = any(counts)
+        if not self._cluster_busy:
+            return []
+        batch, sampling = next_batch or (self.scheduler.idle_batch(), [])
+        batch.global_num_tokens = counts
+        return self.scheduler.run_batch(batch, sampling)
+
     def run_forever(self) -> None:
         while True:
-            busy = self.scheduler.has_work()
+            busy = self.scheduler.has_work() or self._cluster_busy
             outs: list[dict] = []
             for msg in drain(self.inbox, timeout_ms=0 if busy else IDLE_POLL_MS):
                 outs += self.handle(msg)
-            if self.scheduler.has_work():
+            if self.lockstep:
+                outs += [self._encode(o) for o in self.step_lockstep()]
+            elif self.scheduler.has_work():
                 outs += [self._encode(o) for o in self.scheduler.step()]
+
             if outs:
                 self.to_detok.send(dumps({"type": "out", "instance": self.instance, "outputs": outs}))
             self.report(force=bool(self._finished) and not self.scheduler.has_work())

@@ -25,6 +25,7 @@ from nanocp.server.tokenizer_manager import EngineError, ReqState, TokenizerMana
 
 T = TypeVar("T")
 GENERATE_FIELDS = {
+    "data_parallel_rank",
     "text",
     "input_ids",
     "sampling_params",
@@ -170,9 +171,15 @@ def create_app(manager: TokenizerManager) -> FastAPI:
         for p, sp in zip(prompts, params_list):
             validated.append(manager.validate(manager.tokenize(p) if text is not None else p, sp))
 
+        dp_rank = body.get("data_parallel_rank")
+        if dp_rank is not None and (
+            isinstance(dp_rank, bool) or not isinstance(dp_rank, int) or not 0 <= dp_rank < args.dp_size
+        ):
+            raise InvalidRequestError("data_parallel_rank", f"must be an instance id in [0, {args.dp_size})")
+
         def run(i: int) -> AsyncIterator[ReqState]:
             ids, params = validated[i]
-            return manager.generate(ids, params, rids[i], return_logprob, top_n)
+            return manager.generate(ids, params, rids[i], return_logprob, top_n, dp_rank)
 
         def native(state: ReqState) -> dict:
             return {

@@ -17,12 +17,26 @@ from nanocp_router.ipc import PortArgs
 logger = logging.getLogger("nanocp.launch")
 
 
+def check_layout(server_args: ServerArgs) -> None:
+    """Fail before starting any process when the model cannot be split as asked."""
+    from nanocp.models.loader import load_hf_config
+
+    cfg = load_hf_config(server_args.model_path, server_args.trust_remote_code)
+    experts = getattr(cfg, "num_experts", 0) or 0
+    ep = server_args.ep_size
+    if ep > 1 and experts % ep:
+        raise RuntimeError(
+            f"--ep-size {ep} cannot split the model's {experts} experts evenly (num_experts % ep_size != 0)"
+        )
+
+
 class EngineProcesses:
     def __init__(self, server_args: ServerArgs) -> None:
         from nanocp.scheduler.worker import run_worker_process
         from nanocp.tokenizer.detokenizer_process import run_detokenizer_process
         from nanocp_router.router import run_router_process
 
+        check_layout(server_args)
         self.server_args = server_args
         self.ports = PortArgs.create(server_args.dp_size)
         ctx = mp.get_context("spawn")

@@ -59,6 +59,13 @@ class Metrics:
             "nanocp:kv_usage", "Fraction of KV cache pages in use", ["instance"], registry=r
         )
         self.kv_tokens = Gauge("nanocp:kv_tokens", "Tokens held in the KV cache", ["instance"], registry=r)
+        self.step_time = Gauge(
+            "nanocp:step_time_seconds_total",
+            "Cumulative step time by part (with --step-trace-file; moe_comm includes waiting for stragglers)",
+            ["instance", "part"],
+            registry=r,
+        )
+        self.steps = Gauge("nanocp:traced_steps_total", "Traced steps", ["instance"], registry=r)
 
     def on_finish(
         self, outcome: str, prompt_tokens: int, completion_tokens: int, ttft: float | None, e2e: float
@@ -79,6 +86,11 @@ class Metrics:
             self.running.labels(label).set(i["running"])
             self.kv_usage.labels(label).set(i["kv_usage"])
             self.kv_tokens.labels(label).set(i["kv_tokens"])
+            trace = i.get("trace")
+            if trace:
+                self.steps.labels(label).set(trace["steps"])
+                for part in ("step", "attention", "moe_compute", "moe_comm"):
+                    self.step_time.labels(label, part).set(trace.get(f"{part}_s", 0.0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -126,9 +126,11 @@ class TokenizerManager:
         rid: str | None = None,
         return_logprob: bool = False,
         top_logprobs_num: int = 0,
+        data_parallel_rank: int | None = None,
     ) -> AsyncIterator[ReqState]:
         """Yields the request's state after every update; the last one has finished=True.
-        Leaving the iteration early (client gone) aborts the request."""
+        Leaving the iteration early (client gone) aborts the request. data_parallel_rank pins the
+        request to one instance (as in SGLang) instead of letting the router choose."""
         if self.dead:
             raise EngineError(503, self.dead)
         rid = rid or uuid.uuid4().hex
@@ -146,6 +148,7 @@ class TokenizerManager:
                     "sampling_params": params.to_dict(),
                     "return_logprob": return_logprob,
                     "top_logprobs_num": top_logprobs_num if return_logprob else 0,
+                    "data_parallel_rank": data_parallel_rank,
                 }
             )
         )

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from nanocp.engine.forward_batch import get_forward_batch
+from nanocp.engine.step_trace import trace_section
 
 
 class Attention(nn.Module):
@@ -23,4 +24,6 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        return batch.attn_backend.forward(q, k, v, self, batch).reshape(q.shape[0], -1)
+        with trace_section("attention"):
+            out = batch.attn_backend.forward(q, k, v, self, batch)
+            return out.reshape(q.shape[0], self.num_heads * self.head_dim)  # T may be 0 (idle batch)

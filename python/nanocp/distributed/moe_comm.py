@@ -1,0 +1,154 @@
+"""How MoE tokens reach the experts of other expert-parallel ranks (--moe-a2a-backend).
+
+Every backend computes, for the tokens of this rank, sum_k w_k * expert_{id_k}(x), where the
+experts are spread over the EP ranks (rank r holds experts [r*E/N, (r+1)*E/N)). All ranks call
+the backend the same number of times per step (an idle rank with 0 tokens too), so collectives
+never deadlock. `global_num_tokens` (every rank's token count this step) comes from the
+scheduler's per-step all-gather.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from nanocp.distributed.parallel_state import ParallelState
+from nanocp.engine.step_trace import trace_section
+from nanocp_kernels.reference import expert_ffn_ref, fused_moe_ref
+
+if TYPE_CHECKING:
+    from nanocp.layers.moe import FusedMoE
+
+
+class MoEComm(ABC):
+    name = ""
+
+    def __init__(self, state: ParallelState) -> None:
+        self.state = state
+
+    @abstractmethod
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        experts: FusedMoE,
+        global_num_tokens: list[int] | None,
+    ) -> torch.Tensor: ...
+
+
+_REGISTRY: dict[str, Callable[[ParallelState], MoEComm]] = {}
+
+
+def register(name: str):
+    def deco(cls):
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def create_moe_comm(name: str, state: ParallelState) -> MoEComm | None:
+    """None when there is no expert parallelism (every expert is local)."""
+    if state.ep_size == 1:
+        return None
+    if name not in _REGISTRY:
+        raise ValueError(f"--moe-a2a-backend must be one of {', '.join(sorted(_REGISTRY))}; got {name!r}")
+    return _REGISTRY[name](state)
+
+
+@register("allgather")
+class AllGatherMoE(MoEComm):
+    """Reference: gather every rank's tokens, apply the local experts to all of them, sum the
+    partial results over ranks, keep this rank's rows. Simple and obviously right; moves N x
+    the data of all_to_all."""
+
+    def forward(self, x, topk_weights, topk_ids, experts, global_num_tokens):
+        st = self.state
+        counts = global_num_tokens or [x.shape[0]] * st.ep_size
+        pad = max(counts)
+
+        def gather(t: torch.Tensor, fill: float) -> torch.Tensor:
+            padded = torch.full((pad, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)
+            padded[: t.shape[0]] = t
+            out = [torch.empty_like(padded) for _ in range(st.ep_size)]
+            dist.all_gather(out, padded, group=st.group)
+            return torch.cat(out)
+
+        with trace_section("moe_comm"):
+            gx, gw, gids = gather(x, 0.0), gather(topk_weights, 0.0), gather(topk_ids, -1)
+        with trace_section("moe_compute"):
+            partial = fused_moe_ref(
+                gx, experts.w13_weight, experts.w2_weight, gw, gids, experts.expert_offset
+            )
+        with trace_section("moe_comm"):
+            dist.all_reduce(partial, group=st.group)
+        start = st.ep_rank * pad
+        return partial[start : start + x.shape[0]]
+
+
+@register("all_to_all")
+class AllToAllMoE(MoEComm):
+    """Send each (token, expert) pair to the expert's rank, run it there, send the result back,
+    and combine on the home rank in increasing expert order (the order HF transformers sums in)."""
+
+    def forward(self, x, topk_weights, topk_ids, experts, global_num_tokens):
+        st = self.state
+        num_tokens, k = topk_ids.shape
+        flat_ids = topk_ids.reshape(-1)
+        dest = torch.div(flat_ids, experts.num_local_experts, rounding_mode="floor")
+        order = torch.argsort(dest, stable=True)
+        send_counts = torch.bincount(dest, minlength=st.ep_size).to(torch.int64)
+        token_of_pair = torch.arange(num_tokens, device=x.device).repeat_interleave(k)
+        send_x = x[token_of_pair[order]]
+        with trace_section("moe_comm"):  # dispatch
+            recv_counts = torch.empty_like(send_counts)
+            dist.all_to_all_single(recv_counts, send_counts, group=st.group)
+            send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
+            recv_x = x.new_empty(sum(recv_splits), x.shape[1])
+            dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=st.group)
+            recv_ids = flat_ids.new_empty(sum(recv_splits))
+            dist.all_to_all_single(recv_ids, flat_ids[order], recv_splits, send_splits, group=st.group)
+        with trace_section("moe_compute"):
+            y = expert_ffn_ref(
+                recv_x, experts.w13_weight, experts.w2_weight, recv_ids - experts.expert_offset
+            )
+        with trace_section("moe_comm"):  # combine
+            back = x.new_empty(send_x.shape)
+            dist.all_to_all_single(back, y, send_splits, recv_splits, group=st.group)
+        pairs = torch.empty_like(back)
+        pairs[order] = back
+        pairs = pairs.view(num_tokens, k, x.shape[1])
+        out = torch.zeros_like(x)
+        by_expert = torch.argsort(topk_ids, dim=1)
+        rows = torch.arange(num_tokens, device=x.device)
+        for j in range(k):
+            slot = by_expert[:, j]
+            out += pairs[rows, slot] * topk_weights[rows, slot, None].to(x.dtype)
+        return out
+
+
+@register("deepep")
+class DeepEPMoE(MoEComm):
+    """DeepEP low-latency dispatch/combine. Needs CUDA and the deep_ep package."""
+
+    def __init__(self, state: ParallelState) -> None:
+        super().__init__(state)
+        try:
+            import deep_ep  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(
+                "--moe-a2a-backend deepep needs DeepEP: install it with `pip install nanocp[deepep]` or build it "
+                "from source (https://github.com/deepseek-ai/DeepEP); or use --moe-a2a-backend all_to_all"
+            ) from e
+        raise NotImplementedError(
+            "the DeepEP MoE backend is not implemented yet; use --moe-a2a-backend all_to_all"
+        )
+
+    def forward(self, x, topk_weights, topk_ids, experts, global_num_tokens):  # pragma: no cover
+        raise NotImplementedError
