@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from nanocp import Engine, ServerArgs, envs
+from benchmark.common import bench_model_path
+from nanocp import Engine, ServerArgs
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -51,25 +52,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Serve
     )
     args = parser.parse_args(argv)
     if args.model_path is None:
-        from nanocp.testing import make_tiny_model
-
-        path = envs.cache_dir() / "bench-tiny-moe"
-        if not (path / "config.json").exists():
-            print(f"creating the tiny benchmark model in {path} ...", flush=True)
-            make_tiny_model(
-                path,
-                arch="qwen3_moe",
-                hidden_size=256,
-                intermediate_size=512,
-                moe_intermediate_size=128,
-                num_hidden_layers=4,
-                num_attention_heads=8,
-                num_key_value_heads=2,
-                head_dim=32,
-                num_experts=16,
-                num_experts_per_tok=4,
-            )
-        args.model_path = str(path)
+        args.model_path = bench_model_path()
     try:
         server_args = ServerArgs.from_cli_args(args)
     except ValueError as e:
