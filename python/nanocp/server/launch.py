@@ -78,7 +78,7 @@ class EngineProcesses:
                     if not msg["ok"]:
                         logger.error("instance %d failed to start:\n%s", i, msg["traceback"])
                         raise RuntimeError(f"instance {i} failed to start: {msg['error']}")
-                    infos[i] = msg
+                    infos[i] = {k: v for k, v in msg.items() if k != "ok"}
                     del pending[i]
                     logger.info(
                         "instance %d ready: %d KV tokens on %s", i, msg["max_total_num_tokens"], msg["device"]
