@@ -1,0 +1,217 @@
+"""DCP planner: home instance, context-parallel degree and KV placement of a request.
+
+Objective. All instances step together, so a decode step costs about
+    T = max_i (a * KV_i + b * Q_i + c * B_i) + comm(max_i B_i)
+where on instance i, KV_i is the KV it reads (own and foreign segments), Q_i the queries it
+serves and B_i the requests it is home to (its MoE tokens). Static DP ties all three to one
+instance. DCP decouples them: the home (where MoE work happens) balances B, the placement of
+KV segments balances KV, so both max_i KV_i / mean and max_i B_i / mean stay near 1. Sharding
+costs routing and small kernels, so a request is split only when it would lift its home above
+the cluster's KV water level, and into as few segments as that takes.
+
+Policies (--cp-policy): `none` (static DP: one segment on home), `uniform` (every request split
+evenly over --cp-size instances, like SGLang/vLLM decode CP), `dynamic` (the default).
+
+Positions: a placement covers [0, length) exactly once with contiguous segments in order; the
+home always holds the last segment (the tail), where new tokens are appended. Segment
+boundaries are page aligned so a page never holds two instances' tokens.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+from nanocp_router.cluster_state import ClusterState, InstanceLoad
+
+
+@dataclass(frozen=True)
+class Segment:
+    instance: int
+    start: int
+    end: int
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Plan:
+    home: int
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def degree(self) -> int:
+        return len({s.instance for s in self.segments})
+
+    @property
+    def length(self) -> int:
+        return self.segments[-1].end if self.segments else 0
+
+    def tokens_on(self, instance: int) -> int:
+        return sum(s.tokens for s in self.segments if s.instance == instance)
+
+
+@dataclass
+class PlannerConfig:
+    cp_size: int = 2  # uniform policy: instances per request
+    cp_max_degree: int = 8  # dynamic policy: most instances one request may span
+    cp_min_shard_tokens: int = 4096  # dynamic: never split off less than this (nor split shorter requests)
+
+
+def free_tokens(inst: InstanceLoad) -> int:
+    return inst.free_pages * inst.page_size - inst.pending_tokens
+
+
+def used_tokens(inst: InstanceLoad) -> int:
+    return (inst.total_pages - inst.free_pages) * inst.page_size + inst.pending_tokens
+
+
+def home_load(inst: InstanceLoad) -> tuple[int, int, int]:
+    return (inst.running + inst.waiting + inst.pending_requests, used_tokens(inst), inst.instance)
+
+
+def _align_up(n: int, page: int) -> int:
+    return -(-n // page) * page
+
+
+def contiguous_plan(home: int, amounts: dict[int, int], length: int, page: int) -> Plan:
+    """Segments in instance order with the home last; all but the last are page aligned."""
+    order = [i for i in sorted(amounts) if i != home and amounts[i] > 0] + [home]
+    segments, start = [], 0
+    for k, inst in enumerate(order):
+        end = length if k == len(order) - 1 else min(length, start + _align_up(amounts[inst], page))
+        if end > start:
+            segments.append(Segment(inst, start, end))
+        start = end
+    return Plan(home, segments)
+
+
+class CPPolicy(ABC):
+    def __init__(self, config: PlannerConfig | None = None) -> None:
+        self.config = config or PlannerConfig()
+
+    @abstractmethod
+    def plan(self, length: int, state: ClusterState) -> Plan | None:
+        """Placement of a request needing `length` KV tokens; None when it cannot fit now (it then
+        waits in the router queue; nothing is ever placed beyond an instance's free pages)."""
+
+    @staticmethod
+    def pick_home(state: ClusterState) -> InstanceLoad:
+        return min(state.instances, key=home_load)
+
+
+class NoCP(CPPolicy):
+    """Static DP: the whole request on its home."""
+
+    def plan(self, length: int, state: ClusterState) -> Plan | None:
+        home = self.pick_home(state)
+        if free_tokens(home) < length:
+            return None
+        return Plan(home.instance, [Segment(home.instance, 0, length)])
+
+
+class UniformCP(CPPolicy):
+    """Every request split evenly over cp_size instances: the home and the least-loaded others."""
+
+    def plan(self, length: int, state: ClusterState) -> Plan | None:
+        home = self.pick_home(state)
+        page = home.page_size
+        # whole pages per instance: a request shorter than cp_size pages spans fewer instances
+        k = max(1, min(self.config.cp_size, len(state.instances), length // page))
+        others = sorted((i for i in state.instances if i is not home), key=used_tokens)[: k - 1]
+        share = length // k // page * page
+        amounts = {i.instance: share for i in others}
+
+        amounts[home.instance] = length - share * len(others)
+        plan = contiguous_plan(home.instance, amounts, length, page)
+        insts = {i.instance: i for i in state.instances}
+        if any(free_tokens(insts[s.instance]) < plan.tokens_on(s.instance) for s in plan.segments):
+            return None
+        return plan
+
+
+class DynamicCP(CPPolicy):
+    """Degree 1 while the request fits at home below the water level; otherwise water-fill its
+    KV onto the least-loaded instances (home included, keeping the tail), with the fewest
+    instances that bring every holder down to the level. Degree is at most cp_max_degree and,
+    unless memory forces more, at most length // cp_min_shard_tokens."""
+
+    def plan(self, length: int, state: ClusterState) -> Plan | None:
+        cfg = self.config
+        home = self.pick_home(state)
+        page = home.page_size
+        insts = state.instances
+        level = (sum(used_tokens(i) for i in insts) + length) / len(insts)  # mean load after placing
+        fits_home = free_tokens(home) >= length
+        if fits_home and (length <= cfg.cp_min_shard_tokens or used_tokens(home) + length <= level + page):
+            return Plan(home.instance, [Segment(home.instance, 0, length)])
+        others = sorted((i for i in insts if i is not home), key=lambda i: (used_tokens(i), i.instance))
+        natural_max = max(1, length // max(1, cfg.cp_min_shard_tokens))
+        best: Plan | None = None
+        for degree in range(1, min(cfg.cp_max_degree, len(insts)) + 1):
+            group = [home, *others[: degree - 1]]
+            amounts = self._water_fill(group, length, page)
+            if amounts is None:
+                continue
+            plan = contiguous_plan(home.instance, amounts, length, page)
+            if degree > natural_max:
+                return best or plan  # only memory pressure justifies going this wide
+            best = plan
+            if max(used_tokens(i) + amounts[i.instance] for i in group) <= level + page:
+                return plan  # the smallest degree that reaches the water level
+        return best
+
+    @staticmethod
+    def _water_fill(group: list[InstanceLoad], length: int, page: int) -> dict[int, int] | None:
+        """Tokens per instance raising the least loaded to a common level within their free
+        tokens; non-home amounts are whole pages, the home (group[0]) takes the remainder."""
+        caps = {i.instance: max(0, free_tokens(i)) for i in group}
+        if sum(caps.values()) < length:
+            return None
+        loads = {i.instance: used_tokens(i) for i in group}
+        lo, hi = min(loads.values()), max(loads.values()) + length
+        for _ in range(64):  # bisection on the common level
+            mid = (lo + hi) / 2
+            if sum(min(caps[i], max(0.0, mid - loads[i])) for i in caps) >= length:
+                hi = mid
+            else:
+                lo = mid
+        home, others = group[0].instance, [i.instance for i in group[1:]]
+        amounts = {i: min(caps[i], int(max(0.0, hi - loads[i]))) // page * page for i in others}
+        amounts[home] = length - sum(amounts.values())
+        # Rounding down left too much on the home: move whole pages to others with room.
+        for i in others:
+            while amounts[home] > caps[home] and caps[i] - amounts[i] >= page:
+                amounts[i] += page
+                amounts[home] -= page
+        # The home keeps the tail: at least one page of the prompt (when it has room for it).
+        need_home = min(length, page, caps[home])
+        while amounts[home] < need_home:
+            donor = max(others, key=lambda i: amounts[i])
+            if amounts[donor] < page:
+                break
+            amounts[donor] -= page
+            amounts[home] += page
+        if not 0 <= amounts[home] <= caps[home]:
+            return None
+        return amounts
+
+
+POLICIES: dict[str, type[CPPolicy]] = {"none": NoCP, "uniform": UniformCP, "dynamic": DynamicCP}
+
+
+def create_cp_policy(name: str, config: PlannerConfig | None = None) -> CPPolicy:
+    if name not in POLICIES:
+        raise ValueError(f"--cp-policy must be one of {', '.join(POLICIES)}; got {name!r}")
+    return POLICIES[name](config)
+
+
+def apply_plan(state: ClusterState, plan: Plan) -> None:
+    """Account a placed request in the cluster state (until the instances' next load reports)."""
+    for inst in state.instances:
+        tokens = plan.tokens_on(inst.instance)
+        if tokens:
+            inst.pending_tokens += tokens
+    state.instances[plan.home].pending_requests += 1
