@@ -37,7 +37,7 @@ class PortArgs:
         d = tempfile.mkdtemp(prefix=f"nanocp-{uuid.uuid4().hex[:6]}-")
         ep = lambda name: f"ipc://{os.path.join(d, name)}"  # noqa: E731
         workers = [ep(f"worker{i}") for i in range(dp_size)]
-        return cls(d, ep("tokenizer"), ep("router"), ep("detokenizer"), workers, _free_tcp_port())
+        return cls(d, ep("tokenizer"), ep("router"), ep("detokenizer"), workers, free_tcp_port())
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -68,7 +68,7 @@ def drain(sock: zmq.Socket, timeout_ms: int = 0) -> list[dict[str, Any]]:
             return out
 
 
-def _free_tcp_port() -> int:
+def free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

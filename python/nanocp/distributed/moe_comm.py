@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class MoEComm(ABC):
     name = ""
 
-    def __init__(self, state: ParallelState) -> None:
+    def __init__(self, state: ParallelState, **_: object) -> None:
         self.state = state
 
     @abstractmethod
@@ -53,13 +53,14 @@ def register(name: str):
     return deco
 
 
-def create_moe_comm(name: str, state: ParallelState) -> MoEComm | None:
-    """None when there is no expert parallelism (every expert is local)."""
-    if state.ep_size == 1:
-        return None
+def create_moe_comm(name: str, state: ParallelState, **kwargs) -> MoEComm | None:
+    """None when there is no expert parallelism (every expert is local); DeepEP is used even on
+    one rank when asked for (it then dispatches to itself, which is how it is tested on one GPU)."""
     if name not in _REGISTRY:
         raise ValueError(f"--moe-a2a-backend must be one of {', '.join(sorted(_REGISTRY))}; got {name!r}")
-    return _REGISTRY[name](state)
+    if state.ep_size == 1 and name != "deepep":
+        return None
+    return _REGISTRY[name](state, **kwargs)
 
 
 @register("allgather")
@@ -135,20 +136,69 @@ class AllToAllMoE(MoEComm):
 
 @register("deepep")
 class DeepEPMoE(MoEComm):
-    """DeepEP low-latency dispatch/combine. Needs CUDA and the deep_ep package."""
+    """DeepEP low-latency dispatch/combine (NVSHMEM). Tokens go to their experts' ranks packed
+    per local expert ([E_local, max_tokens * ranks, hidden], valid rows given by recv_count);
+    experts run on the packed rows; combine reduces with the routing weights on the home rank.
 
-    def __init__(self, state: ParallelState) -> None:
+    Every rank must call dispatch/combine the same number of times, so a step's tokens are cut
+    into ceil(max_r num_tokens_r / max_tokens) chunks computed from the step's global counts.
+    """
+
+    SUPPORTED_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+
+    def __init__(
+        self, state: ParallelState, hidden_size: int = 0, num_experts: int = 0, max_tokens_per_rank: int = 128
+    ) -> None:
         super().__init__(state)
         try:
-            import deep_ep  # noqa: F401
+            import deep_ep
         except ImportError as e:
             raise RuntimeError(
                 "--moe-a2a-backend deepep needs DeepEP: install it with `pip install nanocp[deepep]` or build it "
                 "from source (https://github.com/deepseek-ai/DeepEP); or use --moe-a2a-backend all_to_all"
             ) from e
-        raise NotImplementedError(
-            "the DeepEP MoE backend is not implemented yet; use --moe-a2a-backend all_to_all"
+        if not torch.cuda.is_available() or state.group is None:
+            raise RuntimeError("--moe-a2a-backend deepep needs CUDA devices and a NCCL process group")
+        if hidden_size not in self.SUPPORTED_HIDDEN:
+            raise RuntimeError(
+                f"--moe-a2a-backend deepep: hidden size {hidden_size} is not supported by DeepEP's low-latency "
+                f"kernels (supported: {', '.join(map(str, self.SUPPORTED_HIDDEN))})"
+            )
+        n = state.ep_size
+        self.num_experts = num_experts
+        self.max_tokens = max_tokens_per_rank
+        rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(
+            max_tokens_per_rank, hidden_size, n, num_experts
+        )
+        self.buffer = deep_ep.Buffer(
+            state.group, num_rdma_bytes=rdma_bytes, low_latency_mode=True, num_qps_per_rank=num_experts // n
         )
 
-    def forward(self, x, topk_weights, topk_ids, experts, global_num_tokens):  # pragma: no cover
-        raise NotImplementedError
+    def forward(self, x, topk_weights, topk_ids, experts, global_num_tokens):
+        counts = global_num_tokens or [x.shape[0]]
+        num_chunks = max(1, -(-max(counts) // self.max_tokens))
+        outs = []
+        for c in range(num_chunks):
+            sl = slice(c * self.max_tokens, (c + 1) * self.max_tokens)
+            outs.append(self._run(x[sl], topk_weights[sl], topk_ids[sl], experts))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _run(self, x, topk_weights, topk_ids, experts):
+        ids = topk_ids.to(torch.int64)
+        with trace_section("moe_comm"):
+            recv_x, recv_count, handle, _, _ = self.buffer.low_latency_dispatch(
+                x.to(torch.bfloat16).contiguous(), ids, self.max_tokens, self.num_experts, use_fp8=False
+            )
+        with trace_section("moe_compute"):
+            y = torch.zeros_like(recv_x)
+            for e, n in enumerate(recv_count.tolist()):  # masked per-expert GEMMs (grouped GEMM: gpu issue)
+                if n:
+                    gate, up = torch.nn.functional.linear(recv_x[e, :n], experts.w13_weight[e]).chunk(
+                        2, dim=-1
+                    )
+                    y[e, :n] = torch.nn.functional.linear(
+                        torch.nn.functional.silu(gate) * up, experts.w2_weight[e]
+                    )
+        with trace_section("moe_comm"):
+            out, _, _ = self.buffer.low_latency_combine(y, ids, topk_weights.float(), handle)
+        return out.to(x.dtype)

@@ -39,10 +39,11 @@ def get_parallel_state() -> ParallelState:
 
 
 def init_parallel_state(
-    rank: int, world_size: int, ep_size: int, device: torch.device, init_port: int
+    rank: int, world_size: int, ep_size: int, device: torch.device, init_port: int, force_group: bool = False
 ) -> ParallelState:
+    """force_group: create the (one-rank) group even for a single instance (DeepEP needs one)."""
     global _STATE
-    if world_size == 1:
+    if world_size == 1 and not force_group:
         _STATE = ParallelState()
         return _STATE
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -63,6 +63,8 @@ class Engine:
 
     def shutdown(self) -> None:
         """Free the model and KV cache. The engine cannot be used afterwards."""
+        if hasattr(self, "runner"):
+            self.runner.shutdown()
         for attr in ("scheduler", "runner"):
             if hasattr(self, attr):
                 delattr(self, attr)

@@ -6,7 +6,7 @@ import torch
 
 from nanocp import envs
 from nanocp.distributed.moe_comm import create_moe_comm
-from nanocp.distributed.parallel_state import ParallelState
+from nanocp.distributed.parallel_state import ParallelState, destroy_parallel_state, init_parallel_state
 from nanocp.engine.forward_batch import ForwardBatch, forward_context
 from nanocp.kvcache.pool import KVCachePool, PageAllocator, ReqToTokenPool
 from nanocp.layers.attention import create_attention_backend
@@ -22,7 +22,14 @@ logger = get_logger(__name__)
 class ModelRunner:
     def __init__(self, server_args: ServerArgs, parallel: ParallelState | None = None) -> None:
         self.server_args = args = server_args
-        self.parallel = parallel = parallel or ParallelState()
+        parallel = parallel or ParallelState()
+        if args.moe_a2a_backend == "deepep" and parallel.group is None and args.device == "cuda":
+            from nanocp_router.ipc import free_tcp_port
+
+            parallel = init_parallel_state(0, 1, 1, torch.device("cuda:0"), free_tcp_port(), force_group=True)
+            self._owns_group = True
+        self.parallel = parallel
+
         self.device = torch.device(f"cuda:{parallel.rank}") if args.device == "cuda" else torch.device("cpu")
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -42,7 +49,13 @@ class ModelRunner:
             ep_rank=parallel.ep_rank,
             ep_size=parallel.ep_size,
         )
-        self.moe_comm = create_moe_comm(args.moe_a2a_backend, parallel)
+        self.moe_comm = create_moe_comm(
+            args.moe_a2a_backend,
+            parallel,
+            hidden_size=self.hf_config.hidden_size,
+            num_experts=getattr(self.hf_config, "num_experts", 0) or 0,
+            max_tokens_per_rank=min(args.cuda_graph_max_bs, 256),
+        )
         self._init_kv_cache()
         self.attn_backend = create_attention_backend(args.attention_backend, device=self.device)
         self.sampler = Sampler()
@@ -87,3 +100,10 @@ class ModelRunner:
         with forward_context(batch):
             hidden = self.model(batch.input_ids, batch.positions)
         return self.model.compute_logits(hidden[batch.logits_indices])
+
+    def shutdown(self) -> None:
+        """Release what this runner created beyond its tensors (the one-rank group DeepEP needs)."""
+        self.moe_comm = None
+        if getattr(self, "_owns_group", False):
+            destroy_parallel_state()
+            self._owns_group = False

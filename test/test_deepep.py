@@ -1,0 +1,70 @@
+"""DeepEP low-latency MoE backend (GPU + deep_ep; one rank dispatching to itself on one GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+pytest.importorskip("deep_ep")
+
+from conftest import greedy_params, random_prompts  # noqa: E402
+from nanocp import Engine  # noqa: E402
+from nanocp.layers.moe import select_experts  # noqa: E402
+from nanocp_kernels.reference import fused_moe_ref  # noqa: E402
+
+SHAPE = dict(
+    hidden_size=2048,
+    intermediate_size=512,
+    moe_intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=16,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_experts=16,
+    num_experts_per_tok=4,
+    init_std=0.02,
+)
+
+
+@pytest.fixture(scope="module")
+def model(model_factory):
+    return model_factory("qwen3_moe", **SHAPE)
+
+
+@pytest.fixture(scope="module")
+def deepep_engine(model):
+    # one per process: NVSHMEM (under DeepEP's buffer) is initialised once
+    with Engine(
+        model_path=model, dtype="bfloat16", moe_a2a_backend="deepep", max_total_tokens=4096
+    ) as engine:
+        yield engine
+
+
+def test_deepep_moe_layer_matches_reference(deepep_engine):
+    comm = deepep_engine.runner.moe_comm
+    assert type(comm).__name__ == "DeepEPMoE"
+    experts = deepep_engine.runner.model.model.layers[0].mlp.experts
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for t in (1, 7, 64, 300):  # 300 > max tokens per dispatch: chunked
+        x = torch.randn(t, 2048, device="cuda", generator=g).bfloat16()
+        logits = torch.randn(t, 16, device="cuda", generator=g)
+        w, ids = select_experts(logits, 4, True, torch.bfloat16)
+        ref = fused_moe_ref(x.float(), experts.w13_weight.float(), experts.w2_weight.float(), w.float(), ids)
+        out = comm.forward(x, w, ids, experts, [t])
+        torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+
+
+def test_deepep_engine_greedy_tokens(model, deepep_engine):
+    prompts = random_prompts([5, 40, 200, 3], vocab=500, seed=2)
+    got = [
+        r["output_ids"] for r in deepep_engine.generate(input_ids=prompts, sampling_params=greedy_params(12))
+    ]
+    with Engine(model_path=model, dtype="bfloat16", max_total_tokens=4096) as local:
+        expected = [
+            r["output_ids"] for r in local.generate(input_ids=prompts, sampling_params=greedy_params(12))
+        ]
+    assert got == expected
