@@ -1,0 +1,1 @@
+"""Discrete-event simulator of N lockstep DP-attention + EP instances (see sim.py)."""

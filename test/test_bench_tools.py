@@ -1,0 +1,97 @@
+"""Workload generator, SLO goodput search and the cluster simulator."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmark.goodput import attainment, goodput_search
+from benchmark.simulator.cost import H200, QWEN3_235B, CostModel
+from benchmark.simulator.sim import Simulator
+from benchmark.workloads import Request, arrivals, load, make_workload, save
+from nanocp_router.planner import PlannerConfig, create_cp_policy
+
+
+def test_workload_is_seeded_and_has_the_mix_moments(tmp_path):
+    a = make_workload("chat-docs", 20_000, rate=5.0, seed=1)
+    assert a == make_workload("chat-docs", 20_000, rate=5.0, seed=1)
+    assert a != make_workload("chat-docs", 20_000, rate=5.0, seed=2)
+    docs = [r for r in a if r.kind == "doc"]
+    assert 0.09 < len(docs) / len(a) < 0.11
+    assert all(32_768 <= r.input_len <= 262_144 for r in docs)
+    chat = np.array([r.input_len for r in a if r.kind == "chat"])
+    assert chat.max() <= 2048 and 500 < np.median(chat) < 700  # lognormal median 600
+    # log-uniform on [32k, 256k]: mean = (hi - lo) / ln(hi / lo)
+    assert np.mean([r.input_len for r in docs]) == pytest.approx((262_144 - 32_768) / np.log(8), rel=0.05)
+    gaps = np.diff([r.arrival_s for r in a])
+    assert np.mean(gaps) == pytest.approx(1 / 5.0, rel=0.05) and np.std(gaps) / np.mean(
+        gaps
+    ) == pytest.approx(1, rel=0.1)
+    save(a[:50], tmp_path / "w.jsonl")
+    assert load(tmp_path / "w.jsonl") == a[:50]
+
+
+def test_bursty_arrivals_have_the_requested_cv():
+    rng = np.random.default_rng(0)
+    t = arrivals(rng, 50_000, rate=10.0, kind="gamma", cv=3.0)
+    gaps = np.diff(t)
+    assert np.mean(gaps) == pytest.approx(0.1, rel=0.05)
+    assert np.std(gaps) / np.mean(gaps) == pytest.approx(3.0, rel=0.1)
+
+
+def test_goodput_search_finds_the_known_rate():
+    """TPOT of request i at rate r: base * u_i / (1 - r / cap), u_i uniform on [0.5, 1.5]. 90%
+    meet the SLO while base * q90(u) / (1 - r/cap) <= slo, q90(u) = 1.4 -> r* = cap * (1 - 1.4 base / slo)."""
+    base, cap, slo = 0.02, 20.0, 0.05
+    us = np.linspace(0.5, 1.5, 1001)
+
+    def measure(rate: float) -> list[dict]:
+        if rate >= cap:
+            return [{"tpot": float("inf"), "ttft": 0.0}] * len(us)
+        return [{"tpot": base * u / (1 - rate / cap), "ttft": 0.0, "e2e": 1.0} for u in us]
+
+    res = goodput_search(measure, tpot_slo=slo, attain=0.9, lo=0.5, hi=4.0, rel_tol=0.002)
+    assert res.goodput == pytest.approx(cap * (1 - 1.4 * base / slo), rel=0.01)
+    assert attainment(measure(res.goodput), slo) >= 0.9
+    assert goodput_search(lambda r: [{"tpot": 1.0, "ttft": 0.0}], tpot_slo=0.1).goodput == 0.0
+
+
+@pytest.mark.parametrize("policy", ["none", "uniform", "dynamic"])
+def test_simulator_conserves_requests_and_memory(policy):
+    cost = CostModel(QWEN3_235B, H200, 4)
+    work = make_workload("chat-docs", 200, rate=3.0, seed=3)
+    sim = Simulator(
+        cost, create_cp_policy(policy, PlannerConfig(cp_size=4, cp_max_degree=4)), capacity_tokens=400_000
+    )
+    res = sim.run(work)
+    assert sorted(m["rid"] for m in res.metrics) == list(range(len(work)))  # every request finishes once
+    for m, r in zip(res.metrics, work):
+        assert m["ttft"] >= 0 and m["e2e"] >= m["ttft"] and m["tpot"] >= 0
+        assert m["input_len"] == r.input_len and m["output_len"] == r.output_len
+
+
+def test_single_instance_is_sequential_execution():
+    """One instance, requests far apart: each request's latency is its own steps, back to back."""
+    cost = CostModel(QWEN3_235B, H200, 1)
+    work = [Request(arrival_s=1000.0 * i, input_len=3000 + 500 * i, output_len=20 + i) for i in range(4)]
+    sim = Simulator(cost, create_cp_policy("dynamic"), chunk=1024, capacity_tokens=100_000)
+    res = sim.run(work)
+    for m, r in zip(res.metrics, work):
+        chunks = [min(1024, r.input_len - k) for k in range(0, r.input_len, 1024)]
+        prefill = sum(
+            cost.dense(c, c) + cost.prefill(c) for c in chunks
+        )  # no decode KV read while prefilling
+        decode = sum(cost.attention(r.input_len + j, 1) + cost.dense(1, 1) for j in range(1, r.output_len))
+        assert m["ttft"] == pytest.approx(prefill, rel=1e-9)
+        assert m["e2e"] == pytest.approx(prefill + decode, rel=1e-9)
+        assert m["degree"] == 1
+
+
+def test_dcp_balances_kv_in_simulation():
+    cost = CostModel(QWEN3_235B, H200, 8)
+    work = make_workload("chat-docs", 400, rate=4.0, seed=0)
+    imb = {}
+    for policy in ("none", "dynamic"):
+        sim = Simulator(cost, create_cp_policy(policy, PlannerConfig(cp_max_degree=8)), disaggregated=True)
+        imb[policy] = sim.run(work).summary()["kv_imbalance_mean"]
+    assert imb["dynamic"] < 0.7 * imb["none"]
