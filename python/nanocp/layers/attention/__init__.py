@@ -1,4 +1,7 @@
-from nanocp.layers.attention import torch_backend  # noqa: F401  (registers "torch")
+from nanocp.layers.attention import (
+    torch_backend,  # noqa: F401  (registers "torch")
+    triton_backend,  # noqa: F401  (registers "triton")
+)
 from nanocp.layers.attention.base import (
     AttentionBackend,
     create_attention_backend,

@@ -1,0 +1,132 @@
+"""Triton paged attention over any query/key split, returning (o, lse).
+
+Same contract as `paged_attention_ref`: sequence i pairs query rows
+qo_indptr[i]:qo_indptr[i+1] with KV slots kv_indices[kv_indptr[i]:kv_indptr[i+1]] whose absolute
+positions are kv_pos; a key is visible to a query iff kv_pos <= q_pos. One program per (query
+row, head) streams its sequence's keys in blocks with an online softmax (flash-decoding style,
+no split-K yet). Runs on CPU under TRITON_INTERPRET=1 for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _paged_attention_kernel(
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        o_ptr,
+        lse_ptr,
+        q_seq_ptr,
+        q_pos_ptr,
+        kv_indptr_ptr,
+        kv_indices_ptr,
+        kv_pos_ptr,
+        sm_scale,
+        D,
+        GROUP,
+        stride_qt,
+        stride_qh,
+        stride_ks,
+        stride_kh,
+        stride_ot,
+        stride_oh,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        kvh = h // GROUP
+        seq = tl.load(q_seq_ptr + t)
+        qpos = tl.load(q_pos_ptr + t)
+        start = tl.load(kv_indptr_ptr + seq)
+        end = tl.load(kv_indptr_ptr + seq + 1)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        q = tl.load(q_ptr + t * stride_qt + h * stride_qh + offs_d, mask=dmask, other=0.0).to(tl.float32)
+        m = tl.full([], float("-inf"), tl.float32)
+        denom = tl.full([], 0.0, tl.float32)
+
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < end
+            slot = tl.load(kv_indices_ptr + offs_n, mask=nmask, other=0)
+            kpos = tl.load(kv_pos_ptr + offs_n, mask=nmask, other=0)
+            visible = nmask & (kpos <= qpos)
+            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+            kmask = visible[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kmask, other=0.0).to(tl.float32)
+            s = tl.sum(k * q[None, :], axis=1) * sm_scale
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=0))
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+            p = tl.where(visible, tl.exp(s - m_safe), 0.0)
+            alpha = tl.where(m > float("-inf"), tl.exp(m - m_safe), 0.0)
+            v = tl.load(v_ptr + kv_off, mask=kmask, other=0.0).to(tl.float32)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            denom = denom * alpha + tl.sum(p, axis=0)
+            m = m_new
+        safe = tl.where(denom > 0, denom, 1.0)
+        o = tl.where(denom > 0, acc / safe, 0.0)
+        lse = tl.where(denom > 0, m + tl.log(safe), float("-inf"))
+        tl.store(o_ptr + t * stride_ot + h * stride_oh + offs_d, o.to(o_ptr.dtype.element_ty), mask=dmask)
+        tl.store(lse_ptr + t * tl.num_programs(1) + h, lse)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    q_seq: torch.Tensor,
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    sm_scale: float,
+    block_n: int = 32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [Tq, Hq, D]; k/v_cache: [S, Hkv, D]; q_seq: [Tq] sequence of each query row;
+    kv_indptr: [num_seqs + 1]; kv_indices / kv_pos: [Tk]; q_pos: [Tq]. Returns o [Tq, Hq, D]
+    (q.dtype) and lse [Tq, Hq] (float32, natural log; -inf where no key is visible)."""
+    if triton is None:
+        raise RuntimeError("the triton attention backend needs the triton package")
+    tq, hq, d = q.shape
+    o = torch.empty_like(q)
+    lse = torch.empty((tq, hq), dtype=torch.float32, device=q.device)
+    if tq == 0:
+        return o, lse
+    group = hq // k_cache.shape[1]
+    _paged_attention_kernel[(tq, hq)](
+        q,
+        k_cache,
+        v_cache,
+        o,
+        lse,
+        q_seq,
+        q_pos,
+        kv_indptr,
+        kv_indices,
+        kv_pos,
+        sm_scale,
+        d,
+        group,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        o.stride(0),
+        o.stride(1),
+        BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(d),
+    )
+    return o, lse
