@@ -19,6 +19,7 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
 LOAD_BALANCE_METHODS = tuple(POLICIES)
 MOE_A2A_BACKENDS = ("allgather", "all_to_all", "deepep")
+CP_POLICIES = ("none", "uniform", "dynamic")
 
 
 class ServerArgsError(ValueError):
@@ -62,6 +63,12 @@ class ServerArgs:
     moe_a2a_backend: str = "all_to_all"
     load_balance_method: str = "round_robin"
     step_trace_file: str | None = None
+    # Context parallelism (router planner): none = static DP, uniform = every request over
+    # --cp-size instances, dynamic = degree sized to the request's KV footprint
+    cp_policy: str = "none"
+    cp_size: int = 2
+    cp_max_degree: int = 8
+    cp_min_shard_tokens: int = 4096
     # Logging
     log_level: str = "info"
 
@@ -92,6 +99,16 @@ class ServerArgs:
                 f"got {self.ep_size}"
             )
         self._check_choice("moe_a2a_backend", MOE_A2A_BACKENDS)
+        self._check_choice("cp_policy", CP_POLICIES)
+        self._check_int("cp_size", minimum=1)
+        self._check_int("cp_max_degree", minimum=1)
+        self._check_int("cp_min_shard_tokens", minimum=1)
+        if self.cp_policy != "none" and self.dp_size == 1:
+            raise ServerArgsError(
+                f"--cp-policy {self.cp_policy} needs --dp-size > 1 (instances to shard over)"
+            )
+        if self.cp_size > self.dp_size and self.cp_policy == "uniform":
+            raise ServerArgsError(f"--cp-size ({self.cp_size}) must be <= --dp-size ({self.dp_size})")
         if self.device == "cuda" and self.dp_size > 1:
             import torch
 
@@ -205,6 +222,26 @@ class ServerArgs:
             default=ServerArgs.moe_a2a_backend,
             choices=MOE_A2A_BACKENDS,
             help="MoE token exchange between expert-parallel instances.",
+        )
+        a(
+            "--cp-policy",
+            type=str,
+            default=ServerArgs.cp_policy,
+            choices=CP_POLICIES,
+            help="Context parallelism: none (static DP), uniform (--cp-size), dynamic (sized per request).",
+        )
+        a(
+            "--cp-size",
+            type=int,
+            default=ServerArgs.cp_size,
+            help="Instances per request for --cp-policy uniform.",
+        )
+        a("--cp-max-degree", type=int, default=ServerArgs.cp_max_degree)
+        a(
+            "--cp-min-shard-tokens",
+            type=int,
+            default=ServerArgs.cp_min_shard_tokens,
+            help="Dynamic CP: requests shorter than this stay on one instance.",
         )
         a(
             "--step-trace-file",

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from nanocp.distributed.dcp import DCPStep
     from nanocp.distributed.moe_comm import MoEComm
     from nanocp.engine.step_trace import StepTracer
     from nanocp.kvcache.pool import KVCachePool, ReqToTokenPool
@@ -60,6 +61,9 @@ class ForwardBatch:
     moe_comm: MoEComm | None = None  # None: all experts are local
     global_num_tokens: list[int] | None = None  # every DP rank's token count this step
     tracer: StepTracer | None = None
+    kv_bases_cpu: list[int] | None = None  # per request: first position whose KV is held here
+    dcp: DCPStep | None = None  # context-parallel routing of this step (None: nothing sharded)
+    cp_work: list | None = None  # (req, row_offset, start, end) of requests with a placement
 
     @property
     def num_tokens(self) -> int:

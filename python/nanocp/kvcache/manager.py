@@ -24,8 +24,9 @@ class KVManager:
         self.page_size = allocator.page_size
 
     def pages_needed(self, req: KVOwner, new_len: int) -> int:
-        """Extra pages a request needs to hold new_len tokens."""
-        need = -(-new_len // self.page_size)
+        """Extra pages a request needs to hold new_len tokens (only those from kv_base on are
+        held here: earlier positions of a context-parallel request live on other instances)."""
+        need = -(-max(0, new_len - getattr(req, "kv_base", 0)) // self.page_size)
         return max(0, need - len(req.kv_pages))
 
     def can_extend(self, req: KVOwner, num_tokens: int) -> bool:
@@ -52,10 +53,14 @@ class KVManager:
             return None
         req.kv_pages.extend(pages)
         table = self.req_to_token_pool.req_to_token
+        base = getattr(req, "kv_base", 0)
         pos = torch.arange(start, end, device=table.device)
-        page_ids = torch.tensor(req.kv_pages, dtype=torch.int64, device=table.device)
-        slots = page_ids[pos // self.page_size] * self.page_size + pos % self.page_size
+        rel = (pos - base).clamp(min=0)
+        page_ids = torch.tensor(req.kv_pages or [0], dtype=torch.int64, device=table.device)
+        slots = page_ids[rel // self.page_size] * self.page_size + rel % self.page_size
+        slots = torch.where(pos >= base, slots, -1)  # -1: the position is held by another instance
         table[req.req_pool_idx, start:end] = slots
+
         req.kv_len = end
         return slots
 

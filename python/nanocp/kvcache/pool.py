@@ -31,7 +31,14 @@ class KVCachePool:
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def set_kv(self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def set_kv(
+        self, layer_id: int, loc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: bool = False
+    ) -> None:
+        """Write K/V rows at their slots. masked: rows with loc < 0 are held by another instance
+        (context parallelism) and are skipped."""
+        if masked:
+            keep = loc >= 0
+            loc, k, v = loc[keep], k[keep], v[keep]
         self.k_buffer[layer_id][loc] = k.to(self.k_buffer[layer_id].dtype)
         self.v_buffer[layer_id][loc] = v.to(self.v_buffer[layer_id].dtype)
 

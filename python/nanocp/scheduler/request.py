@@ -43,6 +43,11 @@ class Req:
     kv_pages: list[int] = field(default_factory=list)
     kv_len: int = 0
     num_retractions: int = 0
+    # Context parallelism: [(instance, start, end)] segments of this request (home holds the
+    # last); positions before kv_base live on other instances; cp_key names it to them.
+    placement: list[tuple[int, int, int]] | None = None
+    kv_base: int = 0
+    cp_key: int | None = None
 
     @property
     def fill_ids(self) -> list[int]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from nanocp.distributed.dcp import ForeignKV
 from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
 from nanocp.engine.step_trace import StepTracer
 from nanocp.kvcache.manager import KVManager
@@ -57,6 +58,19 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
         self.forward_ct = 0
+        self.foreign = ForeignKV(runner.page_allocator, runner.device)
+
+    # ------------------------------------------------------- context parallelism
+    def reserve_foreign(self, key: int, start: int, end: int) -> bool:
+        """Hold [start, end) of another home's request. Called between steps: own running
+        requests are retracted (newest first) if that is what it takes."""
+        need = self.foreign.pages_for(start, end)
+        while self.kv.allocator.num_free_pages < need and self.running:
+            self._retract(self.running[-1])
+        return self.foreign.reserve(key, start, end)
+
+    def release_foreign(self, key: int) -> None:
+        self.foreign.release(key)
 
     # ----------------------------------------------------------------- requests
     def check_request(self, input_ids: list[int], max_new_tokens: int) -> None:
@@ -182,16 +196,21 @@ class Scheduler:
         while sum(self.kv.pages_needed(r, r.kv_len + n) for r, n in work) > self.kv.allocator.num_free_pages:
             if len(self.running) <= 1:
                 raise RuntimeError("KV cache cannot hold a single request; this is a bug in admission")
-            victim = self.running.pop()
-            self.kv.release(victim)
-            victim.status = ReqStatus.WAITING
-            victim.num_retractions += 1
-            self.num_retractions += 1
-            self._enqueue(victim)
+            victim = self.running[-1]
+            self._retract(victim)
             work = [(r, n) for r, n in work if r is not victim]
-            self.new_token_ratio = 1.0
             logger.debug("retracted %s (%d tokens) to free KV cache", victim.rid, len(victim.fill_ids))
         return work
+
+    def _retract(self, victim: Req) -> None:
+        """Free a running request's KV; it waits and is recomputed (prompt + outputs) later."""
+        self.running.remove(victim)
+        self.kv.release(victim)
+        victim.status = ReqStatus.WAITING
+        victim.num_retractions += 1
+        self.num_retractions += 1
+        self._enqueue(victim)
+        self.new_token_ratio = 1.0
 
     def _enqueue(self, req: Req) -> None:
         keys = [r.arrival for r in self.waiting]
@@ -201,12 +220,15 @@ class Scheduler:
         """Lay out the step's tokens request by request. KV slots were reserved by _schedule."""
         device = self.runner.device
         table = self.kv.req_to_token_pool.req_to_token
-        input_ids, positions, locs, logits_rows, sampling = [], [], [], [], []
+        input_ids, positions, locs, logits_rows, sampling, cp_work, bases = [], [], [], [], [], [], []
         seq_lens, ext_lens, prefix_lens, rows = [], [], [], []
         offset = 0
         for req, n in work:
             end = req.kv_len  # extend() already advanced kv_len past this step's tokens
             start = end - n
+            if req.placement is not None:
+                cp_work.append((req, offset, start, end))
+            bases.append(req.kv_base)
             input_ids.extend(req.fill_ids[start:end])
             positions.append(torch.arange(start, end))
             locs.append(table[req.req_pool_idx, start:end])
@@ -248,5 +270,7 @@ class Scheduler:
             attn_backend=self.runner.attn_backend,
             moe_comm=self.runner.moe_comm,
             tracer=self.tracer,
+            kv_bases_cpu=bases if any(bases) else None,
+            cp_work=cp_work,
         )
         return batch, sampling

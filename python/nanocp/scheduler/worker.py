@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import zmq
 
+from nanocp.distributed.dcp import build_dcp_step
 from nanocp.distributed.parallel_state import init_parallel_state
 from nanocp.engine.step_trace import StepTracer
 from nanocp.errors import InvalidRequestError
@@ -55,7 +56,8 @@ class Worker:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // dp))
         device = torch.device(f"cuda:{instance}" if server_args.device == "cuda" else "cpu")
         self.parallel = init_parallel_state(instance, dp, server_args.ep_size, device, ports.dist_port)
-        self.lockstep = server_args.ep_size > 1  # MoE collectives: every instance runs every step
+        # MoE collectives or context-parallel routing: every instance runs every step
+        self.lockstep = server_args.ep_size > 1 or server_args.cp_policy != "none"
         self.runner = ModelRunner(server_args, self.parallel)
         tracer = None
         if server_args.step_trace_file:
@@ -100,6 +102,10 @@ class Worker:
                 need_text=False,
             )
             self._announced[req.rid] = detok_params(params)
+            if msg.get("placement"):
+                req.placement = [tuple(seg) for seg in msg["placement"]]
+                req.cp_key = msg["cp_key"]
+                req.kv_base = req.placement[-1][1]  # the home holds the last segment
             try:
                 self.scheduler.add_request(req)
             except InvalidRequestError as e:
@@ -109,6 +115,13 @@ class Worker:
                         ReqOutput(req.rid, [], "", True, req.finished_reason, len(req.origin_input_ids), 0)
                     )
                 ]
+        elif kind == "reserve":
+            ok = self.scheduler.reserve_foreign(msg["cp_key"], msg["start"], msg["end"])
+            self.to_router.send(
+                dumps({"type": "reserved", "cp_key": msg["cp_key"], "instance": self.instance, "ok": ok})
+            )
+        elif kind == "release":
+            self.scheduler.release_foreign(msg["cp_key"])
         elif kind == "abort":
             req = self.scheduler.abort_request(msg["rid"])
             if req is not None:
@@ -173,13 +186,28 @@ class Worker:
         """One step of expert-parallel instances: all agree (one small all-gather) on every
         instance's token count and mode; if any has work, all run, idle ones with an empty batch."""
         next_batch = self.scheduler.get_next_batch()
-        local = [next_batch[0].num_tokens, int(next_batch[0].forward_mode)] if next_batch else [0, 0]
-        counts = [g[0] for g in self.parallel.all_gather_ints(local)]
+        sharded = int(bool(next_batch and next_batch[0].cp_work))
+        local = (
+            [next_batch[0].num_tokens, int(next_batch[0].forward_mode), sharded] if next_batch else [0, 0, 0]
+        )
+        gathered = self.parallel.all_gather_ints(local)
+        counts = [g[0] for g in gathered]
         self._cluster_busy = any(counts)
         if not self._cluster_busy:
             return []
         batch, sampling = next_batch or (self.scheduler.idle_batch(), [])
         batch.global_num_tokens = counts
+        if any(g[2] for g in gathered):  # some instance routes context-parallel work this step
+            p = self.parallel
+            batch.dcp = build_dcp_step(
+                batch.cp_work or [],
+                p.rank,
+                p.world_size,
+                self.scheduler.foreign,
+                p.group,
+                p.cpu_group,
+                self.runner.device,
+            )
         return self.scheduler.run_batch(batch, sampling)
 
     def run_forever(self) -> None:

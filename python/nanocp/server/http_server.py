@@ -248,6 +248,7 @@ def create_app(manager: TokenizerManager) -> FastAPI:
             "instances": manager.worker_infos,
             "processes": manager.process_pids,
             "cluster": manager.cluster,
+            "cp_degrees": manager.cp_degrees,
             "internal_states": [{**i, **_load_of(manager, i["instance"])} for i in manager.worker_infos],
         }
 

@@ -30,6 +30,15 @@ def check_layout(server_args: ServerArgs) -> None:
         )
 
 
+def cp_config(args: ServerArgs) -> dict:
+    return {
+        "policy": args.cp_policy,
+        "cp_size": args.cp_size,
+        "cp_max_degree": args.cp_max_degree,
+        "cp_min_shard_tokens": args.cp_min_shard_tokens,
+    }
+
+
 class EngineProcesses:
     def __init__(self, server_args: ServerArgs) -> None:
         from nanocp.scheduler.worker import run_worker_process
@@ -47,7 +56,7 @@ class EngineProcesses:
         )
         self.procs["router"] = ctx.Process(
             target=run_router_process,
-            args=(ports, server_args.dp_size, server_args.load_balance_method),
+            args=(ports, server_args.dp_size, server_args.load_balance_method, cp_config(server_args)),
             name="nanocp-router",
             daemon=True,
         )

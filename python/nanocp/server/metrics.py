@@ -65,6 +65,9 @@ class Metrics:
             ["instance", "part"],
             registry=r,
         )
+        self.cp_degree = Gauge(
+            "nanocp:cp_degree_requests", "Requests placed per context-parallel degree", ["degree"], registry=r
+        )
         self.steps = Gauge("nanocp:traced_steps_total", "Traced steps", ["instance"], registry=r)
 
     def on_finish(
@@ -79,8 +82,10 @@ class Metrics:
             if completion_tokens > 1:
                 self.tpot.observe((e2e - ttft) / (completion_tokens - 1))
 
-    def on_cluster(self, instances: list[dict]) -> None:
+    def on_cluster(self, instances: list[dict], cp_degrees: dict[str, int] | None = None) -> None:
         self.queue.set(sum(i["waiting"] for i in instances))
+        for degree, count in (cp_degrees or {}).items():
+            self.cp_degree.labels(degree).set(count)
         for i in instances:
             label = str(i["instance"])
             self.running.labels(label).set(i["running"])

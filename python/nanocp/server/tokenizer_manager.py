@@ -84,6 +84,8 @@ class TokenizerManager:
         self.max_total_tokens = min(i["max_total_num_tokens"] for i in worker_infos)
         self.metrics = Metrics()
         self.cluster: list[dict] = []
+        self.cp_degrees: dict[str, int] = {}  # context-parallel degree -> requests placed (router)
+
         self.dead: str | None = None
         self.states: dict[str, ReqState] = {}
         self.process_pids: dict[str, int] = {}  # every engine process, for /server_info
@@ -188,7 +190,8 @@ class TokenizerManager:
                     self._on_output(out)
             elif msg["type"] == "cluster":
                 self.cluster = msg["instances"]
-                self.metrics.on_cluster(self.cluster)
+                self.cp_degrees = msg.get("cp_degrees", {})
+                self.metrics.on_cluster(self.cluster, self.cp_degrees)
 
     def _on_output(self, out: dict) -> None:
         state = self.states.get(out["rid"])

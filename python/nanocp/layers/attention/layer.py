@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanocp.distributed.dcp import dcp_attention
 from nanocp.engine.forward_batch import get_forward_batch
 from nanocp.engine.step_trace import trace_section
 
@@ -25,5 +26,19 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         with trace_section("attention"):
-            out = batch.attn_backend.forward(q, k, v, self, batch)
+            if batch.dcp is None:
+                out = batch.attn_backend.forward(q, k, v, self, batch)
+            else:
+                o_local, lse_local = batch.attn_backend.forward_with_lse(q, k, v, self, batch)
+                out = dcp_attention(
+                    q,
+                    k,
+                    v,
+                    o_local,
+                    lse_local,
+                    batch.kv_pool.k_buffer[self.layer_id],
+                    batch.kv_pool.v_buffer[self.layer_id],
+                    self.scaling,
+                    batch.dcp,
+                )
             return out.reshape(q.shape[0], self.num_heads * self.head_dim)  # T may be 0 (idle batch)

@@ -23,10 +23,13 @@ class TorchAttnBackend(AttentionBackend):
         table = batch.req_to_token_pool.req_to_token
         qo_indptr, kv_indptr, rows, kv_pos = [0], [0], [], []
         for i, (seq_len, ext_len) in enumerate(zip(batch.seq_lens_cpu, batch.extend_seq_lens_cpu)):
+            # positions before base are held by other instances (context parallelism)
+            base = min(batch.kv_bases_cpu[i], seq_len) if batch.kv_bases_cpu else 0
             qo_indptr.append(qo_indptr[-1] + ext_len)
-            kv_indptr.append(kv_indptr[-1] + seq_len)
-            rows.append(table[batch.req_pool_indices[i], :seq_len])
-            kv_pos.append(torch.arange(seq_len, device=table.device))
+            kv_indptr.append(kv_indptr[-1] + seq_len - base)
+            rows.append(table[batch.req_pool_indices[i], base:seq_len])
+
+            kv_pos.append(torch.arange(base, seq_len, device=table.device))
         if rows:
             kv_indices, kv_positions = torch.cat(rows), torch.cat(kv_pos)
         else:
@@ -37,7 +40,8 @@ class TorchAttnBackend(AttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.meta is not None, "init_forward_metadata was not called"
-        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v, masked=batch.dcp is not None)
+
         qo_indptr, kv_indptr, kv_indices, kv_pos = self.meta
         return paged_attention_ref(
             q,

@@ -1,0 +1,221 @@
+"""Dynamic context parallelism in the workers: foreign KV segments and per-step q / KV / (o, lse)
+routing between the instances.
+
+A sharded request's home runs its tokens (embedding, QKV, MoE, sampling) and holds its tail
+segment; other instances ("holders") hold earlier segments in pages reserved for it (foreign
+segments). Each step, per layer:
+  1. K/V of the home's tokens whose positions belong to a holder's segment go to that holder;
+  2. queries of the home's tokens that can see keys of a holder's segment go to that holder;
+  3. every instance attends its own tokens over local KV and the received queries over its
+     foreign segments (causal by absolute position), each giving (o, lse);
+  4. partials go back to the home, which merges them by log-sum-exp (exact).
+All instances take part in every exchange of the step (lockstep), with empty blocks if idle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from nanocp.kvcache.pool import PageAllocator
+from nanocp_kernels.merge import merge_states
+from nanocp_kernels.reference import paged_attention_ref
+
+_HEADER = 5  # key, seg_start, seg_end, n_kv, n_q
+
+
+@dataclass
+class ForeignSegment:
+    key: int
+    start: int
+    end: int
+    pages: list[int]
+    slots: torch.Tensor  # slot of position start + i
+
+
+class ForeignKV:
+    """Pages this instance holds for other homes' requests."""
+
+    def __init__(self, allocator: PageAllocator, device: torch.device) -> None:
+        self.allocator = allocator
+        self.device = device
+        self.segments: dict[int, ForeignSegment] = {}
+
+    def pages_for(self, start: int, end: int) -> int:
+        return -(-(end - start) // self.allocator.page_size)
+
+    def reserve(self, key: int, start: int, end: int) -> bool:
+        if key in self.segments:
+            return True
+        pages = self.allocator.alloc(self.pages_for(start, end))
+        if pages is None:
+            return False
+        p = self.allocator.page_size
+        rel = torch.arange(end - start, device=self.device)
+        ids = torch.tensor(pages, dtype=torch.int64, device=self.device)
+        self.segments[key] = ForeignSegment(key, start, end, pages, ids[rel // p] * p + rel % p)
+        return True
+
+    def release(self, key: int) -> None:
+        seg = self.segments.pop(key, None)
+        if seg is not None:
+            self.allocator.free(seg.pages)
+
+    def slots(self, key: int, positions: torch.Tensor) -> torch.Tensor:
+        seg = self.segments[key]
+        return seg.slots[positions - seg.start]
+
+
+@dataclass
+class DCPStep:
+    group: dist.ProcessGroup | None
+    kv_send_idx: torch.Tensor  # own rows whose K/V go to holders, grouped by peer
+    kv_send_counts: list[int]
+    kv_recv_counts: list[int]
+    kv_recv_slots: torch.Tensor  # where received K/V rows are written here
+    q_send_idx: torch.Tensor  # own rows whose queries go to holders, grouped by peer
+    q_send_counts: list[int]
+    q_recv_counts: list[int]
+    f_qo_indptr: list[int]  # received queries as attention sequences over foreign segments
+    f_kv_indptr: list[int]
+    f_kv_indices: torch.Tensor
+    f_q_pos: torch.Tensor
+    f_kv_pos: torch.Tensor
+
+
+def _exchange_ints(blocks: list[list[int]], group, device) -> list[list[int]]:
+    """all_to_all of variable-length int lists (on the control group, CPU)."""
+    counts = torch.tensor([len(b) for b in blocks], dtype=torch.int64)
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    send = torch.tensor([x for b in blocks for x in b], dtype=torch.int64)
+    recv = torch.empty(int(recv_counts.sum()), dtype=torch.int64)
+    dist.all_to_all_single(recv, send, recv_counts.tolist(), counts.tolist(), group=group)
+    out, off = [], 0
+    for c in recv_counts.tolist():
+        out.append(recv[off : off + c].tolist())
+        off += c
+    return out
+
+
+def build_dcp_step(
+    work: list[tuple], rank: int, world: int, foreign: ForeignKV, group, cpu_group, device: torch.device
+) -> DCPStep:
+    """work: (req, row_offset, start, end) of this instance's batch. Collective: every instance
+    calls it in the step (an idle one with no work)."""
+    blocks: list[list[int]] = [[] for _ in range(world)]
+    kv_rows: list[list[int]] = [[] for _ in range(world)]
+    q_rows: list[list[int]] = [[] for _ in range(world)]
+    for req, row0, start, end in work:
+        for inst, s, e in req.placement or ():
+            if inst == rank:
+                continue
+            kv_pos = list(range(max(start, s), min(end, e)))
+            q_pos = list(range(max(start, s), end))  # tokens at or after the segment start see its keys
+            if not kv_pos and not q_pos:
+                continue
+            blocks[inst] += [req.cp_key, s, e, len(kv_pos), len(q_pos), *kv_pos, *q_pos]
+            kv_rows[inst] += [row0 + p - start for p in kv_pos]
+            q_rows[inst] += [row0 + p - start for p in q_pos]
+    received = _exchange_ints(blocks, cpu_group, device)
+    kv_recv_counts, q_recv_counts, kv_slots = [], [], []
+    f_qo, f_kv, f_kv_idx, f_qpos, f_kvpos = [0], [0], [], [], []
+    for blk in received:
+        n_kv_total = n_q_total = 0
+        i = 0
+        while i < len(blk):
+            key, s, e, n_kv, n_q = blk[i : i + _HEADER]
+            kv_pos = torch.tensor(blk[i + _HEADER : i + _HEADER + n_kv], dtype=torch.int64, device=device)
+            q_pos = torch.tensor(
+                blk[i + _HEADER + n_kv : i + _HEADER + n_kv + n_q], dtype=torch.int64, device=device
+            )
+            i += _HEADER + n_kv + n_q
+            if key not in foreign.segments:
+                raise RuntimeError(
+                    f"context-parallel segment {key} [{s}, {e}) was not reserved on this instance"
+                )
+            kv_slots.append(foreign.slots(key, kv_pos))
+            n_kv_total += n_kv
+            n_q_total += n_q
+            if n_q:
+                seg = foreign.segments[key]
+                f_qo.append(f_qo[-1] + n_q)
+                f_kv.append(f_kv[-1] + (seg.end - seg.start))
+                f_kv_idx.append(seg.slots)
+                f_qpos.append(q_pos)
+                f_kvpos.append(torch.arange(seg.start, seg.end, device=device))
+        kv_recv_counts.append(n_kv_total)
+        q_recv_counts.append(n_q_total)
+
+    def cat(xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(xs) if xs else torch.empty(0, dtype=torch.int64, device=device)
+
+    def idx(rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor([r for rs in rows for r in rs], dtype=torch.int64, device=device)
+
+    return DCPStep(
+        group=group,
+        kv_send_idx=idx(kv_rows),
+        kv_send_counts=[len(r) for r in kv_rows],
+        kv_recv_counts=kv_recv_counts,
+        kv_recv_slots=cat(kv_slots),
+        q_send_idx=idx(q_rows),
+        q_send_counts=[len(r) for r in q_rows],
+        q_recv_counts=q_recv_counts,
+        f_qo_indptr=f_qo,
+        f_kv_indptr=f_kv,
+        f_kv_indices=cat(f_kv_idx),
+        f_q_pos=cat(f_qpos),
+        f_kv_pos=cat(f_kvpos),
+    )
+
+
+def _a2a(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+    return out
+
+
+def dcp_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o_local: torch.Tensor,
+    lse_local: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    scaling: float,
+    st: DCPStep,
+) -> torch.Tensor:
+    """Steps 1-4 of the module docstring for one layer; returns this instance's merged output."""
+    g = st.group
+    k_recv = _a2a(k[st.kv_send_idx], st.kv_send_counts, st.kv_recv_counts, g)
+    v_recv = _a2a(v[st.kv_send_idx], st.kv_send_counts, st.kv_recv_counts, g)
+    k_buffer[st.kv_recv_slots] = k_recv.to(k_buffer.dtype)
+    v_buffer[st.kv_recv_slots] = v_recv.to(v_buffer.dtype)
+    q_recv = _a2a(q[st.q_send_idx], st.q_send_counts, st.q_recv_counts, g)
+    o_f, lse_f = paged_attention_ref(
+        q_recv,
+        k_buffer,
+        v_buffer,
+        st.f_qo_indptr,
+        st.f_kv_indptr,
+        st.f_kv_indices,
+        st.f_q_pos,
+        st.f_kv_pos,
+        scaling,
+    )
+    o_back = _a2a(o_f, st.q_recv_counts, st.q_send_counts, g)
+    lse_back = _a2a(lse_f, st.q_recv_counts, st.q_send_counts, g)
+    o, lse = o_local.clone(), lse_local.clone()
+    off = 0
+    for n in st.q_send_counts:  # a row goes to a peer at most once: merge peer by peer
+        if n:
+            rows = st.q_send_idx[off : off + n]
+            parts_o = torch.stack([o[rows], o_back[off : off + n]])
+            parts_lse = torch.stack([lse[rows], lse_back[off : off + n]])
+            o[rows], lse[rows] = merge_states(parts_o, parts_lse, backend="torch")
+        off += n
+    return o
