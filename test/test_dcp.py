@@ -10,7 +10,7 @@ import pytest
 from test_dp_ep import _post_all
 from test_server import wait_idle
 
-from conftest import random_prompts
+from conftest import greedy_params, random_prompts
 from nanocp.testing.server import ServerProcess
 
 LONG = [300, 180, 257]
@@ -66,3 +66,55 @@ def test_dcp_matches_transformers(moe_model, prompts, expected, tmp_path, dp, fl
     assert max(degrees) > 1, f"nothing was sharded: {degrees}"
     if flags[1] == "uniform":
         assert max(degrees) == int(flags[3])
+
+
+def test_meta_info_reports_placement_and_abort_frees_segments(moe_model, tmp_path):
+    import threading
+    import time
+
+    args = [
+        "--model-path",
+        moe_model,
+        "--dp-size",
+        "2",
+        "--ep-size",
+        "2",
+        "--device",
+        "cpu",
+        "--max-total-tokens",
+        "4096",
+        "--chunked-prefill-size",
+        "64",
+        "--page-size",
+        "16",
+        "--cp-policy",
+        "uniform",
+        "--cp-size",
+        "2",
+    ]
+    with (
+        ServerProcess(args, log_path=str(tmp_path / "log")) as s,
+        httpx.Client(base_url=s.url, timeout=60) as c,
+    ):
+        res = c.post("/generate", json={"input_ids": [7] * 200, "sampling_params": greedy_params(8)}).json()
+        meta = res["meta_info"]
+        assert meta["cp_degree"] == 2
+        assert sum(tokens for _, tokens in meta["placement"]) == 208
+        assert len({inst for inst, _ in meta["placement"]}) == 2
+        # a sharded request aborted mid-decode frees its segments on every instance
+        result = {}
+
+        def run() -> None:
+            result["r"] = httpx.post(
+                s.url + "/generate",
+                timeout=60,
+                json={"input_ids": [9] * 300, "sampling_params": greedy_params(3000), "rid": "long-sharded"},
+            )
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(2.0)
+        c.post("/abort_request", json={"rid": "long-sharded"})
+        t.join(60)
+        assert result["r"].json()["meta_info"]["finish_reason"]["type"] == "abort"
+        wait_idle(c)

@@ -73,6 +73,8 @@ class Worker:
         self.to_detok = push(self.ctx, ports.detokenizer)
         self._announced: dict[str, dict] = {}  # rid -> detok params not yet sent
         self._finished: list[str] = []
+        self._placements: dict[str, list] = {}  # rid -> context-parallel segments
+
         self._last_report = 0.0
 
     def info(self) -> dict[str, Any]:
@@ -106,6 +108,7 @@ class Worker:
                 req.placement = [tuple(seg) for seg in msg["placement"]]
                 req.cp_key = msg["cp_key"]
                 req.kv_base = req.placement[-1][1]  # the home holds the last segment
+                self._placements[req.rid] = msg["placement"]
             try:
                 self.scheduler.add_request(req)
             except InvalidRequestError as e:
@@ -155,6 +158,13 @@ class Worker:
                 self._announced[out.rid] = None  # sent; keep the key so finish pops it
         if out.finished:
             self._finished.append(out.rid)
+            # where the request's KV lived: [instance, tokens] per segment (the home holds the tail)
+            placement = self._placements.pop(out.rid, None)
+            total = out.prompt_tokens + out.completion_tokens
+            if placement is None:
+                d["placement"] = [[self.instance, total]]
+            else:
+                d["placement"] = [[inst, max(0, min(end, total) - start)] for inst, start, end in placement]
         return d
 
     def report(self, force: bool = False) -> None:

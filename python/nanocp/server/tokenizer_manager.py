@@ -48,6 +48,7 @@ class ReqState:
     finished: bool = False
     finish_reason: dict[str, Any] | None = None
     first_token_time: float | None = None
+    placement: list[list[int]] | None = None  # [instance, tokens] per KV segment (when finished)
     error: EngineError | None = None
     event: asyncio.Event = field(default_factory=asyncio.Event)
     # what the latest event added (for OpenAI-style delta streaming)
@@ -63,6 +64,10 @@ class ReqState:
             "finish_reason": self.finish_reason,
             "e2e_latency": round(time.perf_counter() - self.created, 6),
         }
+        if self.placement is not None:
+            meta["cp_degree"] = len({inst for inst, _ in self.placement})
+            meta["placement"] = self.placement
+
         if return_logprob:
             meta["output_token_logprobs"] = [
                 [lp, t, None] for lp, t in zip(self.token_logprobs, self.output_ids)
@@ -211,6 +216,7 @@ class TokenizerManager:
                 state.error = EngineError(reason["status_code"], reason.get("message", "aborted"))
             state.finished = True
             state.finish_reason = reason
+            state.placement = out.get("placement")
             self._record(state, reason.get("type", "unknown"))
         state.event.set()
 
