@@ -145,6 +145,8 @@ def main(argv=None) -> dict:
             str(trace),
             "--chunked-prefill-size",
             "2048",
+            "--cp-policy",
+            "none",  # static DP: the baseline whose straggler this shows
             *args.extra.split(),
         ]
         print("launching:", " ".join(flags), flush=True)

@@ -69,3 +69,14 @@ def test_unavailable_attention_backend_is_reported(moe_model):
 
     with pytest.raises(ValueError, match="--attention-backend 'flashinfer' is not available"):
         Engine(model_path=moe_model, attention_backend="flashinfer", max_total_tokens=128, device="cpu")
+
+
+def test_cp_policy_defaults_and_checks(moe_model):
+    assert ServerArgs(device="cpu").cp_policy == "none"
+    assert ServerArgs(device="cpu", dp_size=2, ep_size=2).cp_policy == "dynamic"
+    with pytest.raises(ServerArgsError, match="--cp-policy uniform needs --dp-size > 1"):
+        ServerArgs(device="cpu", cp_policy="uniform")
+    with pytest.raises(ServerArgsError, match="--cp-size"):
+        ServerArgs(device="cpu", dp_size=2, cp_policy="uniform", cp_size=3)
+    with pytest.raises(ServerArgsError, match="--cp-policy"):
+        ServerArgs(device="cpu", dp_size=2, cp_policy="static")

@@ -65,7 +65,7 @@ class ServerArgs:
     step_trace_file: str | None = None
     # Context parallelism (router planner): none = static DP, uniform = every request over
     # --cp-size instances, dynamic = degree sized to the request's KV footprint
-    cp_policy: str = "none"
+    cp_policy: str | None = None  # default: dynamic when --dp-size > 1, else none
     cp_size: int = 2
     cp_max_degree: int = 8
     cp_min_shard_tokens: int = 4096
@@ -99,7 +99,10 @@ class ServerArgs:
                 f"got {self.ep_size}"
             )
         self._check_choice("moe_a2a_backend", MOE_A2A_BACKENDS)
+        if self.cp_policy is None:
+            self.cp_policy = "dynamic" if self.dp_size > 1 else "none"
         self._check_choice("cp_policy", CP_POLICIES)
+
         self._check_int("cp_size", minimum=1)
         self._check_int("cp_max_degree", minimum=1)
         self._check_int("cp_min_shard_tokens", minimum=1)
@@ -226,9 +229,9 @@ class ServerArgs:
         a(
             "--cp-policy",
             type=str,
-            default=ServerArgs.cp_policy,
             choices=CP_POLICIES,
-            help="Context parallelism: none (static DP), uniform (--cp-size), dynamic (sized per request).",
+            help="Context parallelism: none (static DP), uniform (--cp-size), dynamic (sized per request; "
+            "the default when --dp-size > 1).",
         )
         a(
             "--cp-size",
