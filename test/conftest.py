@@ -86,3 +86,25 @@ def assert_pool_free(engine) -> None:
 
 def greedy_params(max_new_tokens: int, **kw) -> dict:
     return {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True, **kw}
+
+
+class BackgroundRequest:
+    """POST /generate from a thread (to abort it, kill a process meanwhile, ...)."""
+
+    def __init__(self, url: str, body: dict, timeout: float = 60.0) -> None:
+        import threading
+
+        import httpx
+
+        self._response = None
+
+        def run() -> None:
+            self._response = httpx.post(url + "/generate", json=body, timeout=timeout)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def result(self, timeout: float = 60.0):
+        self._thread.join(timeout)
+        assert self._response is not None, "the request did not return"
+        return self._response

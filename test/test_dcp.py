@@ -10,7 +10,7 @@ import pytest
 from test_dp_ep import _post_all
 from test_server import wait_idle
 
-from conftest import greedy_params, random_prompts
+from conftest import BackgroundRequest, greedy_params, random_prompts
 from nanocp.testing.server import ServerProcess
 
 LONG = [300, 180, 257]
@@ -69,7 +69,6 @@ def test_dcp_matches_transformers(moe_model, prompts, expected, tmp_path, dp, fl
 
 
 def test_meta_info_reports_placement_and_abort_frees_segments(moe_model, tmp_path):
-    import threading
     import time
 
     args = [
@@ -102,19 +101,10 @@ def test_meta_info_reports_placement_and_abort_frees_segments(moe_model, tmp_pat
         assert sum(tokens for _, tokens in meta["placement"]) == 208
         assert len({inst for inst, _ in meta["placement"]}) == 2
         # a sharded request aborted mid-decode frees its segments on every instance
-        result = {}
-
-        def run() -> None:
-            result["r"] = httpx.post(
-                s.url + "/generate",
-                timeout=60,
-                json={"input_ids": [9] * 300, "sampling_params": greedy_params(3000), "rid": "long-sharded"},
-            )
-
-        t = threading.Thread(target=run)
-        t.start()
+        req = BackgroundRequest(
+            s.url, {"input_ids": [9] * 300, "sampling_params": greedy_params(3000), "rid": "long-sharded"}
+        )
         time.sleep(2.0)
         c.post("/abort_request", json={"rid": "long-sharded"})
-        t.join(60)
-        assert result["r"].json()["meta_info"]["finish_reason"]["type"] == "abort"
+        assert req.result().json()["meta_info"]["finish_reason"]["type"] == "abort"
         wait_idle(c)

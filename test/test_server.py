@@ -7,14 +7,13 @@ import os
 import random
 import re
 import signal
-import threading
 import time
 
 import httpx
 import openai
 import pytest
 
-from conftest import greedy_params, random_prompts
+from conftest import BackgroundRequest, greedy_params, random_prompts
 from nanocp import Engine
 from nanocp.testing.server import ServerProcess
 
@@ -278,21 +277,12 @@ def test_client_disconnect_aborts_and_frees_kv(server, client):
 
 
 def test_abort_request_endpoint(server, client):
-    result = {}
-
-    def run() -> None:
-        result["r"] = httpx.post(
-            server.url + "/generate",
-            timeout=60,
-            json={"input_ids": [5] * 20, "sampling_params": greedy_params(3000), "rid": "to-abort"},
-        )
-
-    t = threading.Thread(target=run)
-    t.start()
+    req = BackgroundRequest(
+        server.url, {"input_ids": [5] * 20, "sampling_params": greedy_params(3000), "rid": "to-abort"}
+    )
     time.sleep(1.0)
     assert client.post("/abort_request", json={"rid": "to-abort"}).status_code == 200
-    t.join(30)
-    res = result["r"].json()
+    res = req.result().json()
     assert res["meta_info"]["finish_reason"]["type"] == "abort"
     assert res["meta_info"]["completion_tokens"] < 3000
     wait_idle(client)
@@ -373,23 +363,13 @@ def test_worker_death_fails_requests_and_health(moe_model, tmp_path):
         info = httpx.get(s.url + "/server_info").json()
         worker_pid = info["instances"][0]["pid"]
         pids = list(info["processes"].values())
-        result = {}
-
-        def run() -> None:
-            result["r"] = httpx.post(
-                s.url + "/generate",
-                timeout=60,
-                json={"input_ids": [5] * 20, "sampling_params": greedy_params(3000)},
-            )
-
-        t = threading.Thread(target=run)
-        t.start()
+        req = BackgroundRequest(s.url, {"input_ids": [5] * 20, "sampling_params": greedy_params(3000)})
         time.sleep(1.0)
         t0 = time.monotonic()
         os.kill(worker_pid, signal.SIGKILL)
-        t.join(30)
-        assert result["r"].status_code == 503 and time.monotonic() - t0 < 5
-        assert "instance 0" in result["r"].json()["error"]["message"]
+        resp = req.result(30)
+        assert resp.status_code == 503 and time.monotonic() - t0 < 5
+        assert "instance 0" in resp.json()["error"]["message"]
         assert httpx.get(s.url + "/health").status_code == 503
         r = httpx.post(s.url + "/generate", json={"text": "x", "sampling_params": greedy_params(2)})
         assert r.status_code == 503
