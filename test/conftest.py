@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
 import torch
+
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before any kernel
+# module is imported (the @triton.jit decorator reads it), so here, before nanocp is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 from nanocp.testing import make_tiny_model
 

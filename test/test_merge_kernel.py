@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
-
-from nanocp_kernels.merge import merge_states  # noqa: E402
-from nanocp_kernels.reference import merge_states_ref  # noqa: E402
+from nanocp_kernels.merge import merge_states
+from nanocp_kernels.reference import merge_states_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -80,3 +80,13 @@ def test_cp_policy_defaults_and_checks(moe_model):
         ServerArgs(device="cpu", dp_size=2, cp_policy="uniform", cp_size=3)
     with pytest.raises(ServerArgsError, match="--cp-policy"):
         ServerArgs(device="cpu", dp_size=2, cp_policy="static")
+
+
+def test_triton_backend_on_cpu_needs_cuda(moe_model):
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    code = (
+        f"from nanocp import Engine; Engine(model_path={moe_model!r}, attention_backend='triton', "
+        "device='cpu', max_total_tokens=64)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and "--attention-backend triton needs a CUDA device" in proc.stderr

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
-
-from conftest import greedy_params, random_prompts  # noqa: E402
-from nanocp_kernels.attention import paged_attention  # noqa: E402
-from nanocp_kernels.reference import paged_attention_ref  # noqa: E402
+from conftest import greedy_params, random_prompts
+from nanocp_kernels.attention import paged_attention
+from nanocp_kernels.reference import paged_attention_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

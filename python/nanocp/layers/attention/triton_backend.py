@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,6 +18,18 @@ if TYPE_CHECKING:
 
 @register_attention_backend("triton")
 class TritonAttnBackend(TorchAttnBackend):
+    def __init__(self, device: torch.device | None = None, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        if (
+            device is not None
+            and torch.device(device).type != "cuda"
+            and os.environ.get("TRITON_INTERPRET") != "1"
+        ):
+            raise ValueError(
+                "--attention-backend triton needs a CUDA device (on CPU only under TRITON_INTERPRET=1, for tests); "
+                "use --attention-backend torch"
+            )
+
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         super().init_forward_metadata(batch)
         qo_indptr, kv_indptr, kv_indices, kv_pos = self.meta
