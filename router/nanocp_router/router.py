@@ -61,8 +61,8 @@ class Router:
                 return
             self.queue.pop(0)
             apply_plan(self.state, plan)
-            self.degrees[plan.degree] = self.degrees.get(plan.degree, 0) + 1
             if plan.degree == 1:
+                self.degrees[1] = self.degrees.get(1, 0) + 1
                 self.workers[plan.home].send(dumps(msg))
                 self.rid_to_instance[msg["rid"]] = plan.home
                 continue
@@ -98,7 +98,9 @@ class Router:
             else:
                 self.queue.insert(0, req)  # a holder had no room after all: plan again later
             return
+        self.degrees[plan.degree] = self.degrees.get(plan.degree, 0) + 1  # counted once it is placed
         req["placement"] = [[s.instance, s.start, s.end] for s in plan.segments]
+
         req["cp_key"] = key
         self.sharded[req["rid"]] = (key, holders)
         self.rid_to_instance[req["rid"]] = plan.home
