@@ -57,7 +57,17 @@ class ModelRunner:
             max_tokens_per_rank=min(args.cuda_graph_max_bs, 256),
         )
         self._init_kv_cache()
-        self.attn_backend = create_attention_backend(args.attention_backend, device=self.device)
+        cfg = self.hf_config
+        self.attn_backend = create_attention_backend(
+            args.attention_backend,
+            device=self.device,
+            page_size=args.page_size,
+            dtype=self.dtype,
+            num_qo_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=head_dim_of(cfg),
+        )
+
         self.sampler = Sampler()
 
     def _init_kv_cache(self) -> None:

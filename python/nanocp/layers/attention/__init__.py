@@ -1,4 +1,5 @@
 from nanocp.layers.attention import (
+    flashinfer_backend,  # noqa: F401  (registers "flashinfer"; imports flashinfer only when used)
     torch_backend,  # noqa: F401  (registers "torch")
     triton_backend,  # noqa: F401  (registers "triton")
 )
