@@ -8,8 +8,6 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from nanocp import envs
-
 RESULTS = Path(__file__).parent / "results"
 
 # A CPU-friendly MoE big enough that attention and experts take measurable time.
@@ -30,13 +28,9 @@ BENCH_MODEL = dict(
 
 def bench_model_path() -> str:
     """The benchmark model (random weights), created once in the cache dir."""
-    from nanocp.testing import make_tiny_model
+    from nanocp.testing.tiny_model import cached_tiny_model
 
-    path = envs.cache_dir() / "bench-tiny-moe-v2"
-    if not (path / "config.json").exists():
-        print(f"creating the benchmark model in {path} ...", flush=True)
-        make_tiny_model(path, **BENCH_MODEL)
-    return str(path)
+    return cached_tiny_model("bench-tiny-moe-v2", **BENCH_MODEL)
 
 
 def environment(device: str = "cpu") -> dict[str, Any]:

@@ -403,7 +403,7 @@ def test_demo_model_server(tmp_path):
             model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=4
         )
         assert chat.usage.completion_tokens <= 4
-    assert "Creating the demo model" in s.log()
+    assert "Creating nanocp-demo-qwen3-moe" in s.log()
 
 
 # ------------------------------------------------------------ bench_serving

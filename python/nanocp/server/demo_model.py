@@ -3,13 +3,6 @@ Qwen3-MoE with an offline-trained tokenizer, created once (deterministically) in
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from pathlib import Path
-
-from nanocp import envs
-
 DEMO_NAME = "nanocp-demo-qwen3-moe"
 DEMO_CONFIG = dict(
     arch="qwen3_moe",
@@ -29,22 +22,7 @@ DEMO_CONFIG = dict(
 
 
 def demo_model_path() -> str:
-    """Path of the demo checkpoint, creating it on first use (atomically: a half-written model is
-    never left behind)."""
-    path = envs.cache_dir() / DEMO_NAME
-    if (path / "config.json").exists():
-        return str(path)
-    from nanocp.testing import make_tiny_model
+    """Path of the demo checkpoint, created on first use."""
+    from nanocp.testing.tiny_model import cached_tiny_model
 
-    print(f"Creating the demo model (tokenizer + random weights) in {path}, first run only ...", flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=".demo-"))
-    try:
-        make_tiny_model(tmp, **DEMO_CONFIG)
-        if not (path / "config.json").exists():
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(path)
+    return cached_tiny_model(DEMO_NAME, **DEMO_CONFIG)

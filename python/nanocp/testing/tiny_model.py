@@ -213,3 +213,28 @@ def make_tiny_model(
         }
         (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return str(path)
+
+
+def cached_tiny_model(name: str, **config: Any) -> str:
+    """A tiny model kept under NANOCP_CACHE_DIR/name, created on first use. Creation is atomic
+    (written to a temporary directory, then renamed), so a half-written model is never used."""
+    import shutil
+    import tempfile
+
+    from nanocp import envs
+
+    path = envs.cache_dir() / name
+    if (path / "config.json").exists():
+        return str(path)
+    print(f"Creating {name} (tokenizer + random weights) in {path}, first run only ...", flush=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{name}-"))
+    try:
+        make_tiny_model(tmp, **config)
+        if not (path / "config.json").exists():
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
