@@ -31,21 +31,12 @@ class ParallelState:
         return [t.tolist() for t in out]
 
 
-_STATE = ParallelState()
-
-
-def get_parallel_state() -> ParallelState:
-    return _STATE
-
-
 def init_parallel_state(
     rank: int, world_size: int, ep_size: int, device: torch.device, init_port: int, force_group: bool = False
 ) -> ParallelState:
     """force_group: create the (one-rank) group even for a single instance (DeepEP needs one)."""
-    global _STATE
     if world_size == 1 and not force_group:
-        _STATE = ParallelState()
-        return _STATE
+        return ParallelState()
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
         backend=backend,
@@ -55,7 +46,7 @@ def init_parallel_state(
         device_id=device if device.type == "cuda" else None,
     )
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-    _STATE = ParallelState(
+    return ParallelState(
         rank=rank,
         world_size=world_size,
         ep_rank=rank if ep_size > 1 else 0,
@@ -63,11 +54,8 @@ def init_parallel_state(
         group=dist.group.WORLD,
         cpu_group=cpu_group,
     )
-    return _STATE
 
 
 def destroy_parallel_state() -> None:
-    global _STATE
     if dist.is_initialized():
         dist.destroy_process_group()
-    _STATE = ParallelState()

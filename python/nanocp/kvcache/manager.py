@@ -15,6 +15,7 @@ class KVOwner(Protocol):
     req_pool_idx: int | None
     kv_pages: list[int]
     kv_len: int
+    kv_base: int  # first position held here (earlier ones live on other instances)
 
 
 class KVManager:
@@ -26,13 +27,8 @@ class KVManager:
     def pages_needed(self, req: KVOwner, new_len: int) -> int:
         """Extra pages a request needs to hold new_len tokens (only those from kv_base on are
         held here: earlier positions of a context-parallel request live on other instances)."""
-        need = -(-max(0, new_len - getattr(req, "kv_base", 0)) // self.page_size)
+        need = -(-max(0, new_len - req.kv_base) // self.page_size)
         return max(0, need - len(req.kv_pages))
-
-    def can_extend(self, req: KVOwner, num_tokens: int) -> bool:
-        if req.req_pool_idx is None and self.req_to_token_pool.num_free == 0:
-            return False
-        return self.pages_needed(req, req.kv_len + num_tokens) <= self.allocator.num_free_pages
 
     def extend(self, req: KVOwner, num_tokens: int) -> torch.Tensor | None:
         """Reserve slots for the request's next num_tokens tokens; returns their slot ids.
@@ -53,7 +49,7 @@ class KVManager:
             return None
         req.kv_pages.extend(pages)
         table = self.req_to_token_pool.req_to_token
-        base = getattr(req, "kv_base", 0)
+        base = req.kv_base
         pos = torch.arange(start, end, device=table.device)
         rel = (pos - base).clamp(min=0)
         page_ids = torch.tensor(req.kv_pages or [0], dtype=torch.int64, device=table.device)
