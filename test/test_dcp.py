@@ -18,6 +18,26 @@ SHORT = [1, 5, 17, 40, 64, 9]
 NEW = 10
 
 
+def dcp_server_args(model: str, dp: int, page: int, *flags: str) -> list[str]:
+    return [
+        "--model-path",
+        model,
+        "--dp-size",
+        str(dp),
+        "--ep-size",
+        str(dp),
+        "--device",
+        "cpu",
+        "--max-total-tokens",
+        "4096",
+        "--chunked-prefill-size",
+        "64",
+        "--page-size",
+        str(page),
+        *flags,
+    ]
+
+
 @pytest.fixture(scope="module")
 def prompts():
     return random_prompts(LONG + SHORT, vocab=500, seed=43)
@@ -39,23 +59,7 @@ CASES = [
 
 @pytest.mark.parametrize("dp, flags, page", CASES, ids=[f"dp{d}-{f[1]}-{f[3]}-page{p}" for d, f, p in CASES])
 def test_dcp_matches_transformers(moe_model, prompts, expected, tmp_path, dp, flags, page):
-    args = [
-        "--model-path",
-        moe_model,
-        "--dp-size",
-        str(dp),
-        "--ep-size",
-        str(dp),
-        "--device",
-        "cpu",
-        "--max-total-tokens",
-        "4096",
-        "--chunked-prefill-size",
-        "64",
-        "--page-size",
-        str(page),
-        *flags,
-    ]
+    args = dcp_server_args(moe_model, dp, page, *flags)
     with ServerProcess(args, log_path=str(tmp_path / "log")) as s:
         assert _post_all(s.url, prompts, [None] * len(prompts)) == expected
         with httpx.Client(base_url=s.url, timeout=30) as c:
@@ -71,26 +75,7 @@ def test_dcp_matches_transformers(moe_model, prompts, expected, tmp_path, dp, fl
 def test_meta_info_reports_placement_and_abort_frees_segments(moe_model, tmp_path):
     import time
 
-    args = [
-        "--model-path",
-        moe_model,
-        "--dp-size",
-        "2",
-        "--ep-size",
-        "2",
-        "--device",
-        "cpu",
-        "--max-total-tokens",
-        "4096",
-        "--chunked-prefill-size",
-        "64",
-        "--page-size",
-        "16",
-        "--cp-policy",
-        "uniform",
-        "--cp-size",
-        "2",
-    ]
+    args = dcp_server_args(moe_model, 2, 16, "--cp-policy", "uniform", "--cp-size", "2")
     with (
         ServerProcess(args, log_path=str(tmp_path / "log")) as s,
         httpx.Client(base_url=s.url, timeout=60) as c,
