@@ -93,3 +93,36 @@ def test_meta_info_reports_placement_and_abort_frees_segments(moe_model, tmp_pat
         c.post("/abort_request", json={"rid": "long-sharded"})
         assert req.result().json()["meta_info"]["finish_reason"]["type"] == "abort"
         wait_idle(c)
+
+
+@pytest.mark.parametrize("page", [1, 16])
+def test_request_growing_10x_its_prompt_is_replanned_and_stays_balanced(moe_model, hf_oracle, tmp_path, page):
+    """A 40-token prompt generating 400 tokens: its plan covers the prompt plus a 32-token tail
+    quota; each further quota is placed by the router (on the home while it is below the water
+    level, else elsewhere). Tokens equal HF's, KV ends up spread over both instances, and every
+    segment (planned or grown) is freed."""
+    prompt, short = random_prompts([40, 12], vocab=500, seed=7)
+    new = 400
+    expected = [hf_oracle(moe_model).greedy(prompt, new), hf_oracle(moe_model).greedy(short, 20)]
+    flags = ["--cp-policy", "dynamic", "--cp-min-shard-tokens", "32"]
+    with ServerProcess(dcp_server_args(moe_model, 2, page, *flags), log_path=str(tmp_path / "log")) as s:
+        with httpx.Client(base_url=s.url, timeout=120) as c:
+            long_req = BackgroundRequest(
+                s.url, {"input_ids": prompt, "sampling_params": greedy_params(new)}, timeout=120
+            )
+            res_short = c.post("/generate", json={"input_ids": short, "sampling_params": greedy_params(20)})
+            res = long_req.result(timeout=120).json()
+            assert [res["output_ids"], res_short.json()["output_ids"]] == expected
+            meta = res["meta_info"]
+            per_inst = {0: 0, 1: 0}
+            for inst, tokens in meta["placement"]:
+                per_inst[inst] += tokens
+            assert sum(per_inst.values()) == len(prompt) + new
+            assert meta["cp_degree"] == 2 and len(meta["placement"]) >= 4, meta["placement"]
+            # growth keeps the request's KV near even over the two instances
+            assert min(per_inst.values()) >= 0.35 * (len(prompt) + new), per_inst
+            cluster = wait_idle(c)
+            assert all(i["free_pages"] == i["total_pages"] for i in cluster)
+            info = c.get("/server_info").json()
+            assert info["cp_growth_segments"]["moved"] >= 3, info["cp_growth_segments"]
+            assert "nanocp:cp_growth_segments" in c.get("/metrics").text

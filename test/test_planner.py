@@ -135,3 +135,41 @@ def test_short_requests_stay_local_long_ones_spread():
 def test_unknown_cp_policy():
     with pytest.raises(ValueError, match="--cp-policy"):
         create_cp_policy("static")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    cluster=cluster,
+    tokens=st.integers(1, 20_000),
+    home=st.integers(0, 7),
+    max_degree=st.integers(1, 8),
+    holders=st.sets(st.integers(0, 7), max_size=7),
+)
+def test_growth_fits_and_respects_max_degree(cluster, tokens, home, max_degree, holders):
+    used, running, page = cluster
+    n = len(used)
+    home, holders = home % n, {h % n for h in holders} - {home % n}
+    state = make_state(used, running, page, capacity=64_000)
+    policy = create_cp_policy("dynamic", PlannerConfig(cp_max_degree=max_degree, cp_min_shard_tokens=1))
+    inst = policy.plan_growth(home, holders, tokens, state)
+    if inst != home:  # moved growth always fits where it goes and never widens past the cap
+        assert free_tokens(state.instances[inst]) >= tokens
+        assert inst in holders or len(holders) + 1 < max_degree
+        level = (sum(used_tokens(i) for i in state.instances) + tokens) / n
+        h = state.instances[home]  # only a full or above-level home gives growth away
+        assert free_tokens(h) < tokens or used_tokens(h) + tokens > level + page
+
+
+def test_growth_alternates_to_keep_a_growing_request_balanced():
+    """One request on instance 0 of an empty pair, grown 20 times by 1000 tokens: re-planning
+    keeps the two instances within one quota of each other."""
+    state = make_state([4_000, 0], [1, 0], 1, capacity=1 << 20)
+    policy = create_cp_policy("dynamic", PlannerConfig(cp_min_shard_tokens=1000))
+    holders: set[int] = set()
+    for _ in range(20):
+        inst = policy.plan_growth(0, holders, policy.tail_quota(50_000), state)
+        holders |= {inst} - {0}
+        state.instances[inst].free_pages -= 1000
+    loads = [used_tokens(i) for i in state.instances]
+    assert abs(loads[0] - loads[1]) <= 1000, loads
+    assert policy.tail_quota(50_000) == 1000 and create_cp_policy("uniform").tail_quota(50_000) == 50_000

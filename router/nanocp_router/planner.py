@@ -13,8 +13,15 @@ Policies (--cp-policy): `none` (static DP: one segment on home), `uniform` (ever
 evenly over --cp-size instances, like SGLang/vLLM decode CP), `dynamic` (the default).
 
 Positions: a placement covers [0, length) exactly once with contiguous segments in order; the
-home always holds the last segment (the tail), where new tokens are appended. Segment
+home holds the last segment of a new plan (the tail), where new tokens are appended. Segment
 boundaries are page aligned so a page never holds two instances' tokens.
+
+Growth (re-planning). A dynamic plan covers the prompt plus a tail quota of at most
+cp_min_shard_tokens output tokens, not the whole max_new_tokens. When a request's tail reaches
+the end of its plan, its home asks for the next quota and `plan_growth` places it: on the home
+while the home is not above the cluster's water level, otherwise on the least-loaded instance
+(a new segment there; the home's tail is sealed where it is). A request growing to many times
+its prompt thus keeps spreading its KV, and memory is reserved only for outputs that come.
 """
 
 from __future__ import annotations
@@ -101,6 +108,16 @@ class CPPolicy(ABC):
     def pick_home(state: ClusterState) -> InstanceLoad:
         return min(state.instances, key=home_load)
 
+    def tail_quota(self, max_new_tokens: int) -> int:
+        """Output tokens a new plan covers; growth beyond it is planned later (plan_growth)."""
+        return max_new_tokens
+
+    def plan_growth(self, home: int, holders: set[int], tokens: int, state: ClusterState) -> int:
+        """Instance to hold the next `tokens` positions of a request whose plan is used up;
+        holders: the instances already holding its segments. The home always works: it then
+        grows like any request, on demand."""
+        return home
+
 
 class NoCP(CPPolicy):
     """Static DP: the whole request on its home."""
@@ -163,6 +180,23 @@ class DynamicCP(CPPolicy):
                 return plan  # the smallest degree that reaches the water level
         return best
 
+    def tail_quota(self, max_new_tokens: int) -> int:
+        return min(max_new_tokens, self.config.cp_min_shard_tokens)
+
+    def plan_growth(self, home: int, holders: set[int], tokens: int, state: ClusterState) -> int:
+        insts = state.instances
+        h = insts[home]
+        level = (sum(used_tokens(i) for i in insts) + tokens) / len(insts)
+        if free_tokens(h) >= tokens and used_tokens(h) + tokens <= level + h.page_size:
+            return home
+        spanned = holders | {home}
+        if len(spanned) >= self.config.cp_max_degree:
+            insts = [i for i in insts if i.instance in spanned]
+        fits = [i for i in insts if free_tokens(i) >= tokens]
+        if not fits:
+            return home
+        return min(fits, key=lambda i: (used_tokens(i), i.instance != home, i.instance)).instance
+
     @staticmethod
     def _water_fill(group: list[InstanceLoad], length: int, page: int) -> dict[int, int] | None:
         """Tokens per instance raising the least loaded to a common level within their free
@@ -206,6 +240,10 @@ def create_cp_policy(name: str, config: PlannerConfig | None = None) -> CPPolicy
     if name not in POLICIES:
         raise ValueError(f"--cp-policy must be one of {', '.join(POLICIES)}; got {name!r}")
     return POLICIES[name](config)
+
+
+def apply_growth(state: ClusterState, instance: int, tokens: int) -> None:
+    state.instances[instance].pending_tokens += tokens
 
 
 def apply_plan(state: ClusterState, plan: Plan) -> None:

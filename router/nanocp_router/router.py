@@ -9,16 +9,26 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 
 import zmq
 
 from nanocp_router.cluster_state import ClusterState
 from nanocp_router.ipc import PortArgs, drain, dumps, pull, push
-from nanocp_router.planner import CPPolicy, PlannerConfig, apply_plan, create_cp_policy
+from nanocp_router.planner import CPPolicy, Plan, PlannerConfig, apply_growth, apply_plan, create_cp_policy
 from nanocp_router.policy import create_policy
 
 logger = logging.getLogger("nanocp.router")
 SNAPSHOT_INTERVAL_S = 0.1
+
+
+@dataclass
+class CPRequest:
+    """A request placed by the planner, as the router tracks it until its home finishes it."""
+
+    key: int  # cp_key: names the request's segments on their holders
+    home: int
+    holders: set[int]  # instances other than the home holding segments of it
 
 
 class Router:
@@ -42,9 +52,11 @@ class Router:
             self.cp = create_cp_policy(cp["policy"], cfg)
         self.queue: list[dict] = []
         self.pending: dict[int, dict] = {}  # cp_key -> {"msg", "plan", "waiting", "ok"}
-        self.sharded: dict[str, tuple[int, list[int]]] = {}  # rid -> (cp_key, holder instances)
+        self.placed: dict[str, CPRequest] = {}  # rid -> placed request, until its home finishes it
+        self.growing: dict[tuple[int, int], tuple[str, int, int]] = {}  # (cp_key, start) -> (rid, inst, end)
         self._keys = itertools.count(1)
         self.degrees: dict[int, int] = {}  # cp degree -> requests placed with it
+        self.growth_segments = {"home": 0, "moved": 0}  # growth quotas placed on the home / elsewhere
 
     def dispatch(self, inst: int, msg: dict, budget: int) -> None:
         self.state.on_dispatch(inst, budget)
@@ -55,18 +67,16 @@ class Router:
         """Plan queued requests first-come first-served; a request that does not fit waits."""
         while self.queue:
             msg = self.queue[0]
-            length = len(msg["input_ids"]) + msg["sampling_params"].get("max_new_tokens", 128)
-            plan = self.cp.plan(length, self.state)
+            max_new = msg["sampling_params"].get("max_new_tokens", 128)
+            plan = self.cp.plan(len(msg["input_ids"]) + self.cp.tail_quota(max_new), self.state)
             if plan is None:
                 return
             self.queue.pop(0)
             apply_plan(self.state, plan)
-            if plan.degree == 1:
-                self.degrees[1] = self.degrees.get(1, 0) + 1
-                self.workers[plan.home].send(dumps(msg))
-                self.rid_to_instance[msg["rid"]] = plan.home
-                continue
             key = next(self._keys)
+            if plan.degree == 1:
+                self.start_on_home(msg, key, plan)
+                continue
             holders = [s for s in plan.segments if s.instance != plan.home]
             self.pending[key] = {
                 "msg": msg,
@@ -98,13 +108,51 @@ class Router:
             else:
                 self.queue.insert(0, req)  # a holder had no room after all: plan again later
             return
+        self.start_on_home(req, key, plan)
+
+    def start_on_home(self, req: dict, key: int, plan: Plan) -> None:
+        """Send a placed request to its home (its holders have reserved their segments)."""
         self.degrees[plan.degree] = self.degrees.get(plan.degree, 0) + 1  # counted once it is placed
         req["placement"] = [[s.instance, s.start, s.end] for s in plan.segments]
-
         req["cp_key"] = key
-        self.sharded[req["rid"]] = (key, holders)
+        holders = {s.instance for s in plan.segments if s.instance != plan.home}
+        self.placed[req["rid"]] = CPRequest(key, plan.home, holders)
         self.rid_to_instance[req["rid"]] = plan.home
         self.workers[plan.home].send(dumps(req))
+
+    def on_grow(self, msg: dict) -> None:
+        """A home used up its request's plan: place the next tail quota (growth re-planning)."""
+        rid, start = msg["rid"], msg["start"]
+        r = self.placed.get(rid)
+        if r is None:  # finished meanwhile; the home drops the answer
+            return
+        tokens = self.cp.tail_quota(msg["need"])
+        inst = self.cp.plan_growth(r.home, r.holders, tokens, self.state)
+        apply_growth(self.state, inst, tokens)
+        if inst == r.home:
+            self.grown(rid, r.home, [inst, start, start + tokens])
+            return
+        self.growing[(r.key, start)] = (rid, inst, start + tokens)
+        self.workers[inst].send(
+            dumps({"type": "reserve", "cp_key": r.key, "start": start, "end": start + tokens})
+        )
+
+    def on_growth_reserved(self, msg: dict) -> None:
+        rid, inst, end = self.growing.pop((msg["cp_key"], msg["start"]))
+        r = self.placed.get(rid)
+        if r is None:  # the request finished while its growth was being reserved
+            if msg["ok"]:
+                self.workers[inst].send(dumps({"type": "release", "cp_key": msg["cp_key"]}))
+            return
+        if not msg["ok"]:  # no room there after all: the home grows on demand
+            inst = r.home
+        else:
+            r.holders.add(inst)
+        self.grown(rid, r.home, [inst, msg["start"], end])
+
+    def grown(self, rid: str, home: int, segment: list[int]) -> None:
+        self.growth_segments["home" if segment[0] == home else "moved"] += 1
+        self.workers[home].send(dumps({"type": "grown", "rid": rid, "segment": segment}))
 
     def abort_output(self, req: dict) -> None:
         """Finish a request that never reached an instance."""
@@ -132,7 +180,12 @@ class Router:
             else:
                 self.dispatch(self.policy.select(self.state, budget), msg, budget)
         elif kind == "reserved":
-            self.on_reserved(msg)
+            if msg["cp_key"] in self.pending:
+                self.on_reserved(msg)
+            else:
+                self.on_growth_reserved(msg)
+        elif kind == "grow":
+            self.on_grow(msg)
         elif kind == "abort":
             rid = msg["rid"]
             queued = next((m for m in self.queue if m["rid"] == rid), None)
@@ -155,10 +208,10 @@ class Router:
             self.state.on_report(msg)
             for rid in msg.get("finished", []):
                 self.rid_to_instance.pop(rid, None)
-                if rid in self.sharded:  # the home is done with it: free its segments
-                    key, holders = self.sharded.pop(rid)
-                    for inst in holders:
-                        self.workers[inst].send(dumps({"type": "release", "cp_key": key}))
+                r = self.placed.pop(rid, None)
+                if r is not None:  # the home is done with it: free its segments
+                    for inst in r.holders:
+                        self.workers[inst].send(dumps({"type": "release", "cp_key": r.key}))
         else:
             logger.warning("router: unknown message type %r", kind)
             return
@@ -171,6 +224,7 @@ class Router:
                 "type": "cluster",
                 "instances": self.state.snapshot(),
                 "cp_degrees": {str(k): v for k, v in sorted(self.degrees.items())},
+                "cp_growth_segments": dict(self.growth_segments),
             }
             self.to_tokenizer.send(dumps(snapshot))
 

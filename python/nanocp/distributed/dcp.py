@@ -1,9 +1,10 @@
 """Dynamic context parallelism in the workers: foreign KV segments and per-step q / KV / (o, lse)
 routing between the instances.
 
-A sharded request's home runs its tokens (embedding, QKV, MoE, sampling) and holds its tail
-segment; other instances ("holders") hold earlier segments in pages reserved for it (foreign
-segments). Each step, per layer:
+A sharded request's home runs its tokens (embedding, QKV, MoE, sampling) and holds its own
+segments (the tail of a new plan); other instances ("holders") hold the rest in pages reserved
+for it (foreign segments: planned up front, or placed later when the request grew). A token's
+K/V is computed on the home and stored by whoever holds its position. Each step, per layer:
   1. K/V of the home's tokens whose positions belong to a holder's segment go to that holder;
   2. queries of the home's tokens that can see keys of a holder's segment go to that holder;
   3. every instance attends its own tokens over local KV and the received queries over its
@@ -23,12 +24,11 @@ from nanocp.kvcache.pool import PageAllocator
 from nanocp_kernels.merge import merge_states
 from nanocp_kernels.reference import paged_attention_ref
 
-_HEADER = 5  # key, seg_start, seg_end, n_kv, n_q
+_HEADER = 3  # key, n_kv, n_q
 
 
 @dataclass
 class ForeignSegment:
-    key: int
     start: int
     end: int
     pages: list[int]
@@ -36,18 +36,20 @@ class ForeignSegment:
 
 
 class ForeignKV:
-    """Pages this instance holds for other homes' requests."""
+    """Pages this instance holds for other homes' requests: per request (cp_key) one or more
+    segments (the planned one, and later ones placed here when the request grew)."""
 
     def __init__(self, allocator: PageAllocator, device: torch.device) -> None:
         self.allocator = allocator
         self.device = device
-        self.segments: dict[int, ForeignSegment] = {}
+        self.segments: dict[int, list[ForeignSegment]] = {}
 
     def pages_for(self, start: int, end: int) -> int:
         return -(-(end - start) // self.allocator.page_size)
 
     def reserve(self, key: int, start: int, end: int) -> bool:
-        if key in self.segments:
+        segs = self.segments.get(key, [])
+        if any(seg.start == start for seg in segs):
             return True
         pages = self.allocator.alloc(self.pages_for(start, end))
         if pages is None:
@@ -55,17 +57,33 @@ class ForeignKV:
         p = self.allocator.page_size
         rel = torch.arange(end - start, device=self.device)
         ids = torch.tensor(pages, dtype=torch.int64, device=self.device)
-        self.segments[key] = ForeignSegment(key, start, end, pages, ids[rel // p] * p + rel % p)
+        segs.append(ForeignSegment(start, end, pages, ids[rel // p] * p + rel % p))
+        self.segments[key] = sorted(segs, key=lambda seg: seg.start)
         return True
 
     def release(self, key: int) -> None:
-        seg = self.segments.pop(key, None)
-        if seg is not None:
+        for seg in self.segments.pop(key, []):
             self.allocator.free(seg.pages)
 
+    def _segments(self, key: int, positions: torch.Tensor) -> list[ForeignSegment]:
+        segs = self.segments.get(key)
+        if segs is None or any(not any(seg.start <= p < seg.end for seg in segs) for p in positions.tolist()):
+            raise RuntimeError(f"context-parallel request {key}: positions not reserved on this instance")
+        return segs
+
     def slots(self, key: int, positions: torch.Tensor) -> torch.Tensor:
-        seg = self.segments[key]
-        return seg.slots[positions - seg.start]
+        out = torch.empty_like(positions)
+        for seg in self._segments(key, positions):
+            m = (positions >= seg.start) & (positions < seg.end)
+            out[m] = seg.slots[positions[m] - seg.start]
+        return out
+
+    def sequence(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, positions) of every position held here for the request (its attention keys)."""
+        segs = self._segments(key, torch.empty(0, dtype=torch.int64))
+        slots = torch.cat([seg.slots for seg in segs])
+        pos = torch.cat([torch.arange(seg.start, seg.end, device=self.device) for seg in segs])
+        return slots, pos
 
 
 @dataclass
@@ -109,14 +127,17 @@ def build_dcp_step(
     kv_rows: list[list[int]] = [[] for _ in range(world)]
     q_rows: list[list[int]] = [[] for _ in range(world)]
     for req, row0, start, end in work:
-        for inst, s, e in req.placement or ():
-            if inst == rank:
-                continue
-            kv_pos = list(range(max(start, s), min(end, e)))
-            q_pos = list(range(max(start, s), end))  # tokens at or after the segment start see its keys
+        held: dict[int, list[tuple[int, int]]] = {}  # holder -> its segments of this request
+        for inst, s, e in req.placement:
+            if inst != rank:
+                held.setdefault(inst, []).append((s, e))
+        for inst, segs in held.items():
+            kv_pos = [p for s, e in segs for p in range(max(start, s), min(end, e))]
+            # tokens at or after the holder's first position see some of its keys
+            q_pos = list(range(max(start, min(s for s, _ in segs)), end))
             if not kv_pos and not q_pos:
                 continue
-            blocks[inst] += [req.cp_key, s, e, len(kv_pos), len(q_pos), *kv_pos, *q_pos]
+            blocks[inst] += [req.cp_key, len(kv_pos), len(q_pos), *kv_pos, *q_pos]
             kv_rows[inst] += [row0 + p - start for p in kv_pos]
             q_rows[inst] += [row0 + p - start for p in q_pos]
     received = _exchange_ints(blocks, cpu_group, device)
@@ -126,26 +147,20 @@ def build_dcp_step(
         n_kv_total = n_q_total = 0
         i = 0
         while i < len(blk):
-            key, s, e, n_kv, n_q = blk[i : i + _HEADER]
-            kv_pos = torch.tensor(blk[i + _HEADER : i + _HEADER + n_kv], dtype=torch.int64, device=device)
-            q_pos = torch.tensor(
-                blk[i + _HEADER + n_kv : i + _HEADER + n_kv + n_q], dtype=torch.int64, device=device
-            )
+            key, n_kv, n_q = blk[i : i + _HEADER]
+            body = torch.tensor(blk[i + _HEADER : i + _HEADER + n_kv + n_q], dtype=torch.int64, device=device)
+            kv_pos, q_pos = body[:n_kv], body[n_kv:]
             i += _HEADER + n_kv + n_q
-            if key not in foreign.segments:
-                raise RuntimeError(
-                    f"context-parallel segment {key} [{s}, {e}) was not reserved on this instance"
-                )
             kv_slots.append(foreign.slots(key, kv_pos))
             n_kv_total += n_kv
             n_q_total += n_q
-            if n_q:
-                seg = foreign.segments[key]
+            if n_q:  # one attention sequence: these queries over all of the request's keys here
+                slots, pos = foreign.sequence(key)
                 f_qo.append(f_qo[-1] + n_q)
-                f_kv.append(f_kv[-1] + (seg.end - seg.start))
-                f_kv_idx.append(seg.slots)
+                f_kv.append(f_kv[-1] + len(pos))
+                f_kv_idx.append(slots)
                 f_qpos.append(q_pos)
-                f_kvpos.append(torch.arange(seg.start, seg.end, device=device))
+                f_kvpos.append(pos)
         kv_recv_counts.append(n_kv_total)
         q_recv_counts.append(n_q_total)
 

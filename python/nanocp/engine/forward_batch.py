@@ -61,7 +61,8 @@ class ForwardBatch:
     moe_comm: MoEComm | None = None  # None: all experts are local
     global_num_tokens: list[int] | None = None  # every DP rank's token count this step
     tracer: StepTracer | None = None
-    kv_bases_cpu: list[int] | None = None  # per request: first position whose KV is held here
+    # per request: the [start, end) position ranges of its KV held here (None: all of it)
+    kv_ranges_cpu: list[list[tuple[int, int]]] | None = None
     dcp: DCPStep | None = None  # context-parallel routing of this step (None: nothing sharded)
     cp_work: list | None = None  # (req, row_offset, start, end) of requests with a placement
 

@@ -15,7 +15,22 @@ class KVOwner(Protocol):
     req_pool_idx: int | None
     kv_pages: list[int]
     kv_len: int
-    kv_base: int  # first position held here (earlier ones live on other instances)
+    # position ranges held here (None: all); the others live on other instances
+    local_segments: list[tuple[int, int]] | None
+
+
+def local_ranges(segments: list[tuple[int, int]] | None, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(first, last + 1, local index of first) of the positions in [start, end) held here. Local
+    indices number the held positions in order, so they fill the request's pages densely."""
+    if segments is None:
+        return [(start, end, start)] if end > start else []
+    out, base = [], 0
+    for s, e in segments:
+        lo, hi = max(s, start), min(e, end)
+        if lo < hi:
+            out.append((lo, hi, base + lo - s))
+        base += e - s
+    return out
 
 
 class KVManager:
@@ -25,13 +40,14 @@ class KVManager:
         self.page_size = allocator.page_size
 
     def pages_needed(self, req: KVOwner, new_len: int) -> int:
-        """Extra pages a request needs to hold new_len tokens (only those from kv_base on are
-        held here: earlier positions of a context-parallel request live on other instances)."""
-        need = -(-max(0, new_len - req.kv_base) // self.page_size)
-        return max(0, need - len(req.kv_pages))
+        """Extra pages a request needs to hold new_len tokens (only its local positions are held
+        here: others of a context-parallel request live on other instances)."""
+        held = sum(e - s for s, e, _ in local_ranges(req.local_segments, 0, new_len))
+        return max(0, -(-held // self.page_size) - len(req.kv_pages))
 
     def extend(self, req: KVOwner, num_tokens: int) -> torch.Tensor | None:
-        """Reserve slots for the request's next num_tokens tokens; returns their slot ids.
+        """Reserve slots for the request's next num_tokens tokens; returns their slot ids
+        (-1 for positions held by other instances).
 
         Returns None (and changes nothing) when the pool cannot hold them.
         """
@@ -49,14 +65,14 @@ class KVManager:
             return None
         req.kv_pages.extend(pages)
         table = self.req_to_token_pool.req_to_token
-        base = req.kv_base
-        pos = torch.arange(start, end, device=table.device)
-        rel = (pos - base).clamp(min=0)
+        slots = torch.full((num_tokens,), -1, dtype=torch.int64, device=table.device)
         page_ids = torch.tensor(req.kv_pages or [0], dtype=torch.int64, device=table.device)
-        slots = page_ids[rel // self.page_size] * self.page_size + rel % self.page_size
-        slots = torch.where(pos >= base, slots, -1)  # -1: the position is held by another instance
+        for lo, hi, idx0 in local_ranges(req.local_segments, start, end):
+            idx = torch.arange(idx0, idx0 + hi - lo, device=table.device)
+            slots[lo - start : hi - start] = (
+                page_ids[idx // self.page_size] * self.page_size + idx % self.page_size
+            )
         table[req.req_pool_idx, start:end] = slots
-
         req.kv_len = end
         return slots
 

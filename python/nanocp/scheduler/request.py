@@ -43,11 +43,33 @@ class Req:
     kv_pages: list[int] = field(default_factory=list)
     kv_len: int = 0
     num_retractions: int = 0
-    # Context parallelism: [(instance, start, end)] segments of this request (home holds the
-    # last); positions before kv_base live on other instances; cp_key names it to them.
+    # Context parallelism: [(instance, start, end)] segments of this request in position order,
+    # planned by the router; cp_key names the request to the holders. None: all KV is local and
+    # unbounded. local_segments: the [start, end) ranges this (home) instance holds.
     placement: list[tuple[int, int, int]] | None = None
-    kv_base: int = 0
+    local_segments: list[tuple[int, int]] | None = None
     cp_key: int | None = None
+    growth_asked: bool = False  # the home asked the router to place the next tail quota
+
+    def set_placement(self, placement: list[tuple[int, int, int]], home: int) -> None:
+        """Adopt a plan or its growth; adjacent segments on one instance are merged."""
+        merged: list[tuple[int, int, int]] = []
+        for inst, s, e in placement:
+            if merged and merged[-1][0] == inst and merged[-1][2] == s:
+                merged[-1] = (inst, merged[-1][1], e)
+            else:
+                merged.append((inst, s, e))
+        self.placement = merged
+        self.local_segments = [(s, e) for inst, s, e in merged if inst == home]
+        self.growth_asked = False
+
+    @property
+    def planned_end(self) -> int | None:
+        """Positions from here on are not placed yet (the request pauses until they are)."""
+        return self.placement[-1][2] if self.placement else None
+
+    def has_remote_kv(self, home: int) -> bool:
+        return self.placement is not None and any(inst != home for inst, _, _ in self.placement)
 
     @property
     def fill_ids(self) -> list[int]:

@@ -17,7 +17,7 @@ import torch
 from nanocp.distributed.dcp import ForeignKV
 from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
 from nanocp.engine.step_trace import StepTracer
-from nanocp.kvcache.manager import KVManager
+from nanocp.kvcache.manager import KVManager, local_ranges
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.scheduler.request import Req, ReqStatus, validate_input
 from nanocp.utils import get_logger
@@ -30,6 +30,9 @@ INIT_NEW_TOKEN_RATIO = 0.7
 MIN_NEW_TOKEN_RATIO = 0.1
 NEW_TOKEN_RATIO_DECAY = 0.001
 RESERVE_CLIP = 4096  # a request reserves at most this many future output tokens
+# A context-parallel request asks for its next tail quota this many tokens before its plan ends,
+# so the router's answer usually arrives before the request would have to pause.
+GROWTH_AHEAD_TOKENS = 8
 
 
 @dataclass
@@ -59,6 +62,8 @@ class Scheduler:
         self.num_retractions = 0
         self.forward_ct = 0
         self.foreign = ForeignKV(runner.page_allocator, runner.device)
+        self.instance = runner.parallel.rank if runner.parallel is not None else 0
+        self.growth_requests: list[dict] = []  # asks for the next tail quota, for the router
 
     # ------------------------------------------------------- context parallelism
     def reserve_foreign(self, key: int, start: int, end: int) -> bool:
@@ -71,6 +76,22 @@ class Scheduler:
 
     def release_foreign(self, key: int) -> None:
         self.foreign.release(key)
+
+    def apply_growth(self, rid: str, segment: tuple[int, int, int]) -> None:
+        """The router placed the next positions of a request (on this home or on a holder)."""
+        req = next((r for q in (self.running, self.waiting) for r in q if r.rid == rid), None)
+        if req is not None and req.placement is not None and req.planned_end == segment[1]:
+            req.set_placement([*req.placement, segment], self.instance)
+
+    def _ask_growth(self, req: Req) -> None:
+        """Ask for the next tail quota once the request nears the end of its plan."""
+        end = req.planned_end
+        if end is None or req.growth_asked or req.kv_len < end - GROWTH_AHEAD_TOKENS:
+            return
+        need = len(req.origin_input_ids) + req.sampling_params.max_new_tokens - end
+        if need > 0:
+            req.growth_asked = True
+            self.growth_requests.append({"type": "grow", "rid": req.rid, "start": end, "need": need})
 
     # ----------------------------------------------------------------- requests
     def check_request(self, input_ids: list[int], max_new_tokens: int) -> None:
@@ -159,10 +180,14 @@ class Scheduler:
         work: list[tuple[Req, int]] = []
         # 1. running requests: every decode, and continued prefill chunks within the budget
         for req in self.running:
+            self._ask_growth(req)
+            room = req.planned_end - req.kv_len if req.placement is not None else req.num_pending
+            if room <= 0:
+                continue  # paused: its next positions are not placed yet
             if req.num_pending == 1:
                 work.append((req, 1))
             elif budget > 0:
-                n = min(req.num_pending, budget)
+                n = min(req.num_pending, budget, room)
                 budget -= n
                 work.append((req, n))
         work = self._fit_or_retract(work)
@@ -171,7 +196,10 @@ class Scheduler:
         # 2. admit waiting requests first-come first-served
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             req = self.waiting[0]
-            n = min(req.num_pending, budget)
+            room = req.planned_end - req.kv_len if req.placement is not None else req.num_pending
+            n = min(req.num_pending, budget, room)
+            if n <= 0:  # a retracted request at the end of its plan: it waits for its growth
+                break
             if not self._can_admit(req, n) or self.kv.extend(req, n) is None:
                 break
             self.waiting.pop(0)
@@ -220,15 +248,15 @@ class Scheduler:
         """Lay out the step's tokens request by request. KV slots were reserved by _schedule."""
         device = self.runner.device
         table = self.kv.req_to_token_pool.req_to_token
-        input_ids, positions, locs, logits_rows, sampling, cp_work, bases = [], [], [], [], [], [], []
+        input_ids, positions, locs, logits_rows, sampling, cp_work, ranges = [], [], [], [], [], [], []
         seq_lens, ext_lens, prefix_lens, rows = [], [], [], []
         offset = 0
         for req, n in work:
             end = req.kv_len  # extend() already advanced kv_len past this step's tokens
             start = end - n
-            if req.placement is not None:
+            if req.has_remote_kv(self.instance):
                 cp_work.append((req, offset, start, end))
-            bases.append(req.kv_base)
+            ranges.append([(s, min(e, end)) for s, e, _ in local_ranges(req.local_segments, 0, end)])
             input_ids.extend(req.fill_ids[start:end])
             positions.append(torch.arange(start, end))
             locs.append(table[req.req_pool_idx, start:end])
@@ -270,7 +298,7 @@ class Scheduler:
             attn_backend=self.runner.attn_backend,
             moe_comm=self.runner.moe_comm,
             tracer=self.tracer,
-            kv_bases_cpu=bases if any(bases) else None,
+            kv_ranges_cpu=None if all(r == [(0, e)] for r, e in zip(ranges, seq_lens)) else ranges,
             cp_work=cp_work,
         )
         return batch, sampling

@@ -21,7 +21,7 @@ from nanocp.engine.step_trace import StepTracer
 from nanocp.errors import InvalidRequestError
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.sampling.sampling_params import SamplingParams
-from nanocp.scheduler.request import RequestFactory
+from nanocp.scheduler.request import Req, RequestFactory
 from nanocp.scheduler.scheduler import ReqOutput, Scheduler
 from nanocp.server_args import ServerArgs
 from nanocp.tokenizer.detokenizer import eos_token_ids, load_tokenizer
@@ -73,7 +73,7 @@ class Worker:
         self.to_detok = push(self.ctx, ports.detokenizer)
         self._announced: dict[str, dict] = {}  # rid -> detok params not yet sent
         self._finished: list[str] = []
-        self._placements: dict[str, list] = {}  # rid -> context-parallel segments
+        self._placed: dict[str, Req] = {}  # requests with a context-parallel plan, by rid
 
         self._last_report = 0.0
 
@@ -105,10 +105,9 @@ class Worker:
             )
             self._announced[req.rid] = detok_params(params)
             if msg.get("placement"):
-                req.placement = [tuple(seg) for seg in msg["placement"]]
+                req.set_placement([tuple(seg) for seg in msg["placement"]], self.instance)
                 req.cp_key = msg["cp_key"]
-                req.kv_base = req.placement[-1][1]  # the home holds the last segment
-                self._placements[req.rid] = msg["placement"]
+                self._placed[req.rid] = req
             try:
                 self.scheduler.add_request(req)
             except InvalidRequestError as e:
@@ -120,9 +119,10 @@ class Worker:
                 ]
         elif kind == "reserve":
             ok = self.scheduler.reserve_foreign(msg["cp_key"], msg["start"], msg["end"])
-            self.to_router.send(
-                dumps({"type": "reserved", "cp_key": msg["cp_key"], "instance": self.instance, "ok": ok})
-            )
+            reply = {"type": "reserved", "cp_key": msg["cp_key"], "start": msg["start"], "ok": ok}
+            self.to_router.send(dumps({**reply, "instance": self.instance}))
+        elif kind == "grown":
+            self.scheduler.apply_growth(msg["rid"], tuple(msg["segment"]))
         elif kind == "release":
             self.scheduler.release_foreign(msg["cp_key"])
         elif kind == "abort":
@@ -159,12 +159,13 @@ class Worker:
         if out.finished:
             self._finished.append(out.rid)
             # where the request's KV lived: [instance, tokens] per segment (the home holds the tail)
-            placement = self._placements.pop(out.rid, None)
+            req = self._placed.pop(out.rid, None)
             total = out.prompt_tokens + out.completion_tokens
-            if placement is None:
+            if req is None:
                 d["placement"] = [[self.instance, total]]
             else:
-                d["placement"] = [[inst, max(0, min(end, total) - start)] for inst, start, end in placement]
+                segs = [[inst, min(end, total) - start] for inst, start, end in req.placement]
+                d["placement"] = [seg for seg in segs if seg[1] > 0] or segs[:1]
         return d
 
     def report(self, force: bool = False) -> None:
@@ -231,6 +232,9 @@ class Worker:
             elif self.scheduler.has_work():
                 outs += [self._encode(o) for o in self.scheduler.step()]
 
+            for ask in self.scheduler.growth_requests:
+                self.to_router.send(dumps(ask))
+            self.scheduler.growth_requests.clear()
             if outs:
                 self.to_detok.send(dumps({"type": "out", "instance": self.instance, "outputs": outs}))
             self.report(force=bool(self._finished) and not self.scheduler.has_work())

@@ -68,6 +68,12 @@ class Metrics:
         self.cp_degree = Gauge(
             "nanocp:cp_degree_requests", "Requests placed per context-parallel degree", ["degree"], registry=r
         )
+        self.cp_growth = Gauge(
+            "nanocp:cp_growth_segments",
+            "Tail quotas placed by growth re-planning, on the request's home or moved to another instance",
+            ["where"],
+            registry=r,
+        )
         self.steps = Gauge("nanocp:traced_steps_total", "Traced steps", ["instance"], registry=r)
 
     def on_finish(
@@ -82,10 +88,17 @@ class Metrics:
             if completion_tokens > 1:
                 self.tpot.observe((e2e - ttft) / (completion_tokens - 1))
 
-    def on_cluster(self, instances: list[dict], cp_degrees: dict[str, int] | None = None) -> None:
+    def on_cluster(
+        self,
+        instances: list[dict],
+        cp_degrees: dict[str, int] | None = None,
+        growth: dict[str, int] | None = None,
+    ) -> None:
         self.queue.set(sum(i["waiting"] for i in instances))
         for degree, count in (cp_degrees or {}).items():
             self.cp_degree.labels(degree).set(count)
+        for where, count in (growth or {}).items():
+            self.cp_growth.labels(where).set(count)
         for i in instances:
             label = str(i["instance"])
             self.running.labels(label).set(i["running"])

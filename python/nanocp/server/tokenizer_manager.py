@@ -90,6 +90,7 @@ class TokenizerManager:
         self.metrics = Metrics()
         self.cluster: list[dict] = []
         self.cp_degrees: dict[str, int] = {}  # context-parallel degree -> requests placed (router)
+        self.cp_growth_segments: dict[str, int] = {}  # tail quotas placed on the home / moved (router)
 
         self.dead: str | None = None
         self.states: dict[str, ReqState] = {}
@@ -196,7 +197,8 @@ class TokenizerManager:
             elif msg["type"] == "cluster":
                 self.cluster = msg["instances"]
                 self.cp_degrees = msg.get("cp_degrees", {})
-                self.metrics.on_cluster(self.cluster, self.cp_degrees)
+                self.cp_growth_segments = msg.get("cp_growth_segments", {})
+                self.metrics.on_cluster(self.cluster, self.cp_degrees, self.cp_growth_segments)
 
     def _on_output(self, out: dict) -> None:
         state = self.states.get(out["rid"])

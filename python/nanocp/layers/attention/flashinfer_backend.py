@@ -2,7 +2,7 @@
 with one BatchPrefillWithPagedKVCacheWrapper plan per step, returning (o, lse).
 
 Covers the standard causal case (a request's KV all local, queries at its end). Context-parallel
-splits (KV before kv_base held elsewhere) use the torch / triton backends for now.
+splits (some KV held elsewhere) use the torch / triton backends for now.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class FlashInferAttnBackend(AttentionBackend):
         self.empty = False
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        if batch.kv_bases_cpu or batch.dcp is not None:
+        if batch.kv_ranges_cpu or batch.dcp is not None:
             raise NotImplementedError("context-parallel steps need --attention-backend torch or triton")
         self.empty = batch.batch_size == 0
         if self.empty:

@@ -23,13 +23,13 @@ class TorchAttnBackend(AttentionBackend):
         table = batch.req_to_token_pool.req_to_token
         qo_indptr, kv_indptr, rows, kv_pos = [0], [0], [], []
         for i, (seq_len, ext_len) in enumerate(zip(batch.seq_lens_cpu, batch.extend_seq_lens_cpu)):
-            # positions before base are held by other instances (context parallelism)
-            base = min(batch.kv_bases_cpu[i], seq_len) if batch.kv_bases_cpu else 0
+            # context parallelism: positions outside these ranges are held by other instances
+            ranges = batch.kv_ranges_cpu[i] if batch.kv_ranges_cpu else [(0, seq_len)]
             qo_indptr.append(qo_indptr[-1] + ext_len)
-            kv_indptr.append(kv_indptr[-1] + seq_len - base)
-            rows.append(table[batch.req_pool_indices[i], base:seq_len])
-
-            kv_pos.append(torch.arange(base, seq_len, device=table.device))
+            kv_indptr.append(kv_indptr[-1] + sum(e - s for s, e in ranges))
+            for s, e in ranges:
+                rows.append(table[batch.req_pool_indices[i], s:e])
+                kv_pos.append(torch.arange(s, e, device=table.device))
         if rows:
             kv_indices, kv_positions = torch.cat(rows), torch.cat(kv_pos)
         else:
