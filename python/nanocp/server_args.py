@@ -244,7 +244,8 @@ class ServerArgs:
             "--cp-min-shard-tokens",
             type=int,
             default=ServerArgs.cp_min_shard_tokens,
-            help="Dynamic CP: requests shorter than this stay on one instance.",
+            help="Dynamic CP: requests shorter than this stay on one instance; also the output tokens "
+            "a plan covers before the router places the request's next ones (growth).",
         )
         a(
             "--step-trace-file",
