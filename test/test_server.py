@@ -470,3 +470,30 @@ def test_sglang_bench_serving(server, client, moe_model, tmp_path, backend):
     assert metric(client, "nanocp:generation_tokens_total") - gen0 == res["total_output_tokens"] + warm_out
     if backend == "sglang":
         assert metric(client, "nanocp:prompt_tokens_total") - prompt0 == res["total_input_tokens"] + warm_in
+
+
+def test_serve_bench_clients_measure_every_request(server, client, moe_model, tmp_path):
+    """benchmark.serve_bench: the native streaming client and the bench_serving wrapper run one
+    workload; every request completes with its exact (native) output length and sane latencies."""
+    import asyncio
+
+    from benchmark.serve_bench import run_bench_serving, run_workload, server_vocab, summarize
+    from benchmark.workloads import Component, lognormal, make_workload
+
+    mix = [Component(1.0, "chat", lognormal(40, 0.5, 8, 120), lognormal(10, 0.4, 4, 24))]
+    work = make_workload(mix, 12, rate=20.0, seed=3)
+    metrics = asyncio.run(run_workload(server.url, work, server_vocab(server.url)))
+    assert [m["output_len"] for m in metrics] == [r.output_len for r in work]
+    for m in metrics:
+        assert "error" not in m and 0 < m["ttft"] <= m["e2e"] and m["cp_degree"] == 1
+        assert len(m["itl"]) == m["output_len"] - 1
+        assert m["tpot"] == pytest.approx((m["e2e"] - m["ttft"]) / (m["output_len"] - 1))
+    s = summarize(metrics, 1.0)
+    assert s["completed"] == 12 and s["failed"] == 0 and s["cp_degrees"] == {"1": 12}
+    assert s["tpot"]["p50"] <= s["tpot"]["p99"]
+
+    _require_sglang()
+    wait_idle(client)
+    bs = run_bench_serving(server.url, work, moe_model, rate=20.0, out_dir=tmp_path / "bs")
+    assert len(bs) == 12 and not any("error" in m for m in bs)
+    assert all(m["ttft"] > 0 and m["tpot"] >= 0 for m in bs)
