@@ -77,10 +77,14 @@ def test_single_instance_is_sequential_execution():
     sim = Simulator(cost, create_cp_policy("dynamic"), chunk=1024, capacity_tokens=100_000)
     res = sim.run(work)
     for m, r in zip(res.metrics, work):
-        chunks = [min(1024, r.input_len - k) for k in range(0, r.input_len, 1024)]
-        prefill = sum(
-            cost.dense(c, c) + cost.prefill(c) for c in chunks
-        )  # no decode KV read while prefilling
+        chunks = [(k, min(1024, r.input_len - k)) for k in range(0, r.input_len, 1024)]
+        prefill = sum(  # each chunk: its tokens' compute and causal attention over the prompt so far
+            cost.dense(c, c)
+            + cost.prefill(c)
+            + cost.attention(0, 1)
+            + cost.prefill_attention(sum(range(k + 1, k + c + 1)))
+            for k, c in chunks
+        )
         decode = sum(cost.attention(r.input_len + j, 1) + cost.dense(1, 1) for j in range(1, r.output_len))
         assert m["ttft"] == pytest.approx(prefill, rel=1e-9)
         assert m["e2e"] == pytest.approx(prefill + decode, rel=1e-9)

@@ -136,6 +136,11 @@ class CostModel:
         active = m.attn_params_per_layer * m.num_layers + m.top_k * m.expert_params * m.num_moe_layers
         return 2 * active * tokens / d.flops
 
+    def prefill_attention(self, pairs: int) -> float:
+        """Causal attention of prefill chunks: 4 flop per query-key pair per hidden unit and layer."""
+        m, d = self.model, self.device
+        return 4 * pairs * m.hidden * m.num_layers / d.flops
+
     def kv_capacity_tokens(self) -> int:
         m = self.model
         weights = (
@@ -163,3 +168,61 @@ class CostModel:
         return cls(
             ModelShape(**d["model"]), Device(**d["device"]), d["num_instances"], d.get("hbm_bytes", 141e9)
         )
+
+
+@dataclass(frozen=True)
+class ProfileCost:
+    """Step costs fitted to measurements of a real deployment (benchmark.sim_validate writes
+    one from a run's step traces; the GPU benchmarks write the same format). Linear in the work:
+        attention = per_kv_token * KV tokens read (query-key pairs for prefill chunks)
+                    + per_request * requests/shards attended
+        compute   = base + per_token * tokens run (dense layers, local experts, step overhead)
+        moe_comm  = base + per_token * the largest instance's tokens
+        routing   = per_query * queries served for other homes
+    The simulator's interface is CostModel's; prefill work is in `compute` and `attention`."""
+
+    num_instances: int
+    kv_capacity: int
+    attn_per_kv_token_s: float
+    attn_per_request_s: float
+    compute_base_s: float
+    compute_per_token_s: float
+    moe_comm_base_s: float
+    moe_comm_per_token_s: float
+    routing_per_query_s: float
+    device: str = ""
+    source: str = ""
+
+    def attention(self, kv_tokens: int, num_shards: int) -> float:
+        return self.attn_per_kv_token_s * kv_tokens + self.attn_per_request_s * num_shards
+
+    def prefill_attention(self, pairs: int) -> float:
+        return self.attn_per_kv_token_s * pairs
+
+    def dense(self, batch_tokens: int, cluster_tokens: int) -> float:
+        return self.compute_base_s + self.compute_per_token_s * batch_tokens
+
+    def prefill(self, tokens: int) -> float:
+        return 0.0
+
+    def moe_comm(self, max_batch_tokens: int) -> float:
+        if self.num_instances == 1:
+            return 0.0
+        return self.moe_comm_base_s + self.moe_comm_per_token_s * max_batch_tokens
+
+    def routing(self, foreign_queries: int) -> float:
+        return self.routing_per_query_s * foreign_queries
+
+    def kv_capacity_tokens(self) -> int:
+        return self.kv_capacity
+
+    def to_json(self) -> str:
+        return json.dumps({"kind": "profile", **asdict(self)}, indent=1)
+
+    @classmethod
+    def from_json(cls, path: str | Path, num_instances: int | None = None) -> ProfileCost:
+        d = json.loads(Path(path).read_text())
+        d.pop("kind", None)
+        if num_instances is not None:
+            d["num_instances"] = num_instances
+        return cls(**d)

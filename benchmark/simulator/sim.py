@@ -21,7 +21,7 @@ import numpy as np
 from benchmark.simulator.cost import CostModel
 from benchmark.workloads import Request
 from nanocp_router.cluster_state import ClusterState
-from nanocp_router.planner import CPPolicy, Plan
+from nanocp_router.planner import CPPolicy, Plan, causal_pairs
 
 
 @dataclass
@@ -113,9 +113,6 @@ class Simulator:
                 sr.plan, sr.admitted_s = plan, t
                 if self.disaggregated:
                     sr.prefilled, sr.generated, sr.first_token_s = sr.req.input_len, 1, t
-
-                if self.disaggregated:
-                    sr.prefilled, sr.generated, sr.first_token_s = sr.req.input_len, 1, t
                 for inst in state.instances:
                     inst.free_pages -= self._pages(plan.tokens_on(inst.instance))
                 state.instances[plan.home].running += 1
@@ -173,28 +170,37 @@ class Simulator:
     def _step_cost(self, running: list[SimRequest]) -> tuple[float, list[int], list[int]]:
         n = self.n
         kv, shards, batch, prefill, foreign_q = [0] * n, [0] * n, [0] * n, [0] * n, [0] * n
+        pairs = [0] * n  # query-key pairs of prefill chunks
         budget = [self.chunk] * n
         for sr in running:
             home = sr.plan.home
             decoding = sr.prefilled >= sr.req.input_len
             if decoding:
                 batch[home] += 1
-            else:
-                take = min(budget[home], sr.req.input_len - sr.prefilled)
-                budget[home] -= take
-                prefill[home] += take
-            cur = sr.kv_len if decoding else sr.prefilled + (self.chunk - budget[home])
+                cur = sr.kv_len
+                for seg in sr.plan.segments:
+                    held = max(0, min(seg.end, cur) - seg.start)
+                    if held:
+                        kv[seg.instance] += held
+                        shards[seg.instance] += 1
+                        foreign_q[seg.instance] += seg.instance != home
+                continue
+            take = min(budget[home], sr.req.input_len - sr.prefilled)
+            budget[home] -= take
+            prefill[home] += take
+            q0, q1 = sr.prefilled, sr.prefilled + take
             for seg in sr.plan.segments:
-                held = max(0, min(seg.end, cur) - seg.start)
-                if held and decoding:
-                    kv[seg.instance] += held
+                p = causal_pairs(q0, q1, seg.start, seg.end)
+                if p:
+                    pairs[seg.instance] += p
                     shards[seg.instance] += 1
                     if seg.instance != home:
-                        foreign_q[seg.instance] += 1
+                        foreign_q[seg.instance] += q1 - max(q0, seg.start)
         c = self.cost
         cluster_tokens = sum(batch) + sum(prefill)
         per_instance = [
             c.attention(kv[i], shards[i])
+            + c.prefill_attention(pairs[i])
             + c.dense(batch[i] + prefill[i], cluster_tokens)
             + c.prefill(prefill[i])
             + c.routing(foreign_q[i])

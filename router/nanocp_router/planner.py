@@ -67,6 +67,19 @@ class PlannerConfig:
     cp_min_shard_tokens: int = 4096  # dynamic: never split off less than this (nor split shorter requests)
 
 
+def causal_pairs(q0: int, q1: int, s: int, e: int) -> int:
+    """Query-key pairs of queries at positions [q0, q1) over keys [s, e), causal (a query at q
+    sees keys at positions <= q)."""
+    total = 0
+    a, b = max(q0, s), min(q1, e)  # these queries see keys s..q
+    if b > a:
+        total += (b - a) * (a + b - 1) // 2 + (b - a) * (1 - s)
+    c = max(q0, e)  # these see the whole segment
+    if q1 > c:
+        total += (q1 - c) * (e - s)
+    return total
+
+
 def free_tokens(inst: InstanceLoad) -> int:
     return inst.free_pages * inst.page_size - inst.pending_tokens
 

@@ -21,6 +21,7 @@ from nanocp.kvcache.manager import KVManager, local_ranges
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.scheduler.request import Req, ReqStatus, validate_input
 from nanocp.utils import get_logger
+from nanocp_router.planner import causal_pairs
 
 logger = get_logger(__name__)
 
@@ -138,15 +139,7 @@ class Scheduler:
     def run_batch(self, batch: ForwardBatch, sampling: list[Req]) -> list[ReqOutput]:
         logits = self.runner.forward(batch)
         if self.tracer is not None:
-            self.tracer.end_step(
-                {
-                    "mode": batch.forward_mode.name,
-                    "batch_size": batch.batch_size,
-                    "num_tokens": batch.num_tokens,
-                    "kv_tokens": sum(batch.seq_lens_cpu),
-                    "global_num_tokens": batch.global_num_tokens,
-                }
-            )
+            self.tracer.end_step(self._trace_info(batch))
 
         next_ids, logprobs = self.runner.sampler(logits, sampling) if sampling else ([], [])
         self.forward_ct += 1
@@ -174,6 +167,29 @@ class Scheduler:
                 self.kv.release(req)
         self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         return outputs
+
+    @staticmethod
+    def _trace_info(batch: ForwardBatch) -> dict[str, Any]:
+        """What a step did, for --step-trace-file (and the simulator's cost calibration)."""
+        ranges = batch.kv_ranges_cpu or [[(0, seq)] for seq in batch.seq_lens_cpu]
+        lens = zip(batch.seq_lens_cpu, batch.extend_seq_lens_cpu, ranges)
+        info = {
+            "mode": batch.forward_mode.name,
+            "batch_size": batch.batch_size,
+            "num_tokens": batch.num_tokens,
+            "kv_tokens": sum(batch.seq_lens_cpu),
+            # query-key pairs of the own tokens over the KV held here (causal)
+            "attn_pairs": sum(causal_pairs(seq - n, seq, s, e) for seq, n, rs in lens for s, e in rs),
+            "global_num_tokens": batch.global_num_tokens,
+        }
+        st = batch.dcp
+        if st is not None:  # context-parallel work served for other homes
+            info["foreign_queries"] = sum(st.q_recv_counts)
+            info["foreign_pairs"] = sum(
+                (st.f_qo_indptr[i + 1] - st.f_qo_indptr[i]) * (st.f_kv_indptr[i + 1] - st.f_kv_indptr[i])
+                for i in range(len(st.f_qo_indptr) - 1)
+            )
+        return info
 
     def _schedule(self) -> list[tuple[Req, int]]:
         budget = self.chunked_prefill_size

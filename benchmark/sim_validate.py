@@ -1,0 +1,226 @@
+"""Calibrate the cluster simulator on a real run of benchmark.compare and report its error.
+
+1. Fit a cost profile (simulator.cost.ProfileCost) to the run's step traces, by non-negative
+   least squares over every traced step of every instance and mode:
+     attention_s                    ~ pairs (own + foreign query-key pairs), requests, foreign queries
+     step_s - attention - moe_comm  ~ 1, tokens run
+     min over instances of moe_comm ~ 1, the largest instance's tokens  (the pure collective cost)
+2. Simulate each mode at each measured rate on the same workload (mix, seed, duration) with the
+   router's real planner, the run's page size, chunk size and KV capacity.
+3. Compare P99 TPOT per (mode, rate), SLO attainment and goodput (the same rate search on the
+   simulator), and the modes' goodput ranking. Writes profile_<tag>.json and
+   sim_validation_<tag>.{json,md,png} under benchmark/results/.
+
+    python -m benchmark.sim_validate --compare benchmark/results/compare_cpu_dp4.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from benchmark.common import RESULTS, write_json
+from benchmark.compare import scored, workload
+from benchmark.goodput import attainment, goodput_search, percentiles
+from benchmark.simulator.cost import ProfileCost
+from benchmark.simulator.sim import Simulator
+from nanocp_router.planner import PlannerConfig, create_cp_policy
+
+POLICY_OF = {"static DP": "none", "DCP": "dynamic"}  # any other mode name: uniform
+
+
+def load_traces(compare: dict) -> list[list[dict]]:
+    """Per mode and lockstep step: the records of every instance."""
+    steps = []
+    for r in compare["modes"].values():
+        by_step: dict[int, list[dict]] = defaultdict(list)
+        for i in range(compare["dp_size"]):
+            for line in Path(f"{r['trace']}.{i}").read_text().splitlines():
+                rec = json.loads(line)
+                by_step[rec["step"]].append(rec)
+        steps += [recs for recs in by_step.values() if len(recs) == compare["dp_size"]]
+    return steps
+
+
+def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares with coefficients >= 0 (drop the most negative column, refit)."""
+    active = list(range(x.shape[1]))
+    while True:
+        coef = np.zeros(x.shape[1])
+        coef[active] = np.linalg.lstsq(x[:, active], y, rcond=None)[0]
+        if coef.min() >= 0:
+            return coef
+        active.remove(int(np.argmin(coef)))
+
+
+def fit_profile(compare: dict, steps: list[list[dict]]) -> tuple[ProfileCost, dict]:
+    recs = [r for s in steps for r in s]
+    pairs = np.array([r["attn_pairs"] + r.get("foreign_pairs", 0) for r in recs], float)
+    reqs = np.array([r["batch_size"] for r in recs], float)
+    fq = np.array([r.get("foreign_queries", 0) for r in recs], float)
+    attn = np.array([r["attention_s"] for r in recs])
+    a = nnls(np.stack([pairs, reqs, fq], 1), attn)
+    tokens = np.array([r["num_tokens"] for r in recs], float)
+    rest = np.array([r["step_s"] - r["attention_s"] - r["moe_comm_s"] for r in recs])
+    c = nnls(np.stack([np.ones_like(tokens), tokens], 1), rest)
+    max_tokens = np.array([max(s[0]["global_num_tokens"]) for s in steps], float)
+    comm = np.array([min(r["moe_comm_s"] for r in s) for s in steps])
+    m = nnls(np.stack([np.ones_like(max_tokens), max_tokens], 1), comm)
+
+    def r2(x: np.ndarray, y: np.ndarray, coef: np.ndarray) -> float:
+        return float(1 - np.sum((y - x @ coef) ** 2) / max(1e-12, np.sum((y - y.mean()) ** 2)))
+
+    fit = {
+        "steps": len(steps),
+        "records": len(recs),
+        "r2_attention": r2(np.stack([pairs, reqs, fq], 1), attn, a),
+        "r2_compute": r2(np.stack([np.ones_like(tokens), tokens], 1), rest, c),
+        "r2_moe_comm": r2(np.stack([np.ones_like(max_tokens), max_tokens], 1), comm, m),
+    }
+    settings = compare["settings"]
+    profile = ProfileCost(
+        num_instances=compare["dp_size"],
+        kv_capacity=int(settings["max_total_tokens"]),
+        attn_per_kv_token_s=float(a[0]),
+        attn_per_request_s=float(a[1]),
+        compute_base_s=float(c[0]),
+        compute_per_token_s=float(c[1]),
+        moe_comm_base_s=float(m[0]),
+        moe_comm_per_token_s=float(m[1]),
+        routing_per_query_s=float(a[2]),
+        device=compare["device"],
+        source=f"fitted to the step traces of {compare['command']} ({compare['date']})",
+    )
+    return profile, fit
+
+
+def simulate(profile: ProfileCost, compare: dict, mode: str, rate: float) -> list[dict]:
+    s = compare["settings"]
+    args = SimpleNamespace(
+        mix=s["mix"], duration=float(s["duration"]), min_requests=int(s["min_requests"]), seed=int(s["seed"])
+    )
+    dp = compare["dp_size"]
+    cfg = PlannerConfig(
+        cp_size=dp, cp_max_degree=min(8, dp), cp_min_shard_tokens=int(s["cp_min_shard_tokens"])
+    )
+    policy = create_cp_policy(POLICY_OF.get(mode, "uniform"), cfg)
+    sim = Simulator(profile, policy, page_size=16, chunk=1024, capacity_tokens=profile.kv_capacity)
+    return sim.run(workload(args, rate)).metrics
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--compare", type=Path, default=RESULTS / "compare_cpu_dp4.json")
+    p.add_argument("--tag", default=None)
+    args = p.parse_args(argv)
+    compare = json.loads(args.compare.read_text())
+    tag = args.tag or args.compare.stem.removeprefix("compare_")
+    profile, fit = fit_profile(compare, load_traces(compare))
+    (RESULTS / f"profile_{tag}.json").write_text(profile.to_json() + "\n")
+    slo = compare["slo"]
+    s = compare["settings"]
+    points, goodput = [], {}
+    for mode, r in compare["modes"].items():
+        for run in r["runs"]:
+            sim = simulate(profile, compare, mode, run["rate"])
+            real_p99 = run["summary"]["tpot"]["p99"]
+            sim_p99 = percentiles([m["tpot"] for m in sim])["p99"]
+            points.append(
+                {
+                    "mode": mode,
+                    "rate": run["rate"],
+                    "real_p99_tpot_ms": 1e3 * real_p99,
+                    "sim_p99_tpot_ms": 1e3 * sim_p99,
+                    "p99_rel_error": (sim_p99 - real_p99) / real_p99,
+                    "real_attainment": attainment(scored(run["requests"]), slo["tpot_ms"] / 1e3),
+                    "sim_attainment": attainment(sim, slo["tpot_ms"] / 1e3),
+                }
+            )
+        sim_goodput = goodput_search(
+            lambda rate, mode=mode: simulate(profile, compare, mode, rate),
+            slo["tpot_ms"] / 1e3,
+            attain=slo["attainment"],
+            lo=float(s["rate_lo"]),
+            hi=float(s["rate_hi"]),
+            rel_tol=float(s["rel_tol"]),
+        ).goodput
+        goodput[mode] = {"real": r["goodput_rps"], "sim": sim_goodput}
+    rank = {k: sorted(goodput, key=lambda m: -goodput[m][k]) for k in ("real", "sim")}
+    errors = [abs(x["p99_rel_error"]) for x in points]
+    result = {
+        "benchmark": "sim_validation",
+        "compare": str(args.compare),
+        "profile": json.loads(profile.to_json()),
+        "fit": fit,
+        "points": points,
+        "goodput": goodput,
+        "ranking": rank,
+        "ranking_agrees": rank["real"] == rank["sim"],
+        "p99_tpot_abs_rel_error": {"mean": float(np.mean(errors)), "max": float(np.max(errors))},
+    }
+    write_json(RESULTS / f"sim_validation_{tag}.json", result)
+    write_report(result, compare, tag)
+    return result
+
+
+def write_report(result: dict, compare: dict, tag: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, marker in zip(result["goodput"], "osD"):
+        pts = [x for x in result["points"] if x["mode"] == mode]
+        ax.scatter(
+            [x["real_p99_tpot_ms"] for x in pts],
+            [x["sim_p99_tpot_ms"] for x in pts],
+            marker=marker,
+            label=mode,
+        )
+    hi = max(max(x["real_p99_tpot_ms"], x["sim_p99_tpot_ms"]) for x in result["points"]) * 1.1
+    ax.plot([0, hi], [0, hi], "k-", lw=0.8)
+    ax.fill_between([0, hi], [0, 0.8 * hi], [0, 1.2 * hi], color="grey", alpha=0.15, label="±20%")
+    ax.set_xlabel("real P99 TPOT (ms)")
+    ax.set_ylabel("simulated P99 TPOT (ms)")
+    ax.legend(fontsize=7)
+    names = list(result["goodput"])
+    x = np.arange(len(names))
+    bx.bar(x - 0.2, [result["goodput"][n]["real"] for n in names], 0.4, label="real")
+    bx.bar(x + 0.2, [result["goodput"][n]["sim"] for n in names], 0.4, label="simulated")
+    bx.set_xticks(x, names, fontsize=7)
+    bx.set_ylabel(f"goodput (req/s, TPOT <= {compare['slo']['tpot_ms']:.0f} ms)")
+    bx.legend(fontsize=7)
+    fig.suptitle(f"Simulator vs real run ({compare['device']}, dp={compare['dp_size']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"sim_validation_{tag}.png", dpi=110)
+    lines = [
+        "| mode | rate | real P99 TPOT (ms) | sim P99 TPOT (ms) | error | real / sim attainment |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in result["points"]:
+        lines.append(
+            f"| {p['mode']} | {p['rate']:.3f} | {p['real_p99_tpot_ms']:.0f} | {p['sim_p99_tpot_ms']:.0f} | "
+            f"{100 * p['p99_rel_error']:+.0f}% | {p['real_attainment']:.2f} / {p['sim_attainment']:.2f} |"
+        )
+    g = result["goodput"]
+    lines += [
+        "",
+        "Goodput real / simulated: "
+        + "; ".join(f"{n} {g[n]['real']:.2f} / {g[n]['sim']:.2f}" for n in g)
+        + ". "
+        f"Ranking real {result['ranking']['real']}, simulated {result['ranking']['sim']} "
+        f"({'agree' if result['ranking_agrees'] else 'DISAGREE'}). P99 TPOT |error| mean "
+        f"{100 * result['p99_tpot_abs_rel_error']['mean']:.0f}%, max {100 * result['p99_tpot_abs_rel_error']['max']:.0f}%.",
+    ]
+    (RESULTS / f"sim_validation_{tag}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
