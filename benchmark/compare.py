@@ -38,9 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dp-size", type=int, default=4)
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-total-tokens", type=int, default=65536, help="KV tokens per instance")
+    p.add_argument("--chunked-prefill-size", type=int, default=1024)
     p.add_argument("--mix", default="chat-docs-small")
-    p.add_argument("--duration", type=float, default=20.0, help="seconds of arrivals per probed rate")
-    p.add_argument("--min-requests", type=int, default=24)
+    p.add_argument(
+        "--num-requests", type=int, default=24, help="per probed rate (same lengths at every rate)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tpot-slo-ms", type=float, default=250.0)
     p.add_argument("--attainment", type=float, default=0.9)
@@ -56,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def workload(args, rate: float):
-    n = max(args.min_requests, int(rate * args.duration))
-    return make_workload(args.mix, n, rate=rate, seed=args.seed)
+    """The same requests (lengths) at every rate; only the arrival times scale."""
+    return make_workload(args.mix, args.num_requests, rate=rate, seed=args.seed)
 
 
 def slug(mode: str) -> str:
@@ -69,7 +71,14 @@ def run_mode(args, model: str, mode: str, flags: list[str]) -> dict:
     trace = args.trace_dir / f"{slug(mode)}.jsonl"
     for old in args.trace_dir.glob(f"{trace.name}*"):
         old.unlink()
-    cmd = server_flags(model, args.dp_size, args.device, args.max_total_tokens, *flags)
+    cmd = server_flags(
+        model,
+        args.dp_size,
+        args.device,
+        args.max_total_tokens,
+        *flags,
+        chunked_prefill=args.chunked_prefill_size,
+    )
     runs: dict[float, dict] = {}
     with ServerProcess(
         [*cmd, "--step-trace-file", str(trace)], log_path=f"/tmp/nanocp-compare-{slug(mode)}.log"

@@ -20,11 +20,13 @@ def modes(dp: int, min_shard_tokens: int) -> dict[str, list[str]]:
     }
 
 
-def server_flags(model: str, dp: int, device: str, max_total_tokens: int, *extra: str) -> list[str]:
+def server_flags(
+    model: str, dp: int, device: str, max_total_tokens: int, *extra: str, chunked_prefill: int = 1024
+) -> list[str]:
     return [
         "--model-path", model, "--dp-size", str(dp), "--ep-size", str(dp), "--device", device,
-        "--chunked-prefill-size", "1024", "--page-size", "16", "--max-total-tokens", str(max_total_tokens),
-        *extra,
+        "--chunked-prefill-size", str(chunked_prefill), "--page-size", "16",
+        "--max-total-tokens", str(max_total_tokens), *extra,
     ]  # fmt: skip
 
 

@@ -101,15 +101,14 @@ def fit_profile(compare: dict, steps: list[list[dict]]) -> tuple[ProfileCost, di
 
 def simulate(profile: ProfileCost, compare: dict, mode: str, rate: float) -> list[dict]:
     s = compare["settings"]
-    args = SimpleNamespace(
-        mix=s["mix"], duration=float(s["duration"]), min_requests=int(s["min_requests"]), seed=int(s["seed"])
-    )
+    args = SimpleNamespace(mix=s["mix"], num_requests=int(s["num_requests"]), seed=int(s["seed"]))
     dp = compare["dp_size"]
     cfg = PlannerConfig(
         cp_size=dp, cp_max_degree=min(8, dp), cp_min_shard_tokens=int(s["cp_min_shard_tokens"])
     )
     policy = create_cp_policy(POLICY_OF.get(mode, "uniform"), cfg)
-    sim = Simulator(profile, policy, page_size=16, chunk=1024, capacity_tokens=profile.kv_capacity)
+    chunk = int(s["chunked_prefill_size"])
+    sim = Simulator(profile, policy, page_size=16, chunk=chunk, capacity_tokens=profile.kv_capacity)
     return sim.run(workload(args, rate)).metrics
 
 

@@ -31,6 +31,7 @@ def test_flashinfer_backend_matches_reference(model_factory, page_size):
         page_size=page_size,
         chunked_prefill_size=64,
         max_total_tokens=4096,
+        disable_cuda_graph=True,  # the spy must see eager decode steps (graphs: test_cuda_graph.py)
     ) as engine:
         backend = engine.runner.attn_backend
         orig = backend.forward_with_lse

@@ -19,6 +19,7 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
 LOAD_BALANCE_METHODS = tuple(POLICIES)
 MOE_A2A_BACKENDS = ("allgather", "all_to_all", "deepep")
+MOE_RUNNER_BACKENDS = ("auto", "torch", "triton")
 CP_POLICIES = ("none", "uniform", "dynamic")
 
 
@@ -61,6 +62,7 @@ class ServerArgs:
     ep_size: int = 1
     enable_dp_attention: bool = False  # accepted for SGLang compatibility: attention is always DP here
     moe_a2a_backend: str = "all_to_all"
+    moe_runner_backend: str = "auto"  # expert GEMMs: auto = triton on CUDA, torch elsewhere
     load_balance_method: str = "round_robin"
     step_trace_file: str | None = None
     # Context parallelism (router planner): none = static DP, uniform = every request over
@@ -99,6 +101,9 @@ class ServerArgs:
                 f"got {self.ep_size}"
             )
         self._check_choice("moe_a2a_backend", MOE_A2A_BACKENDS)
+        self._check_choice("moe_runner_backend", MOE_RUNNER_BACKENDS)
+        if self.moe_runner_backend == "auto":
+            self.moe_runner_backend = "triton" if self.device == "cuda" else "torch"
         if self.cp_policy is None:
             self.cp_policy = "dynamic" if self.dp_size > 1 else "none"
         self._check_choice("cp_policy", CP_POLICIES)
@@ -225,6 +230,14 @@ class ServerArgs:
             default=ServerArgs.moe_a2a_backend,
             choices=MOE_A2A_BACKENDS,
             help="MoE token exchange between expert-parallel instances.",
+        )
+        a(
+            "--moe-runner-backend",
+            type=str,
+            default=ServerArgs.moe_runner_backend,
+            choices=MOE_RUNNER_BACKENDS,
+            help="Expert computation: triton (fused grouped GEMM) or torch (per-expert loop, the reference); "
+            "auto: triton on CUDA.",
         )
         a(
             "--cp-policy",

@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from nanocp.distributed.parallel_state import ParallelState
 from nanocp.engine.step_trace import trace_section
-from nanocp_kernels.reference import expert_ffn_ref, fused_moe_ref
 
 if TYPE_CHECKING:
     from nanocp.layers.moe import FusedMoE
@@ -84,9 +83,7 @@ class AllGatherMoE(MoEComm):
         with trace_section("moe_comm"):
             gx, gw, gids = gather(x, 0.0), gather(topk_weights, 0.0), gather(topk_ids, -1)
         with trace_section("moe_compute"):
-            partial = fused_moe_ref(
-                gx, experts.w13_weight, experts.w2_weight, gw, gids, experts.expert_offset
-            )
+            partial = experts.run_experts(gx, gw, gids, experts.expert_offset)
         with trace_section("moe_comm"):
             dist.all_reduce(partial, group=st.group)
         start = st.ep_rank * pad
@@ -116,9 +113,7 @@ class AllToAllMoE(MoEComm):
             recv_ids = flat_ids.new_empty(sum(recv_splits))
             dist.all_to_all_single(recv_ids, flat_ids[order], recv_splits, send_splits, group=st.group)
         with trace_section("moe_compute"):
-            y = expert_ffn_ref(
-                recv_x, experts.w13_weight, experts.w2_weight, recv_ids - experts.expert_offset
-            )
+            y = experts.run_expert_rows(recv_x, recv_ids - experts.expert_offset)
         with trace_section("moe_comm"):  # combine
             back = x.new_empty(send_x.shape)
             dist.all_to_all_single(back, y, send_splits, recv_splits, group=st.group)
@@ -190,15 +185,12 @@ class DeepEPMoE(MoEComm):
                 x.to(torch.bfloat16).contiguous(), ids, self.max_tokens, self.num_experts, use_fp8=False
             )
         with trace_section("moe_compute"):
-            y = torch.zeros_like(recv_x)
-            for e, n in enumerate(recv_count.tolist()):  # masked per-expert GEMMs (grouped GEMM: gpu issue)
-                if n:
-                    gate, up = torch.nn.functional.linear(recv_x[e, :n], experts.w13_weight[e]).chunk(
-                        2, dim=-1
-                    )
-                    y[e, :n] = torch.nn.functional.linear(
-                        torch.nn.functional.silu(gate) * up, experts.w2_weight[e]
-                    )
+            # packed layout: expert e's tokens are rows [0, recv_count[e]) of recv_x[e]
+            num_local, cap, hidden = recv_x.shape
+            slot = torch.arange(cap, device=recv_x.device)
+            ids = torch.arange(num_local, device=recv_x.device)[:, None].expand(num_local, cap)
+            ids = torch.where(slot[None, :] < recv_count[:, None], ids, -1).reshape(-1)
+            y = experts.run_expert_rows(recv_x.view(-1, hidden), ids).view(num_local, cap, hidden)
         with trace_section("moe_comm"):
             out, _, _ = self.buffer.low_latency_combine(y, ids, topk_weights.float(), handle)
         return out.to(x.dtype)

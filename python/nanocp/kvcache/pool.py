@@ -78,12 +78,14 @@ class PageAllocator:
 
 
 class ReqToTokenPool:
-    """Rows of token slots, one row per running request."""
+    """Rows of token slots, one row per running request, plus one never-allocated padding row
+    (CUDA-graph padding requests read it)."""
 
     def __init__(self, max_reqs: int, max_context_len: int, device: torch.device | str) -> None:
-        self.req_to_token = torch.zeros((max_reqs, max_context_len), dtype=torch.int64, device=device)
+        self.req_to_token = torch.zeros((max_reqs + 1, max_context_len), dtype=torch.int64, device=device)
         self._free = list(range(max_reqs - 1, -1, -1))
         self.max_reqs = max_reqs
+        self.pad_row = max_reqs
 
     @property
     def num_free(self) -> int:

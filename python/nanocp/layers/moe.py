@@ -11,7 +11,7 @@ from torch import nn
 
 from nanocp.engine.forward_batch import get_forward_batch
 from nanocp.engine.step_trace import trace_section
-from nanocp_kernels.reference import fused_moe_ref
+from nanocp_kernels.reference import expert_ffn_ref, fused_moe_ref
 
 
 def select_experts(
@@ -49,6 +49,25 @@ class FusedMoE(nn.Module):
             torch.empty(self.num_local_experts, 2 * intermediate_size, hidden_size)
         )
         self.w2_weight = nn.Parameter(torch.empty(self.num_local_experts, hidden_size, intermediate_size))
+        self.runner_backend = "torch"  # --moe-runner-backend (set by the model runner)
+
+    def run_experts(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_offset: int
+    ) -> torch.Tensor:
+        """Weighted sum over each token's top-k local experts (others give 0)."""
+        if self.runner_backend == "triton":
+            from nanocp_kernels.fused_moe import fused_moe
+
+            return fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_offset)
+        return fused_moe_ref(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_offset)
+
+    def run_expert_rows(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
+        """Row r through local expert local_ids[r], unweighted (rows dispatched to this rank)."""
+        if self.runner_backend == "triton":
+            from nanocp_kernels.fused_moe import fused_moe
+
+            return fused_moe(x, self.w13_weight, self.w2_weight, None, local_ids[:, None])
+        return expert_ffn_ref(x, self.w13_weight, self.w2_weight, local_ids)
 
     def load_expert(self, expert_id: int, proj: str, tensor: torch.Tensor) -> bool:
         """Load one checkpoint tensor (gate_proj/up_proj/down_proj of one expert); False if not local."""
@@ -77,5 +96,5 @@ class FusedMoE(nn.Module):
         batch = get_forward_batch()
         if batch.moe_comm is None:
             with trace_section("moe_compute"):
-                return fused_moe_ref(x, self.w13_weight, self.w2_weight, weights, ids, self.expert_offset)
+                return self.run_experts(x, weights, ids, self.expert_offset)
         return batch.moe_comm.forward(x, weights, ids, self, batch.global_num_tokens)

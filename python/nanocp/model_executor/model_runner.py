@@ -10,7 +10,9 @@ from nanocp.distributed.parallel_state import ParallelState, destroy_parallel_st
 from nanocp.engine.forward_batch import ForwardBatch, forward_context
 from nanocp.kvcache.pool import KVCachePool, PageAllocator, ReqToTokenPool
 from nanocp.layers.attention import create_attention_backend
+from nanocp.layers.moe import FusedMoE
 from nanocp.layers.sampler import Sampler
+from nanocp.model_executor.cuda_graph_runner import CudaGraphRunner
 from nanocp.models.loader import load_hf_config, load_model
 from nanocp.models.qwen3 import head_dim_of
 from nanocp.server_args import ServerArgs
@@ -49,6 +51,9 @@ class ModelRunner:
             ep_rank=parallel.ep_rank,
             ep_size=parallel.ep_size,
         )
+        for module in self.model.modules():
+            if isinstance(module, FusedMoE):
+                module.runner_backend = args.moe_runner_backend
         self.moe_comm = create_moe_comm(
             args.moe_a2a_backend,
             parallel,
@@ -69,6 +74,18 @@ class ModelRunner:
         )
 
         self.sampler = Sampler()
+        self.graph_runner: CudaGraphRunner | None = None
+        if self.device.type == "cuda" and not args.disable_cuda_graph:
+            if not self.attn_backend.supports_cuda_graph:
+                logger.info(
+                    "CUDA graphs off: --attention-backend %s cannot be captured", args.attention_backend
+                )
+            elif self.moe_comm is not None:
+                logger.info("CUDA graphs off: expert-parallel MoE exchanges are not captured yet")
+            else:
+                self.graph_runner = CudaGraphRunner(
+                    self, min(args.cuda_graph_max_bs, args.max_running_requests)
+                )
 
     def _init_kv_cache(self) -> None:
         cfg, args = self.hf_config, self.server_args
@@ -92,9 +109,14 @@ class ModelRunner:
         if num_pages < 1:
             raise RuntimeError("the KV cache budget is smaller than one page")
         self.max_total_num_tokens = num_pages * page
-        self.kv_pool = KVCachePool(num_layers, num_pages * page, kv_heads, head_dim, self.dtype, self.device)
+        # one page past the allocator's: padding tokens of CUDA-graph batches write there
+        self.kv_pool = KVCachePool(
+            num_layers, (num_pages + 1) * page, kv_heads, head_dim, self.dtype, self.device
+        )
         self.page_allocator = PageAllocator(num_pages, page)
         self.req_to_token_pool = ReqToTokenPool(args.max_running_requests, self.context_length, self.device)
+        self.pad_slot = num_pages * page
+        self.req_to_token_pool.req_to_token[self.req_to_token_pool.pad_row, 0] = self.pad_slot
         logger.info(
             "KV cache: %d tokens in %d pages of %d (%.2f GiB)",
             self.max_total_num_tokens,
@@ -106,6 +128,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Runs the model; returns float32 logits for the rows in batch.logits_indices."""
+        if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            return self.graph_runner.replay(batch)
         self.attn_backend.init_forward_metadata(batch)
         with forward_context(batch):
             hidden = self.model(batch.input_ids, batch.positions)

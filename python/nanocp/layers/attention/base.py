@@ -33,6 +33,21 @@ class AttentionBackend(ABC):
     ) -> torch.Tensor:
         return self.forward_with_lse(q, k, v, layer, batch)[0]
 
+    # CUDA graphs (nanocp.model_executor.cuda_graph_runner): metadata lives in static buffers.
+    supports_cuda_graph = False
+
+    def init_cuda_graph_state(self, max_bs: int, num_slots: int) -> None:
+        """Allocate the static metadata buffers of decode graphs up to max_bs requests."""
+        raise NotImplementedError(f"{type(self).__name__} cannot run in CUDA graphs")
+
+    def init_forward_metadata_capture(self, batch: ForwardBatch) -> None:
+        """Metadata of the static decode batch a graph is captured with."""
+        raise NotImplementedError
+
+    def init_forward_metadata_replay(self, batch: ForwardBatch) -> None:
+        """Write a decode step's metadata into the static buffers (same addresses as at capture)."""
+        raise NotImplementedError
+
 
 _REGISTRY: dict[str, Callable[..., AttentionBackend]] = {}
 

@@ -51,42 +51,84 @@ class FlashInferAttnBackend(AttentionBackend):
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=device)
         self.wrapper = flashinfer.BatchPrefillWithPagedKVCacheWrapper(self.workspace, kv_layout="NHD")
         self.empty = False
+        self.decode_wrappers: dict[int, object] = {}  # CUDA-graph decode, one per captured batch size
+        self.active_decode = None  # the decode wrapper of this step (graph replay), else None
+        self.device = device
+        # GQA groups of 4+ run faster on the tensor-core (prefill) kernels, as SGLang does
+        self.use_tensor_cores = num_qo_heads // num_kv_heads >= 4
+
+    supports_cuda_graph = True
+
+    def init_cuda_graph_state(self, max_bs: int, num_slots: int) -> None:
+        dev = self.device
+        self.g_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=dev)
+        self.g_indices = torch.zeros(-(-num_slots // self.page_size), dtype=torch.int32, device=dev)
+        self.g_last = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+
+    def init_forward_metadata_capture(self, batch: ForwardBatch) -> None:
+        import flashinfer
+
+        bs = batch.batch_size
+        self.decode_wrappers[bs] = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+            self.workspace,
+            "NHD",
+            use_cuda_graph=True,
+            use_tensor_cores=self.use_tensor_cores,
+            paged_kv_indptr_buffer=self.g_indptr[: bs + 1],
+            paged_kv_indices_buffer=self.g_indices,
+            paged_kv_last_page_len_buffer=self.g_last[:bs],
+        )
+        self.init_forward_metadata_replay(batch)
+
+    def init_forward_metadata_replay(self, batch: ForwardBatch) -> None:
+        w = self.decode_wrappers[batch.batch_size]
+        indptr, indices, last = self._paged_layout(batch)
+        hq, hkv, d = self.heads
+        w.plan(
+            indptr, indices, last, hq, hkv, d, self.page_size, q_data_type=self.dtype, kv_data_type=self.dtype
+        )
+        self.active_decode, self.empty = w, False
+
+    def _paged_layout(self, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """FlashInfer's paged-KV description of the batch (page indptr, page ids, last-page
+        lengths), gathered from req_to_token on the device."""
+        p = self.page_size
+        table = batch.req_to_token_pool.req_to_token
+        dev = table.device
+        num_pages = [-(-n // p) for n in batch.seq_lens_cpu]
+        total = sum(num_pages)
+        counts = torch.tensor(num_pages, dtype=torch.int64, device=dev)
+        indptr = torch.cumsum(counts, 0)
+        rows = torch.repeat_interleave(batch.req_pool_indices, counts, output_size=total)
+        page_no = torch.arange(total, device=dev) - torch.repeat_interleave(
+            indptr - counts, counts, output_size=total
+        )
+        indices = table[rows, page_no * p] // p
+        last = [n - (k - 1) * p for n, k in zip(batch.seq_lens_cpu, num_pages)]
+        indptr = torch.cat([indptr.new_zeros(1), indptr]).to(torch.int32)
+        return indptr, indices.to(torch.int32), torch.tensor(last, dtype=torch.int32, device=dev)
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
         if batch.kv_ranges_cpu or batch.dcp is not None:
             raise NotImplementedError("context-parallel steps need --attention-backend torch or triton")
+        self.active_decode = None
         self.empty = batch.batch_size == 0
         if self.empty:
             return
-        p = self.page_size
-        table = batch.req_to_token_pool.req_to_token
-        device = table.device
-        pages, num_pages, last = [], [], []
-        for i, seq_len in enumerate(batch.seq_lens_cpu):
-            n = -(-seq_len // p)
-            pages.append(table[batch.req_pool_indices[i], 0 : (n - 1) * p + 1 : p] // p)
-            num_pages.append(n)
-            last.append(seq_len - (n - 1) * p)
+        indptr, indices, last = self._paged_layout(batch)
         qo = [0]
         for n in batch.extend_seq_lens_cpu:
             qo.append(qo[-1] + n)
-        kv = [0]
-        for n in num_pages:
-            kv.append(kv[-1] + n)
-
-        def i32(x: list[int]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int32, device=device)
-
         hq, hkv, d = self.heads
         self.wrapper.plan(
-            i32(qo),
-            i32(kv),
-            torch.cat(pages).to(torch.int32),
-            i32(last),
+            torch.tensor(qo, dtype=torch.int32, device=indptr.device),
+            indptr,
+            indices,
+            last,
             hq,
             hkv,
             d,
-            p,
+            self.page_size,
             causal=True,
             q_data_type=self.dtype,
             kv_data_type=self.dtype,
@@ -102,5 +144,6 @@ class FlashInferAttnBackend(AttentionBackend):
         kc = batch.kv_pool.k_buffer[layer.layer_id].view(-1, self.page_size, hkv, d)
         vc = batch.kv_pool.v_buffer[layer.layer_id].view(-1, self.page_size, hkv, d)
         # plan() used FlashInfer's default scale 1/sqrt(head_dim), which is the models' scaling
-        o, lse2 = self.wrapper.run(q.contiguous(), (kc, vc), return_lse=True)
+        wrapper = self.active_decode or self.wrapper
+        o, lse2 = wrapper.run(q.contiguous(), (kc, vc), return_lse=True)
         return o, lse2.float() * math.log(2)  # FlashInfer's LSE is base 2

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 class TritonAttnBackend(TorchAttnBackend):
     def __init__(self, device: torch.device | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)
+        self.device = device
         if (
             device is not None
             and torch.device(device).type != "cuda"
@@ -42,6 +43,31 @@ class TritonAttnBackend(TorchAttnBackend):
             kv_indices.to(torch.int32),
             kv_pos.to(torch.int32),
         )
+
+    supports_cuda_graph = True
+
+    def init_cuda_graph_state(self, max_bs: int, num_slots: int) -> None:
+        dev = self.device
+        self.g_q_seq = torch.arange(max_bs, dtype=torch.int32, device=dev)
+        self.g_kv_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=dev)
+        self.g_kv_indices = torch.zeros(num_slots, dtype=torch.int32, device=dev)
+        self.g_kv_pos = torch.zeros(num_slots, dtype=torch.int32, device=dev)
+
+    def init_forward_metadata_capture(self, batch: ForwardBatch) -> None:
+        self.init_forward_metadata_replay(batch)
+
+    def init_forward_metadata_replay(self, batch: ForwardBatch) -> None:
+        """Decode: every request's KV row [0, seq_len) from req_to_token, built on the device."""
+        bs, total = batch.batch_size, sum(batch.seq_lens_cpu)
+        seq = batch.seq_lens
+        indptr = torch.cumsum(seq, 0)
+        self.g_kv_indptr[1 : bs + 1].copy_(indptr)
+        starts = torch.repeat_interleave(indptr - seq, seq, output_size=total)
+        pos = torch.arange(total, device=seq.device) - starts
+        rows = torch.repeat_interleave(batch.req_pool_indices, seq, output_size=total)
+        self.g_kv_indices[:total].copy_(batch.req_to_token_pool.req_to_token[rows, pos])
+        self.g_kv_pos[:total].copy_(pos)
+        self.triton_meta = (self.g_q_seq[:bs], self.g_kv_indptr[: bs + 1], self.g_kv_indices, self.g_kv_pos)
 
     def forward_with_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch

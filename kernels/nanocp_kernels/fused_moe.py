@@ -1,0 +1,175 @@
+"""Fused MoE experts in Triton: a grouped GEMM over (token, expert) pairs sorted by expert.
+
+`fused_moe(x, w13, w2, topk_weights, topk_ids, expert_offset)` computes what
+`reference.fused_moe_ref` does (SwiGLU experts, weighted sum over the top-k) with two grouped
+GEMM launches:
+  1. pairs are sorted by local expert and each expert's run padded to BLOCK_M rows
+     (`moe_align`, torch ops only: no host sync, so it can run inside a CUDA graph);
+  2. gate_up = x[token] @ w13[e]^T for every pair (one program per BLOCK_M x BLOCK_N tile; a
+     tile's rows all belong to one expert, whose weight tile is read once for them);
+  3. act = silu(gate) * up;  4. y = act @ w2[e]^T scaled by the pair's routing weight;
+  5. out[token] = sum over its k pairs (pairs of experts on other EP ranks contribute 0).
+Shapes are static for a given token count (the padded pair capacity is T*k + E*(BLOCK_M-1)).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr,  # [rows, K]: row of pair p is p // A_ROW_DIV
+    b_ptr,  # [E, N, K]
+    c_ptr,  # [pairs, N]
+    w_ptr,  # [pairs] routing weights (MUL_WEIGHT)
+    sorted_ids_ptr,  # [capacity] pair ids grouped by expert; num_pairs marks padding
+    block_expert_ptr,  # [capacity // BLOCK_M] expert of each row block, -1 if unused
+    num_pairs,
+    N,
+    K,
+    stride_am,
+    stride_be,
+    stride_bn,
+    stride_cm,
+    A_ROW_DIV: tl.constexpr,
+    MUL_WEIGHT: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not TF32
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e < 0:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ids = tl.load(sorted_ids_ptr + offs_m)
+    mask_m = ids < num_pairs
+    rows = tl.where(mask_m, ids // A_ROW_DIV, 0)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_am + offs_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + e * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None],
+            mask=mask_n[None, :] & mask_k[:, None],
+            other=0.0,
+        )
+        if IEEE:
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+    if MUL_WEIGHT:
+        acc *= tl.load(w_ptr + ids, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    c = c_ptr + ids[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def moe_align(local_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group pair ids (flattened [T, k]) by expert, each expert's run padded to block_m rows.
+    Ids outside [0, num_experts) are dropped. Returns (sorted_ids [capacity] with padding =
+    num_pairs, block_expert [capacity // block_m] with -1 for unused blocks). No host sync."""
+    flat = local_ids.reshape(-1)
+    n, dev = flat.numel(), flat.device
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    first = torch.cumsum(counts, 0) - counts  # first sorted index of each key
+    order = torch.argsort(key, stable=True)
+    skey = key[order]
+    capacity = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
+    starts_ext = torch.cat([starts, starts.new_full((1,), capacity)])  # dropped pairs go past the end
+    dest = starts_ext[skey] + torch.arange(n, device=dev) - first[skey]
+    dest = torch.where(skey < num_experts, dest, capacity)
+    sorted_ids = torch.full((capacity + 1,), n, dtype=torch.int64, device=dev)
+    sorted_ids.scatter_(0, dest, order)
+    block_start = torch.arange(capacity // block_m, device=dev) * block_m
+    block_expert = torch.searchsorted(ends, block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1)
+    return sorted_ids[:capacity], block_expert
+
+
+def _block_sizes(num_pairs: int, num_experts: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K): small row blocks when few pairs per expert (decode)."""
+    per_expert = num_pairs / max(1, num_experts)
+    return (16 if per_expert <= 16 else 32 if per_expert <= 64 else 64), 64, 64
+
+
+def grouped_gemm(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    sorted_ids: torch.Tensor,
+    block_expert: torch.Tensor,
+    num_pairs: int,
+    a_row_div: int,
+    block: tuple[int, int, int],
+    weights: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """c[p] = a[p // a_row_div] @ b[expert(p)]^T (* weights[p]) for every pair p in sorted_ids."""
+    n_out, k = b.shape[1], b.shape[2]
+    c = out if out is not None else a.new_zeros((num_pairs, n_out))
+    bm, bn, bk = block
+    grid = (block_expert.numel(), triton.cdiv(n_out, bn))
+    _grouped_gemm_kernel[grid](
+        a,
+        b,
+        c,
+        weights if weights is not None else c,
+        sorted_ids,
+        block_expert,
+        num_pairs,
+        n_out,
+        k,
+        a.stride(0),
+        b.stride(0),
+        b.stride(1),
+        c.stride(0),
+        A_ROW_DIV=a_row_div,
+        MUL_WEIGHT=weights is not None,
+        IEEE=a.dtype == torch.float32,
+        BLOCK_M=bm,
+        BLOCK_N=bn,
+        BLOCK_K=bk,
+    )
+    return c
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    topk_ids: torch.Tensor,
+    expert_offset: int = 0,
+) -> torch.Tensor:
+    """Same contract as reference.fused_moe_ref; topk_weights None means weight 1 (and then
+    topk_ids is [rows, 1]: one expert per row, reference.expert_ffn_ref's contract)."""
+    num_tokens, k = topk_ids.shape
+    num_experts = w13.shape[0]
+    inter = w2.shape[2]
+    num_pairs = num_tokens * k
+    if num_pairs == 0:
+        return torch.zeros_like(x)
+    block = _block_sizes(num_pairs, num_experts)
+    sorted_ids, block_expert = moe_align(topk_ids - expert_offset, num_experts, block[0])
+    x = x.contiguous()
+    gate_up = grouped_gemm(x, w13, sorted_ids, block_expert, num_pairs, k, block)
+    act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    w = topk_weights.reshape(-1).contiguous() if topk_weights is not None else None
+    y = grouped_gemm(act, w2, sorted_ids, block_expert, num_pairs, 1, block, weights=w)
+    return y.view(num_tokens, k, -1).sum(dim=1)
