@@ -101,7 +101,9 @@ def fit_profile(compare: dict, steps: list[list[dict]]) -> tuple[ProfileCost, di
 
 def simulate(profile: ProfileCost, compare: dict, mode: str, rate: float) -> list[dict]:
     s = compare["settings"]
-    args = SimpleNamespace(mix=s["mix"], num_requests=int(s["num_requests"]), seed=int(s["seed"]))
+    args = SimpleNamespace(
+        mix=s["mix"], duration=float(s["duration"]), min_requests=int(s["min_requests"]), seed=int(s["seed"])
+    )
     dp = compare["dp_size"]
     cfg = PlannerConfig(
         cp_size=dp, cp_max_degree=min(8, dp), cp_min_shard_tokens=int(s["cp_min_shard_tokens"])
@@ -136,13 +138,16 @@ def main(argv=None) -> dict:
                     "real_p99_tpot_ms": 1e3 * real_p99,
                     "sim_p99_tpot_ms": 1e3 * sim_p99,
                     "p99_rel_error": (sim_p99 - real_p99) / real_p99,
-                    "real_attainment": attainment(scored(run["requests"]), slo["tpot_ms"] / 1e3),
-                    "sim_attainment": attainment(sim, slo["tpot_ms"] / 1e3),
+                    "real_attainment": attainment(
+                        scored(run["requests"]), slo["tpot_ms"] / 1e3, slo["ttft_s"]
+                    ),
+                    "sim_attainment": attainment(sim, slo["tpot_ms"] / 1e3, slo["ttft_s"]),
                 }
             )
         sim_goodput = goodput_search(
             lambda rate, mode=mode: simulate(profile, compare, mode, rate),
             slo["tpot_ms"] / 1e3,
+            slo["ttft_s"],
             attain=slo["attainment"],
             lo=float(s["rate_lo"]),
             hi=float(s["rate_hi"]),

@@ -10,6 +10,7 @@ from nanocp_kernels.fused_moe import fused_moe, moe_align
 from nanocp_kernels.reference import expert_ffn_ref, fused_moe_ref
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton interpreter (conftest)
 
 
 def _case(t, e_global, e_local, h, inter, k, dtype, device, seed=0):
@@ -25,7 +26,7 @@ def _case(t, e_global, e_local, h, inter, k, dtype, device, seed=0):
 @pytest.mark.parametrize("num_experts, block_m", [(4, 16), (16, 16), (3, 32)])
 def test_moe_align_groups_every_local_pair_once(num_experts, block_m):
     g = torch.Generator().manual_seed(num_experts)
-    ids = torch.randint(-2, num_experts + 2, (37, 3), generator=g)  # some not local
+    ids = torch.randint(-2, num_experts + 2, (37, 3), generator=g).to(DEVICE)  # some not local
     sorted_ids, block_expert = moe_align(ids, num_experts, block_m)
     flat = ids.reshape(-1)
     n = flat.numel()
@@ -46,15 +47,15 @@ def test_moe_align_groups_every_local_pair_once(num_experts, block_m):
 def test_fused_moe_matches_reference_fp32(t, k, offset):
     # 8 experts in all, 4 local (expert_offset 4 = the second EP rank); sizes not multiples of the blocks
     e_local = 8 if offset == 0 else 4
-    x, w13, w2, w, ids = _case(t, 8, e_local, 40, 24, k, torch.float32, "cpu")
+    x, w13, w2, w, ids = _case(t, 8, e_local, 40, 24, k, torch.float32, DEVICE)
     out = fused_moe(x, w13, w2, w, ids, offset)
     ref = fused_moe_ref(x, w13, w2, w, ids, offset)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_expert_rows_match_reference_fp32():
-    x, w13, w2, _, _ = _case(19, 4, 4, 40, 24, 1, torch.float32, "cpu")
-    rows = torch.tensor([0, 3, -1, 2, 2, 1, -1, 0, 3, 3, 1, 0, 2, -1, 1, 1, 0, 3, 2])
+    x, w13, w2, _, _ = _case(19, 4, 4, 40, 24, 1, torch.float32, DEVICE)
+    rows = torch.tensor([0, 3, -1, 2, 2, 1, -1, 0, 3, 3, 1, 0, 2, -1, 1, 1, 0, 3, 2], device=DEVICE)
     out = fused_moe(x, w13, w2, None, rows[:, None])
     torch.testing.assert_close(out, expert_ffn_ref(x, w13, w2, rows), rtol=1e-5, atol=1e-5)
 
