@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanocp_kernels.fused_moe import fused_moe, moe_align
+from nanocp_kernels.fused_moe import fused_moe, moe_align, moe_align_triton
 from nanocp_kernels.reference import expert_ffn_ref, fused_moe_ref
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -23,17 +23,19 @@ def _case(t, e_global, e_local, h, inter, k, dtype, device, seed=0):
     return x, w13, w2, w.to(device, dtype), ids.to(device)
 
 
-@pytest.mark.parametrize("num_experts, block_m", [(4, 16), (16, 16), (3, 32)])
-def test_moe_align_groups_every_local_pair_once(num_experts, block_m):
+@pytest.mark.parametrize("align", [moe_align, moe_align_triton])
+@pytest.mark.parametrize("num_experts, block_m", [(4, 16), (16, 16), (3, 32), (128, 16)])
+def test_moe_align_groups_every_local_pair_once(num_experts, block_m, align):
     g = torch.Generator().manual_seed(num_experts)
     ids = torch.randint(-2, num_experts + 2, (37, 3), generator=g).to(DEVICE)  # some not local
-    sorted_ids, block_expert = moe_align(ids, num_experts, block_m)
+    sorted_ids, block_expert = align(ids, num_experts, block_m)
     flat = ids.reshape(-1)
     n = flat.numel()
     assert sorted_ids.numel() % block_m == 0 and block_expert.numel() == sorted_ids.numel() // block_m
     real = sorted_ids[sorted_ids < n]
     local = torch.nonzero((flat >= 0) & (flat < num_experts)).flatten()
     assert sorted(real.tolist()) == local.tolist()
+    assert sorted_ids.numel() == moe_align(ids, num_experts, block_m)[0].numel()
     for b, e in enumerate(block_expert.tolist()):
         rows = sorted_ids[b * block_m : (b + 1) * block_m]
         rows = rows[rows < n]

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanocp_kernels.elementwise import silu_and_mul
+
 
 @triton.jit
 def _grouped_gemm_kernel(
@@ -103,10 +105,79 @@ def moe_align(local_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     return sorted_ids[:capacity], block_expert
 
 
-def _block_sizes(num_pairs: int, num_experts: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K): small row blocks when few pairs per expert (decode)."""
+@triton.jit
+def _align_count_kernel(ids_ptr, n, E, counts_ptr, rank_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    e = tl.load(ids_ptr + offs, mask=m, other=-1)
+    valid = m & (e >= 0) & (e < E)
+    rank = tl.atomic_add(counts_ptr + tl.where(valid, e, 0), 1, mask=valid)  # old count: rank in the run
+    tl.store(rank_ptr + offs, rank, mask=valid)
+
+
+@triton.jit
+def _align_offsets_kernel(
+    counts_ptr, E, starts_ptr, block_expert_ptr, num_blocks, BM: tl.constexpr, BLOCK_E: tl.constexpr
+):
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(starts_ptr + offs_e, ends - padded, mask=offs_e < E)
+    for b0 in range(0, num_blocks, 64):
+        blocks = b0 + tl.arange(0, 64)
+        # a block's expert = how many experts' runs end at or before its first row
+        owner = tl.sum((ends[None, :] <= blocks[:, None] * BM).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blocks, tl.where(owner < E, owner, -1), mask=blocks < num_blocks)
+
+
+@triton.jit
+def _align_scatter_kernel(ids_ptr, rank_ptr, starts_ptr, n, E, sorted_ptr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    e = tl.load(ids_ptr + offs, mask=m, other=-1)
+    valid = m & (e >= 0) & (e < E)
+    start = tl.load(starts_ptr + tl.where(valid, e, 0), mask=valid, other=0)
+    rank = tl.load(rank_ptr + offs, mask=valid, other=0)
+    tl.store(sorted_ptr + start + rank, offs.to(tl.int64), mask=valid)
+
+
+def moe_align_triton(
+    local_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_align in three small launches (CUDA decode: the torch version is ~15 launches). Order
+    within an expert's run follows atomics, which changes no result: each pair's row is computed
+    and stored independently."""
+    flat = local_ids.reshape(-1).contiguous()
+    n, dev = flat.numel(), flat.device
+    capacity = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)
+    rank = torch.empty(n, dtype=torch.int32, device=dev)
+    starts = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    sorted_ids = torch.full((capacity,), n, dtype=torch.int64, device=dev)
+    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=dev)
+    grid = (triton.cdiv(n, 256),)
+    _align_count_kernel[grid](flat, n, num_experts, counts, rank, BLOCK=256)
+    _align_offsets_kernel[(1,)](
+        counts, num_experts, starts, block_expert, capacity // block_m, BM=block_m,
+        BLOCK_E=triton.next_power_of_2(num_experts),
+    )  # fmt: skip
+    _align_scatter_kernel[grid](flat, rank, starts, n, num_experts, sorted_ids, BLOCK=256)
+    return sorted_ids, block_expert
+
+
+# Launch configs by pairs per expert: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
+CONFIGS: dict[int, tuple[int, int, int, int, int]] = {
+    # tuned on H200 with the Qwen3-30B-A3B expert shape (benchmark/moe_kernel.py --sweep)
+    16: (16, 64, 128, 4, 3),  # decode: few rows per expert, the weights dominate
+    64: (32, 128, 64, 4, 4),
+    1 << 30: (64, 128, 64, 4, 4),
+}
+
+
+def _block_sizes(num_pairs: int, num_experts: int) -> tuple[int, int, int, int, int]:
     per_expert = num_pairs / max(1, num_experts)
-    return (16 if per_expert <= 16 else 32 if per_expert <= 64 else 64), 64, 64
+    return next(cfg for limit, cfg in CONFIGS.items() if per_expert <= limit)
 
 
 def grouped_gemm(
@@ -116,14 +187,14 @@ def grouped_gemm(
     block_expert: torch.Tensor,
     num_pairs: int,
     a_row_div: int,
-    block: tuple[int, int, int],
+    block: tuple[int, int, int, int, int],
     weights: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """c[p] = a[p // a_row_div] @ b[expert(p)]^T (* weights[p]) for every pair p in sorted_ids."""
     n_out, k = b.shape[1], b.shape[2]
     c = out if out is not None else a.new_zeros((num_pairs, n_out))
-    bm, bn, bk = block
+    bm, bn, bk, warps, stages = block
     grid = (block_expert.numel(), triton.cdiv(n_out, bn))
     _grouped_gemm_kernel[grid](
         a,
@@ -145,6 +216,8 @@ def grouped_gemm(
         BLOCK_M=bm,
         BLOCK_N=bn,
         BLOCK_K=bk,
+        num_warps=warps,
+        num_stages=stages,
     )
     return c
 
@@ -166,10 +239,15 @@ def fused_moe(
     if num_pairs == 0:
         return torch.zeros_like(x)
     block = _block_sizes(num_pairs, num_experts)
-    sorted_ids, block_expert = moe_align(topk_ids - expert_offset, num_experts, block[0])
+    align = moe_align_triton if x.is_cuda else moe_align
+    sorted_ids, block_expert = align(topk_ids - expert_offset, num_experts, block[0])
     x = x.contiguous()
     gate_up = grouped_gemm(x, w13, sorted_ids, block_expert, num_pairs, k, block)
-    act = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    act = (
+        silu_and_mul(gate_up)
+        if x.is_cuda
+        else torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    )
     w = topk_weights.reshape(-1).contiguous() if topk_weights is not None else None
     y = grouped_gemm(act, w2, sorted_ids, block_expert, num_pairs, 1, block, weights=w)
     return y.view(num_tokens, k, -1).sum(dim=1)

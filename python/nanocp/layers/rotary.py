@@ -31,6 +31,8 @@ def rope_parameters(hf_config: Any) -> dict:
 class RotaryEmbedding(nn.Module):
     def __init__(self, hf_config: Any, head_dim: int) -> None:
         super().__init__()
+        # the model runner raises this to --context-length when that is larger
+        self.max_positions = int(getattr(hf_config, "max_position_embeddings", 32768))
         params = rope_parameters(hf_config)
         rope_type = params["rope_type"]
         if rope_type in _UNSUPPORTED:
@@ -47,11 +49,28 @@ class RotaryEmbedding(nn.Module):
         # HF builds the frequencies on the CPU; keep them where the model is being built.
         self.register_buffer("inv_freq", inv_freq.float().to(torch.get_default_device()), persistent=False)
         self.attention_scaling = float(scaling)
+        self.cos_sin_cache: torch.Tensor | None = None  # [max_positions, head_dim] float32, CUDA path
+
+    def _cache(self, device: torch.device) -> torch.Tensor:
+        """cos | sin (scaled) of every position, built once on first use on a CUDA device."""
+        if self.cos_sin_cache is None or self.cos_sin_cache.device != device:
+            pos = torch.arange(self.max_positions, device=device, dtype=torch.float32)
+            freqs = pos[:, None] * self.inv_freq.to(device)[None, :]
+            self.cos_sin_cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1) * self.attention_scaling
+        return self.cos_sin_cache
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T]."""
+        """q: [T, Hq, D], k: [T, Hkv, D]; positions: [T] (< max_positions)."""
+        if q.is_cuda:  # one fused Triton launch per tensor, in place
+            from nanocp_kernels.elementwise import rope_inplace
+
+            cache = self._cache(q.device)
+            q, k = q.contiguous(), k.contiguous()
+            rope_inplace(q, positions, cache)
+            rope_inplace(k, positions, cache)
+            return q, k
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(q.dtype)[:, None, :]

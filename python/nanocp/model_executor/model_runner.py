@@ -11,6 +11,7 @@ from nanocp.engine.forward_batch import ForwardBatch, forward_context
 from nanocp.kvcache.pool import KVCachePool, PageAllocator, ReqToTokenPool
 from nanocp.layers.attention import create_attention_backend
 from nanocp.layers.moe import FusedMoE
+from nanocp.layers.rotary import RotaryEmbedding
 from nanocp.layers.sampler import Sampler
 from nanocp.model_executor.cuda_graph_runner import CudaGraphRunner
 from nanocp.models.loader import load_hf_config, load_model
@@ -54,6 +55,8 @@ class ModelRunner:
         for module in self.model.modules():
             if isinstance(module, FusedMoE):
                 module.runner_backend = args.moe_runner_backend
+            elif isinstance(module, RotaryEmbedding):
+                module.max_positions = max(module.max_positions, self.context_length)
         self.moe_comm = create_moe_comm(
             args.moe_a2a_backend,
             parallel,

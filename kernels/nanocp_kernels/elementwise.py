@@ -1,0 +1,98 @@
+"""Small fused Triton kernels of the decoder layer: RMSNorm, rotary embedding, SiLU-and-mul.
+
+Each replaces a chain of torch ops (one kernel launch per op) with one launch; on GPU decode
+those launches, not the bytes, dominate a layer. Semantics follow HF Qwen3 (see the torch paths
+in nanocp.layers): RMSNorm normalizes in float32, casts to the input dtype, then scales; RoPE
+rotates the two halves of each head (neox style) with cos/sin from a float32 cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(x_ptr, w_ptr, o_ptr, D, stride_x, stride_o, eps, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    y = (x * r).to(o_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + row * stride_o + offs, w * y, mask=mask)
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Over the last dim of x (any leading shape)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        d = shape[-1]
+        _rmsnorm_kernel[(x2.shape[0],)](
+            x2, weight, out, d, x2.stride(0), out.stride(0), eps, BLOCK_D=triton.next_power_of_2(d)
+        )
+    return out.view(shape)
+
+
+@triton.jit
+def _rope_kernel(x_ptr, pos_ptr, cache_ptr, H, stride_t, stride_h, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    t = tl.program_id(0)
+    pos = tl.load(pos_ptr + t)
+    offs = tl.arange(0, HALF)
+    cos = tl.load(cache_ptr + pos * 2 * HALF + offs)
+    sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + offs)
+    heads = tl.arange(0, BLOCK_H)
+    hmask = heads[:, None] < H
+    base = x_ptr + t * stride_t + heads[:, None] * stride_h + offs[None, :]
+    x1 = tl.load(base, mask=hmask, other=0.0).to(tl.float32)
+    x2 = tl.load(base + HALF, mask=hmask, other=0.0).to(tl.float32)
+    o1 = x1 * cos[None, :] - x2 * sin[None, :]
+    o2 = x2 * cos[None, :] + x1 * sin[None, :]
+    tl.store(base, o1.to(x_ptr.dtype.element_ty), mask=hmask)
+    tl.store(base + HALF, o2.to(x_ptr.dtype.element_ty), mask=hmask)
+
+
+def rope_inplace(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """x: [T, H, D] (rotated in place); cos_sin_cache: [max_pos, D] float32 = cos | sin halves."""
+    t, h, d = x.shape
+    if t:
+        _rope_kernel[(t,)](
+            x,
+            positions,
+            cos_sin_cache,
+            h,
+            x.stride(0),
+            x.stride(1),
+            HALF=d // 2,
+            BLOCK_H=triton.next_power_of_2(h),
+        )
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, o_ptr, N, stride_x, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    gate = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + N + offs, mask=mask, other=0.0)
+    act = (gate / (1.0 + tl.exp(-gate))).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + row * stride_o + offs, act * up, mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """silu(x[..., :N]) * x[..., N:] for x [..., 2N]."""
+    x2 = x.reshape(-1, x.shape[-1])
+    n = x2.shape[1] // 2
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
+            x2, out, n, x2.stride(0), out.stride(0), BLOCK=block
+        )
+    return out.view(*x.shape[:-1], n)

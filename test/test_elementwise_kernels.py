@@ -1,0 +1,69 @@
+"""Fused Triton RMSNorm / RoPE / SiLU-and-mul (the CUDA path of the layers) against the torch
+paths HF parity is proven on: CPU through the Triton interpreter (fp32), GPU in fp32 and bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig
+
+from nanocp.layers.layernorm import RMSNorm
+from nanocp.layers.rotary import RotaryEmbedding
+from nanocp_kernels.elementwise import rmsnorm, rope_inplace, silu_and_mul
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+def tol(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 96), (3, 4, 128), (0, 64)])
+def test_rmsnorm_matches_torch_path(dtype, shape):
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(shape, generator=g)).to(DEVICE, dtype)
+    norm = RMSNorm(shape[-1], eps=1e-6).to(DEVICE, dtype)
+    norm.weight.data = torch.randn(shape[-1], generator=g).to(DEVICE, dtype)
+    h = x.float()
+    ref = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+    torch.testing.assert_close(rmsnorm(x, norm.weight, 1e-6), ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "scaling", [None, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}]
+)
+def test_rope_matches_torch_path(dtype, scaling):
+    extra = {"rope_scaling": {**scaling, "rope_theta": 10000.0}} if scaling else {}
+    cfg = AutoConfig.for_model("qwen3", head_dim=64, rope_theta=10000.0, max_position_embeddings=512, **extra)
+    rope = RotaryEmbedding(cfg, 64).to(DEVICE)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(7, 4, 64, generator=g).to(DEVICE, dtype)
+    k = torch.randn(7, 2, 64, generator=g).to(DEVICE, dtype)
+    pos = torch.tensor([0, 1, 5, 63, 64, 300, 511], device=DEVICE)
+    # the torch path (what runs on CPU), written out: HF's rotate-half formula
+    freqs = pos[:, None].float() * rope.inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), -1)
+    cos = (emb.cos() * rope.attention_scaling)[:, None, :]
+    sin = (emb.sin() * rope.attention_scaling)[:, None, :]
+
+    def rot(x):
+        x = x.float()
+        return (x * cos + torch.cat((-x[..., 32:], x[..., :32]), -1) * sin).to(dtype)
+
+    cache = rope._cache(torch.device(DEVICE))
+    qq, kk = q.clone(), k.clone()
+    rope_inplace(qq, pos, cache)
+    rope_inplace(kk, pos, cache)
+    torch.testing.assert_close(qq, rot(q), **tol(dtype))
+    torch.testing.assert_close(kk, rot(k), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_torch(dtype):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(6, 2 * 1500, generator=g).to(DEVICE, dtype)
+    torch.testing.assert_close(silu_and_mul(x), F.silu(x[:, :1500]) * x[:, 1500:], **tol(dtype))
