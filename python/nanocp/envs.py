@@ -28,3 +28,8 @@ def log_level() -> str:
 def startup_timeout_s() -> float:
     """How long launch_server waits for its instances to load."""
     return float(_get("NANOCP_STARTUP_TIMEOUT_S", "900"))
+
+
+def routing_buffer_bytes() -> int:
+    """Receive buffer per source rank of the CUDA-IPC routing backend (instances sharing GPUs)."""
+    return int(float(_get("NANOCP_ROUTING_BUFFER_MB", "64")) * 2**20)

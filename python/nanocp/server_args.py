@@ -120,11 +120,20 @@ class ServerArgs:
         if self.device == "cuda" and self.dp_size > 1:
             import torch
 
-            if torch.cuda.device_count() < self.dp_size:
-                raise ServerArgsError(
-                    f"--dp-size {self.dp_size} needs {self.dp_size} GPUs (one per instance), "
-                    f"found {torch.cuda.device_count()}"
-                )
+            gpus = torch.cuda.device_count()
+            if gpus == 0:
+                raise ServerArgsError("--device cuda: no CUDA device found")
+            if gpus < self.dp_size:  # instances share GPUs (testing several instances on few GPUs)
+                if self.max_total_tokens is None:
+                    raise ServerArgsError(
+                        f"--dp-size {self.dp_size} on {gpus} GPU(s): instances share GPUs, so give each its KV "
+                        "budget with --max-total-tokens (--mem-fraction-static is per GPU)"
+                    )
+                if self.moe_a2a_backend != "all_to_all":
+                    raise ServerArgsError(
+                        f"--moe-a2a-backend {self.moe_a2a_backend} needs one GPU per instance "
+                        f"(--dp-size {self.dp_size}, {gpus} GPU(s)); use all_to_all"
+                    )
         self._check_choice("load_balance_method", LOAD_BALANCE_METHODS)
         self._check_int("max_total_tokens", minimum=1, optional=True)
         self._check_int("context_length", minimum=1, optional=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanocp.distributed.parallel_state import A2AComm
 from nanocp.kvcache.pool import PageAllocator
 from nanocp_kernels.merge import merge_states
 from nanocp_kernels.reference import paged_attention_ref
@@ -88,7 +89,7 @@ class ForeignKV:
 
 @dataclass
 class DCPStep:
-    group: dist.ProcessGroup | None
+    comm: A2AComm
     kv_send_idx: torch.Tensor  # own rows whose K/V go to holders, grouped by peer
     kv_send_counts: list[int]
     kv_recv_counts: list[int]
@@ -119,7 +120,13 @@ def _exchange_ints(blocks: list[list[int]], group, device) -> list[list[int]]:
 
 
 def build_dcp_step(
-    work: list[tuple], rank: int, world: int, foreign: ForeignKV, group, cpu_group, device: torch.device
+    work: list[tuple],
+    rank: int,
+    world: int,
+    foreign: ForeignKV,
+    comm: A2AComm,
+    cpu_group,
+    device: torch.device,
 ) -> DCPStep:
     """work: (req, row_offset, start, end) of this instance's batch. Collective: every instance
     calls it in the step (an idle one with no work)."""
@@ -171,7 +178,7 @@ def build_dcp_step(
         return torch.tensor([r for rs in rows for r in rs], dtype=torch.int64, device=device)
 
     return DCPStep(
-        group=group,
+        comm=comm,
         kv_send_idx=idx(kv_rows),
         kv_send_counts=[len(r) for r in kv_rows],
         kv_recv_counts=kv_recv_counts,
@@ -187,12 +194,6 @@ def build_dcp_step(
     )
 
 
-def _a2a(x: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
-    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
-    dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
-    return out
-
-
 def dcp_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -205,12 +206,12 @@ def dcp_attention(
     st: DCPStep,
 ) -> torch.Tensor:
     """Steps 1-4 of the module docstring for one layer; returns this instance's merged output."""
-    g = st.group
-    k_recv = _a2a(k[st.kv_send_idx], st.kv_send_counts, st.kv_recv_counts, g)
-    v_recv = _a2a(v[st.kv_send_idx], st.kv_send_counts, st.kv_recv_counts, g)
+    a2a = st.comm.all_to_all
+    k_recv = a2a(k[st.kv_send_idx], st.kv_send_counts, st.kv_recv_counts)
+    v_recv = a2a(v[st.kv_send_idx], st.kv_send_counts, st.kv_recv_counts)
     k_buffer[st.kv_recv_slots] = k_recv.to(k_buffer.dtype)
     v_buffer[st.kv_recv_slots] = v_recv.to(v_buffer.dtype)
-    q_recv = _a2a(q[st.q_send_idx], st.q_send_counts, st.q_recv_counts, g)
+    q_recv = a2a(q[st.q_send_idx], st.q_send_counts, st.q_recv_counts)
     o_f, lse_f = paged_attention_ref(
         q_recv,
         k_buffer,
@@ -222,8 +223,8 @@ def dcp_attention(
         st.f_kv_pos,
         scaling,
     )
-    o_back = _a2a(o_f, st.q_recv_counts, st.q_send_counts, g)
-    lse_back = _a2a(lse_f, st.q_recv_counts, st.q_send_counts, g)
+    o_back = a2a(o_f, st.q_recv_counts, st.q_send_counts)
+    lse_back = a2a(lse_f, st.q_recv_counts, st.q_send_counts)
     o, lse = o_local.clone(), lse_local.clone()
     off = 0
     for n in st.q_send_counts:  # a row goes to a peer at most once: merge peer by peer

@@ -68,6 +68,14 @@ class AllGatherMoE(MoEComm):
     partial results over ranks, keep this rank's rows. Simple and obviously right; moves N x
     the data of all_to_all."""
 
+    def __init__(self, state: ParallelState, **kwargs: object) -> None:
+        super().__init__(state)
+        if state.group is None:
+            raise RuntimeError(
+                "--moe-a2a-backend allgather needs one GPU per instance (instances share GPUs here); "
+                "use --moe-a2a-backend all_to_all"
+            )
+
     def forward(self, x, topk_weights, topk_ids, experts, global_num_tokens):
         st = self.state
         counts = global_num_tokens or [x.shape[0]] * st.ep_size
@@ -105,18 +113,14 @@ class AllToAllMoE(MoEComm):
         token_of_pair = torch.arange(num_tokens, device=x.device).repeat_interleave(k)
         send_x = x[token_of_pair[order]]
         with trace_section("moe_comm"):  # dispatch
-            recv_counts = torch.empty_like(send_counts)
-            dist.all_to_all_single(recv_counts, send_counts, group=st.group)
-            send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
-            recv_x = x.new_empty(sum(recv_splits), x.shape[1])
-            dist.all_to_all_single(recv_x, send_x, recv_splits, send_splits, group=st.group)
-            recv_ids = flat_ids.new_empty(sum(recv_splits))
-            dist.all_to_all_single(recv_ids, flat_ids[order], recv_splits, send_splits, group=st.group)
+            send_splits = send_counts.tolist()
+            recv_splits = st.a2a.exchange_counts(send_splits)
+            recv_x = st.a2a.all_to_all(send_x, send_splits, recv_splits)
+            recv_ids = st.a2a.all_to_all(flat_ids[order], send_splits, recv_splits)
         with trace_section("moe_compute"):
             y = experts.run_expert_rows(recv_x, recv_ids - experts.expert_offset)
         with trace_section("moe_comm"):  # combine
-            back = x.new_empty(send_x.shape)
-            dist.all_to_all_single(back, y, send_splits, recv_splits, group=st.group)
+            back = st.a2a.all_to_all(y, recv_splits, send_splits)
         pairs = torch.empty_like(back)
         pairs[order] = back
         pairs = pairs.view(num_tokens, k, x.shape[1])
@@ -188,9 +192,9 @@ class DeepEPMoE(MoEComm):
             # packed layout: expert e's tokens are rows [0, recv_count[e]) of recv_x[e]
             num_local, cap, hidden = recv_x.shape
             slot = torch.arange(cap, device=recv_x.device)
-            ids = torch.arange(num_local, device=recv_x.device)[:, None].expand(num_local, cap)
-            ids = torch.where(slot[None, :] < recv_count[:, None], ids, -1).reshape(-1)
-            y = experts.run_expert_rows(recv_x.view(-1, hidden), ids).view(num_local, cap, hidden)
+            row_expert = torch.arange(num_local, device=recv_x.device)[:, None].expand(num_local, cap)
+            row_expert = torch.where(slot[None, :] < recv_count[:, None], row_expert, -1).reshape(-1)
+            y = experts.run_expert_rows(recv_x.view(-1, hidden), row_expert).view(num_local, cap, hidden)
         with trace_section("moe_comm"):
             out, _, _ = self.buffer.low_latency_combine(y, ids, topk_weights.float(), handle)
         return out.to(x.dtype)

@@ -2,6 +2,9 @@
 
 Instance i is rank i of the world group (NCCL on GPU, gloo on CPU). A gloo group over the same
 ranks carries the small per-step control all-gather, so it never waits behind GPU work.
+Variable-size data exchanges (MoE tokens, context-parallel q / KV / (o, lse)) go through
+`ParallelState.a2a`: all_to_all_single on the world group, or, when instances share GPUs (more
+instances than devices: NCCL refuses two ranks on one GPU), the CUDA-IPC routing backend.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from nanocp import envs
+
 
 @dataclass
 class ParallelState:
@@ -18,8 +23,10 @@ class ParallelState:
     world_size: int = 1
     ep_rank: int = 0
     ep_size: int = 1
-    group: dist.ProcessGroup | None = None  # data collectives (MoE exchange)
+    group: dist.ProcessGroup | None = None  # data collectives (None when instances share GPUs)
     cpu_group: dist.ProcessGroup | None = None  # control collectives
+    device: torch.device | None = None
+    a2a: A2AComm | None = None  # variable-size data exchange between the ranks
 
     def all_gather_ints(self, values: list[int]) -> list[list[int]]:
         """Every rank's `values` (same length on all ranks), in rank order."""
@@ -31,28 +38,63 @@ class ParallelState:
         return [t.tolist() for t in out]
 
 
+class A2AComm:
+    """all_to_all of rows with per-peer counts (the counts themselves go over the CPU group)."""
+
+    def __init__(self, group: dist.ProcessGroup | None, cpu_group: dist.ProcessGroup | None) -> None:
+        self.group, self.cpu_group = group, cpu_group
+
+    def exchange_counts(self, counts: list[int]) -> list[int]:
+        send = torch.tensor(counts, dtype=torch.int64)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.cpu_group)
+        return recv.tolist()
+
+    def all_to_all(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
+        return out
+
+
+def instance_device(instance: int, device_type: str) -> torch.device:
+    """Instance i runs on GPU i, or round-robin when there are more instances than GPUs."""
+    if device_type != "cuda":
+        return torch.device("cpu")
+    return torch.device(f"cuda:{instance % max(1, torch.cuda.device_count())}")
+
+
 def init_parallel_state(
     rank: int, world_size: int, ep_size: int, device: torch.device, init_port: int, force_group: bool = False
 ) -> ParallelState:
     """force_group: create the (one-rank) group even for a single instance (DeepEP needs one)."""
     if world_size == 1 and not force_group:
-        return ParallelState()
-    backend = "nccl" if device.type == "cuda" else "gloo"
+        return ParallelState(device=device)
+    shared_gpu = device.type == "cuda" and world_size > torch.cuda.device_count()
+    backend = "nccl" if device.type == "cuda" and not shared_gpu else "gloo"
     dist.init_process_group(
         backend=backend,
         init_method=f"tcp://127.0.0.1:{init_port}",
         rank=rank,
         world_size=world_size,
-        device_id=device if device.type == "cuda" else None,
+        device_id=device if backend == "nccl" else None,
     )
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+    if shared_gpu:
+        from nanocp.distributed.ipc_comm import IpcAllToAll
+
+        group, a2a = None, IpcAllToAll(rank, world_size, cpu_group, device, envs.routing_buffer_bytes())
+    else:
+        group = dist.group.WORLD
+        a2a = A2AComm(group, cpu_group)
     return ParallelState(
         rank=rank,
         world_size=world_size,
         ep_rank=rank if ep_size > 1 else 0,
         ep_size=ep_size,
-        group=dist.group.WORLD,
+        group=group,
         cpu_group=cpu_group,
+        device=device,
+        a2a=a2a,
     )
 
 

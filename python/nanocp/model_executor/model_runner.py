@@ -6,7 +6,12 @@ import torch
 
 from nanocp import envs
 from nanocp.distributed.moe_comm import create_moe_comm
-from nanocp.distributed.parallel_state import ParallelState, destroy_parallel_state, init_parallel_state
+from nanocp.distributed.parallel_state import (
+    ParallelState,
+    destroy_parallel_state,
+    init_parallel_state,
+    instance_device,
+)
 from nanocp.engine.forward_batch import ForwardBatch, forward_context
 from nanocp.kvcache.pool import KVCachePool, PageAllocator, ReqToTokenPool
 from nanocp.layers.attention import create_attention_backend
@@ -33,7 +38,7 @@ class ModelRunner:
             self._owns_group = True
         self.parallel = parallel
 
-        self.device = torch.device(f"cuda:{parallel.rank}") if args.device == "cuda" else torch.device("cpu")
+        self.device = parallel.device or instance_device(parallel.rank, args.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.hf_config = load_hf_config(args.model_path, args.trust_remote_code)

@@ -16,7 +16,7 @@ import torch
 import zmq
 
 from nanocp.distributed.dcp import build_dcp_step
-from nanocp.distributed.parallel_state import init_parallel_state
+from nanocp.distributed.parallel_state import init_parallel_state, instance_device
 from nanocp.engine.step_trace import StepTracer
 from nanocp.errors import InvalidRequestError
 from nanocp.model_executor.model_runner import ModelRunner
@@ -54,7 +54,7 @@ class Worker:
         dp = server_args.dp_size
         if server_args.device == "cpu" and dp > 1:  # instances share the host's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // dp))
-        device = torch.device(f"cuda:{instance}" if server_args.device == "cuda" else "cpu")
+        device = instance_device(instance, server_args.device)
         self.parallel = init_parallel_state(instance, dp, server_args.ep_size, device, ports.dist_port)
         # MoE collectives or context-parallel routing: every instance runs every step
         self.lockstep = server_args.ep_size > 1 or server_args.cp_policy != "none"
@@ -215,7 +215,7 @@ class Worker:
                 p.rank,
                 p.world_size,
                 self.scheduler.foreign,
-                p.group,
+                p.a2a,
                 p.cpu_group,
                 self.runner.device,
             )

@@ -35,7 +35,9 @@ class TritonAttnBackend(TorchAttnBackend):
         super().init_forward_metadata(batch)
         qo_indptr, kv_indptr, kv_indices, kv_pos = self.meta
         device = kv_indices.device
-        counts = torch.tensor([b - a for a, b in zip(qo_indptr, qo_indptr[1:])], device=device)
+        counts = torch.tensor(
+            [b - a for a, b in zip(qo_indptr, qo_indptr[1:])], dtype=torch.int64, device=device
+        )
         q_seq = torch.repeat_interleave(torch.arange(len(counts), device=device), counts).to(torch.int32)
         self.triton_meta = (
             q_seq,

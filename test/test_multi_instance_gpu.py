@@ -1,0 +1,38 @@
+"""Several instances sharing ONE GPU (GPU): NCCL refuses two ranks on a device, so MoE tokens and
+context-parallel q / KV / (o, lse) travel through the CUDA-IPC routing backend. Sharded DCP
+outputs equal HF transformers (fp32 greedy) for dp=2 and dp=4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+if not torch.cuda.is_available():
+    pytest.skip("needs CUDA", allow_module_level=True)
+
+from test_dcp import LONG, SHORT  # noqa: E402
+from test_dp_ep import _post_all  # noqa: E402
+
+from conftest import random_prompts  # noqa: E402
+from nanocp.testing.server import ServerProcess  # noqa: E402
+
+NEW = 10
+CASES = [
+    (2, ["--cp-policy", "uniform", "--cp-size", "2"]),
+    (4, ["--cp-policy", "dynamic", "--cp-min-shard-tokens", "32", "--cp-max-degree", "4"]),
+]
+
+
+@pytest.mark.parametrize("dp, flags", CASES, ids=[f"dp{d}-{f[1]}" for d, f in CASES])
+def test_instances_sharing_one_gpu_match_transformers(moe_model, hf_oracle, tmp_path, dp, flags):
+    prompts = random_prompts(LONG + SHORT, vocab=500, seed=43)
+    expected = [hf_oracle(moe_model).greedy(p, NEW) for p in prompts]
+    args = [
+        "--model-path", moe_model, "--device", "cuda", "--dtype", "float32", "--attention-backend", "triton",
+        "--dp-size", str(dp), "--ep-size", str(dp), "--max-total-tokens", "4096", "--chunked-prefill-size", "64",
+        *flags,
+    ]  # fmt: skip
+    with ServerProcess(args, log_path=str(tmp_path / "log")) as s:
+        assert _post_all(s.url, prompts, [None] * len(prompts)) == expected, s.log()
