@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import json
 import math
 import re
 import sys
@@ -55,6 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cp-min-shard-tokens", type=int, default=1024)
     p.add_argument("--trace-dir", type=Path, default=Path("/tmp/nanocp-compare-traces"))
     p.add_argument("--tag", default=None)
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=["none", "uniform", "dynamic"],
+        help="re-run these modes only, replacing them in the existing result file",
+    )
     return p.parse_args(argv)
 
 
@@ -240,10 +247,16 @@ def main(argv=None) -> dict:
         "settings": {k: str(v) for k, v in vars(args).items()},
         "modes": {},
     }
+    tag = args.tag or f"{args.device}_dp{args.dp_size}"
+    if args.only:  # keep the other modes' runs from the existing file
+        old = json.loads((RESULTS / f"compare_{tag}.json").read_text())
+        result["modes"] = old["modes"]
+        result["command"] = f"{old['command']} ({old['date']}); re-run of {args.only}: {result['command']}"
     for mode, flags in modes(args.dp_size, args.cp_min_shard_tokens).items():
+        if args.only and flags[1] not in args.only:
+            continue
         print(f"{mode} ...", flush=True)
         result["modes"][mode] = run_mode(args, model, mode, flags)
-    tag = args.tag or f"{args.device}_dp{args.dp_size}"
     write_json(RESULTS / f"compare_{tag}.json", result)
     plot(result, RESULTS / f"compare_{tag}.png")
     write_summary(result, RESULTS / f"compare_{tag}.md")

@@ -131,6 +131,12 @@ class CostModel:
         bytes_per_layer = foreign_queries * 2 * m.hidden * m.bytes_per_param
         return m.num_layers * (d.link_latency + bytes_per_layer / d.link_bw)
 
+    def routing_step(self) -> float:
+        """Fixed cost of a step with context-parallel routing (in `routing` per layer here)."""
+        return 0.0
+
+    combine = "max"  # every instance has its own device: the slowest one sets the step
+
     def prefill(self, tokens: int) -> float:
         m, d = self.model, self.device
         active = m.attn_params_per_layer * m.num_layers + m.top_k * m.expert_params * m.num_moe_layers
@@ -174,11 +180,14 @@ class CostModel:
 class ProfileCost:
     """Step costs fitted to measurements of a real deployment (benchmark.sim_validate writes
     one from a run's step traces; the GPU benchmarks write the same format). Linear in the work:
-        attention = per_kv_token * KV tokens read (query-key pairs for prefill chunks)
+        attention = per_kv_token * KV tokens read by decodes
+                    + per_prefill_pair * query-key pairs of prefill chunks
                     + per_request * requests/shards attended
         compute   = base + per_token * tokens run (dense layers, local experts, step overhead)
         moe_comm  = base + per_token * the largest instance's tokens
         routing   = per_query * queries served for other homes
+                    + routing_step on every instance in a step where any request is sharded
+                      (the lockstep q / KV / (o, lse) exchanges run on all instances)
     The simulator's interface is CostModel's; prefill work is in `compute` and `attention`."""
 
     num_instances: int
@@ -190,6 +199,13 @@ class ProfileCost:
     moe_comm_base_s: float
     moe_comm_per_token_s: float
     routing_per_query_s: float
+    routing_step_s: float = 0.0
+    attn_per_prefill_pair_s: float | None = None  # None: same as attn_per_kv_token_s
+    # "max": one device per instance, the slowest sets the step; "shared": the instances share
+    # `cores` CPU cores, one each at most: step = max(cores * max_i w_i, sum_i w_i), with the
+    # coefficients in host-seconds (fitted to the summed work)
+    combine: str = "max"
+    cores: int = 1
     device: str = ""
     source: str = ""
 
@@ -197,7 +213,8 @@ class ProfileCost:
         return self.attn_per_kv_token_s * kv_tokens + self.attn_per_request_s * num_shards
 
     def prefill_attention(self, pairs: int) -> float:
-        return self.attn_per_kv_token_s * pairs
+        per = self.attn_per_prefill_pair_s
+        return (self.attn_per_kv_token_s if per is None else per) * pairs
 
     def dense(self, batch_tokens: int, cluster_tokens: int) -> float:
         return self.compute_base_s + self.compute_per_token_s * batch_tokens
@@ -212,6 +229,9 @@ class ProfileCost:
 
     def routing(self, foreign_queries: int) -> float:
         return self.routing_per_query_s * foreign_queries
+
+    def routing_step(self) -> float:
+        return self.routing_step_s
 
     def kv_capacity_tokens(self) -> int:
         return self.kv_capacity

@@ -198,12 +198,18 @@ class Simulator:
                         foreign_q[seg.instance] += q1 - max(q0, seg.start)
         c = self.cost
         cluster_tokens = sum(batch) + sum(prefill)
+        routed = c.routing_step() if any(foreign_q) else 0.0  # lockstep exchange on every instance
         per_instance = [
             c.attention(kv[i], shards[i])
             + c.prefill_attention(pairs[i])
             + c.dense(batch[i] + prefill[i], cluster_tokens)
             + c.prefill(prefill[i])
             + c.routing(foreign_q[i])
+            + routed
             for i in range(n)
         ]
-        return max(per_instance) + c.moe_comm(max(batch[i] + prefill[i] for i in range(n))), kv, batch
+        if c.combine == "shared":  # instances share a few CPU cores, each uses one at most
+            work = max(c.cores * max(per_instance), sum(per_instance))
+        else:
+            work = max(per_instance)
+        return work + c.moe_comm(max(batch[i] + prefill[i] for i in range(n))), kv, batch
