@@ -58,10 +58,20 @@ class Router:
         self.degrees: dict[int, int] = {}  # cp degree -> requests placed with it
         self.growth_segments = {"home": 0, "moved": 0}  # growth quotas placed on the home / elsewhere
 
+    def send_work(self, inst: int, msg: dict) -> None:
+        """Work for one instance; the others get a "wake" so that a lockstep cluster idling in its
+        slow poll starts the step at once (every instance takes part in every step)."""
+        self.workers[inst].send(dumps(msg))
+        if len(self.workers) > 1:
+            wake = dumps({"type": "wake"})
+            for i, w in enumerate(self.workers):
+                if i != inst:
+                    w.send(wake)
+
     def dispatch(self, inst: int, msg: dict, budget: int) -> None:
         self.state.on_dispatch(inst, budget)
         self.rid_to_instance[msg["rid"]] = inst
-        self.workers[inst].send(dumps(msg))
+        self.send_work(inst, msg)
 
     def place(self) -> None:
         """Plan queued requests first-come first-served; a request that does not fit waits."""
@@ -118,7 +128,7 @@ class Router:
         holders = {s.instance for s in plan.segments if s.instance != plan.home}
         self.placed[req["rid"]] = CPRequest(key, plan.home, holders)
         self.rid_to_instance[req["rid"]] = plan.home
-        self.workers[plan.home].send(dumps(req))
+        self.send_work(plan.home, req)
 
     def on_grow(self, msg: dict) -> None:
         """A home used up its request's plan: place the next tail quota (growth re-planning)."""
@@ -152,7 +162,7 @@ class Router:
 
     def grown(self, rid: str, home: int, segment: list[int]) -> None:
         self.growth_segments["home" if segment[0] == home else "moved"] += 1
-        self.workers[home].send(dumps({"type": "grown", "rid": rid, "segment": segment}))
+        self.send_work(home, {"type": "grown", "rid": rid, "segment": segment})
 
     def abort_output(self, req: dict) -> None:
         """Finish a request that never reached an instance."""

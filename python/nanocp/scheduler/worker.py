@@ -30,7 +30,12 @@ from nanocp_router.process import child_process_setup
 
 logger = logging.getLogger("nanocp.worker")
 REPORT_INTERVAL_S = 0.5
+# Lockstep instances run one (possibly empty) step per loop turn, so an idle cluster still meets
+# in a small all-gather every poll: every 20 ms right after work, every 200 ms once idle for a
+# second (the router's "wake" broadcast cuts the wait short when a request arrives).
 IDLE_POLL_MS = 20
+IDLE_MAX_POLL_MS = 200
+IDLE_BACKOFF_S = 1.0
 
 
 def detok_params(p: SamplingParams) -> dict[str, Any]:
@@ -65,6 +70,7 @@ class Worker:
             tracer = StepTracer(path, instance, self.runner.device)
         self.scheduler = Scheduler(self.runner, tracer)
         self._cluster_busy = False
+        self._idle_since = time.monotonic()
         eos = eos_token_ids(tokenizer, self.runner.hf_config, server_args.model_path)
         self.make_req = RequestFactory(tokenizer, eos, self.runner.device, server_args.random_seed + instance)
         self.ctx = zmq.Context()
@@ -134,6 +140,8 @@ class Worker:
                 return [self._encode(out)]
         elif kind == "flush_cache":
             pass  # no prefix cache yet: nothing is kept beyond running requests
+        elif kind == "wake":
+            pass  # a request arrived somewhere: its step starts without waiting for the idle poll
         else:
             logger.warning("worker: unknown message type %r", kind)
         return []
@@ -224,8 +232,12 @@ class Worker:
     def run_forever(self) -> None:
         while True:
             busy = self.scheduler.has_work() or self._cluster_busy
+            now = time.monotonic()
+            if busy:
+                self._idle_since = now
+            idle_ms = IDLE_POLL_MS if now - self._idle_since < IDLE_BACKOFF_S else IDLE_MAX_POLL_MS
             outs: list[dict] = []
-            for msg in drain(self.inbox, timeout_ms=0 if busy else IDLE_POLL_MS):
+            for msg in drain(self.inbox, timeout_ms=0 if busy else idle_ms):
                 outs += self.handle(msg)
             if self.lockstep:
                 outs += [self._encode(o) for o in self.step_lockstep()]
