@@ -10,7 +10,7 @@ from transformers import AutoConfig
 
 from nanocp.layers.layernorm import RMSNorm
 from nanocp.layers.rotary import RotaryEmbedding
-from nanocp_kernels.elementwise import rmsnorm, rope_inplace, silu_and_mul
+from nanocp_kernels.elementwise import rmsnorm, rope_inplace, silu_and_mul, topk_softmax
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -67,3 +67,16 @@ def test_silu_and_mul_matches_torch(dtype):
     g = torch.Generator().manual_seed(2)
     x = torch.randn(6, 2 * 1500, generator=g).to(DEVICE, dtype)
     torch.testing.assert_close(silu_and_mul(x), F.silu(x[:, :1500]) * x[:, 1500:], **tol(dtype))
+
+
+@pytest.mark.parametrize("e, k, renorm", [(16, 4, True), (128, 8, True), (60, 2, False), (7, 1, True)])
+def test_topk_softmax_matches_select_experts(e, k, renorm):
+    g = torch.Generator().manual_seed(e + k)
+    logits = (2 * torch.randn(9, e, generator=g)).to(DEVICE)
+    probs = torch.softmax(logits.float(), -1)
+    want_w, want_ids = probs.topk(k, dim=-1)
+    if renorm:
+        want_w = want_w / want_w.sum(-1, keepdim=True)
+    w, ids = topk_softmax(logits, k, renorm)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-6)

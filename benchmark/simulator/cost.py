@@ -78,8 +78,11 @@ class Device:
     kernel_overhead: float  # s per small kernel (per request shard per layer, graph-replayed)
 
 
+# mem_bw: measured copy bandwidth; kernel_overhead: time a batched decode-attention kernel spends
+# per request shard beyond reading its KV, measured 35-125 ns on H200 (attention_bandwidth_h200.json,
+# 128-512 shards per kernel); link figures are NVLink-class estimates (no multi-GPU runs yet).
 H200 = Device(
-    "H200", mem_bw=4.27e12, flops=6.0e14, link_bw=3.0e11, link_latency=1.5e-5, kernel_overhead=1.0e-6
+    "H200", mem_bw=4.27e12, flops=6.0e14, link_bw=3.0e11, link_latency=1.5e-5, kernel_overhead=1.0e-7
 )
 
 

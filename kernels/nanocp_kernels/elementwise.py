@@ -96,3 +96,38 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
             x2, out, n, x2.stride(0), out.stride(0), BLOCK=block
         )
     return out.view(*x.shape[:-1], n)
+
+
+@triton.jit
+def _topk_softmax_kernel(
+    logits_ptr, w_ptr, ids_ptr, E, stride_l, K: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_E)
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = p / tl.sum(p, axis=0)
+    total = 0.0
+    for k in tl.static_range(K):  # k rounds of arg-max, each removing the winner
+        best = tl.max(p, axis=0)
+        idx = tl.min(tl.where(p == best, offs, BLOCK_E), axis=0)  # lowest index among ties
+        tl.store(w_ptr + row * K + k, best)
+        tl.store(ids_ptr + row * K + k, idx.to(tl.int64))
+        total += best
+        p = tl.where(offs == idx, -1.0, p)
+    if RENORM:
+        ks = tl.arange(0, K)
+        w = tl.load(w_ptr + row * K + ks)
+        tl.store(w_ptr + row * K + ks, w / total)
+
+
+def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router: softmax over experts in float32, the top-k (weights float32 [T, k], ids int64)."""
+    t, e = logits.shape
+    w = torch.empty((t, k), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
+    if t:
+        _topk_softmax_kernel[(t,)](
+            logits, w, ids, e, logits.stride(0), K=k, RENORM=renormalize, BLOCK_E=triton.next_power_of_2(e)
+        )
+    return w, ids

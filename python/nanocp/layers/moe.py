@@ -18,6 +18,11 @@ def select_experts(
     router_logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax in float32 over all experts, keep the top-k (optionally renormalised)."""
+    if router_logits.is_cuda and top_k & (top_k - 1) == 0:  # one fused launch (power-of-2 k)
+        from nanocp_kernels.elementwise import topk_softmax
+
+        weights, ids = topk_softmax(router_logits, top_k, renormalize)
+        return weights.to(dtype), ids
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
