@@ -92,3 +92,11 @@ def test_triton_backend_on_cpu_needs_cuda(moe_model):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode != 0 and "--attention-backend triton needs a CUDA device" in proc.stderr
+
+
+def test_deepep_mode_choices():
+    assert ServerArgs(device="cpu", deepep_mode="low_latency").deepep_mode == "low_latency"
+    with pytest.raises(ServerArgsError, match="--deepep-mode normal"):
+        ServerArgs(device="cpu", deepep_mode="normal")
+    with pytest.raises(ServerArgsError, match="deepep_mode|--deepep-mode"):
+        ServerArgs(device="cpu", deepep_mode="fast")

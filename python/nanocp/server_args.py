@@ -20,6 +20,7 @@ ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
 LOAD_BALANCE_METHODS = tuple(POLICIES)
 MOE_A2A_BACKENDS = ("allgather", "all_to_all", "deepep")
 MOE_RUNNER_BACKENDS = ("auto", "torch", "triton")
+DEEPEP_MODES = ("auto", "low_latency", "normal")
 CP_POLICIES = ("none", "uniform", "dynamic")
 
 
@@ -63,6 +64,7 @@ class ServerArgs:
     enable_dp_attention: bool = False  # accepted for SGLang compatibility: attention is always DP here
     moe_a2a_backend: str = "all_to_all"
     moe_runner_backend: str = "auto"  # expert GEMMs: auto = triton on CUDA, torch elsewhere
+    deepep_mode: str = "auto"  # --moe-a2a-backend deepep: which DeepEP kernels
     load_balance_method: str = "round_robin"
     step_trace_file: str | None = None
     # Context parallelism (router planner): none = static DP, uniform = every request over
@@ -102,6 +104,12 @@ class ServerArgs:
             )
         self._check_choice("moe_a2a_backend", MOE_A2A_BACKENDS)
         self._check_choice("moe_runner_backend", MOE_RUNNER_BACKENDS)
+        self._check_choice("deepep_mode", DEEPEP_MODES)
+        if self.deepep_mode == "normal":
+            raise ServerArgsError(
+                "--deepep-mode normal (DeepEP's high-throughput kernels) is not implemented yet; use "
+                "low_latency or auto (low-latency kernels for every step, prefill chunked to the buffer)"
+            )
         if self.moe_runner_backend == "auto":
             self.moe_runner_backend = "triton" if self.device == "cuda" else "torch"
         if self.cp_policy is None:
@@ -239,6 +247,14 @@ class ServerArgs:
             default=ServerArgs.moe_a2a_backend,
             choices=MOE_A2A_BACKENDS,
             help="MoE token exchange between expert-parallel instances.",
+        )
+        a(
+            "--deepep-mode",
+            type=str,
+            default=ServerArgs.deepep_mode,
+            choices=DEEPEP_MODES,
+            help="With --moe-a2a-backend deepep: low_latency kernels (decode and chunked prefill) or auto "
+            "(the same for now); normal is not implemented yet.",
         )
         a(
             "--moe-runner-backend",
