@@ -4,7 +4,7 @@
 `reference.fused_moe_ref` does (SwiGLU experts, weighted sum over the top-k) with two grouped
 GEMM launches:
   1. pairs are sorted by local expert and each expert's run padded to BLOCK_M rows
-     (`moe_align`, torch ops only: no host sync, so it can run inside a CUDA graph);
+     (`moe_align`: no host sync, so it can run inside a CUDA graph);
   2. gate_up = x[token] @ w13[e]^T for every pair (one program per BLOCK_M x BLOCK_N tile; a
      tile's rows all belong to one expert, whose weight tile is read once for them);
   3. act = silu(gate) * up;  4. y = act @ w2[e]^T scaled by the pair's routing weight;
@@ -78,33 +78,6 @@ def _grouped_gemm_kernel(
     tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def moe_align(local_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group pair ids (flattened [T, k]) by expert, each expert's run padded to block_m rows.
-    Ids outside [0, num_experts) are dropped. Returns (sorted_ids [capacity] with padding =
-    num_pairs, block_expert [capacity // block_m] with -1 for unused blocks). No host sync."""
-    flat = local_ids.reshape(-1)
-    n, dev = flat.numel(), flat.device
-    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
-    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
-    counts.scatter_add_(0, key, torch.ones_like(key))
-    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
-    ends = torch.cumsum(padded, 0)
-    starts = ends - padded
-    first = torch.cumsum(counts, 0) - counts  # first sorted index of each key
-    order = torch.argsort(key, stable=True)
-    skey = key[order]
-    capacity = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
-    starts_ext = torch.cat([starts, starts.new_full((1,), capacity)])  # dropped pairs go past the end
-    dest = starts_ext[skey] + torch.arange(n, device=dev) - first[skey]
-    dest = torch.where(skey < num_experts, dest, capacity)
-    sorted_ids = torch.full((capacity + 1,), n, dtype=torch.int64, device=dev)
-    sorted_ids.scatter_(0, dest, order)
-    block_start = torch.arange(capacity // block_m, device=dev) * block_m
-    block_expert = torch.searchsorted(ends, block_start, right=True)
-    block_expert = torch.where(block_expert < num_experts, block_expert, -1)
-    return sorted_ids[:capacity], block_expert
-
-
 @triton.jit
 def _align_count_kernel(ids_ptr, n, E, counts_ptr, rank_ptr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -142,12 +115,13 @@ def _align_scatter_kernel(ids_ptr, rank_ptr, starts_ptr, n, E, sorted_ptr, BLOCK
     tl.store(sorted_ptr + start + rank, offs.to(tl.int64), mask=valid)
 
 
-def moe_align_triton(
-    local_ids: torch.Tensor, num_experts: int, block_m: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """moe_align in three small launches (CUDA decode: the torch version is ~15 launches). Order
-    within an expert's run follows atomics, which changes no result: each pair's row is computed
-    and stored independently."""
+def moe_align(local_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group pair ids (flattened [T, k]) by expert, each expert's run padded to block_m rows, in
+    three small launches (reference.moe_align_ref is the torch version, ~15 launches). Ids outside
+    [0, num_experts) are dropped. Returns (sorted_ids [capacity] with padding = num_pairs,
+    block_expert [capacity // block_m] with -1 for unused blocks). No host sync. Order within an
+    expert's run follows atomics, which changes no result: each pair's row is computed and stored
+    independently."""
     flat = local_ids.reshape(-1).contiguous()
     n, dev = flat.numel(), flat.device
     capacity = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
@@ -234,20 +208,14 @@ def fused_moe(
     topk_ids is [rows, 1]: one expert per row, reference.expert_ffn_ref's contract)."""
     num_tokens, k = topk_ids.shape
     num_experts = w13.shape[0]
-    inter = w2.shape[2]
     num_pairs = num_tokens * k
     if num_pairs == 0:
         return torch.zeros_like(x)
     block = _block_sizes(num_pairs, num_experts)
-    align = moe_align_triton if x.is_cuda else moe_align
-    sorted_ids, block_expert = align(topk_ids - expert_offset, num_experts, block[0])
+    sorted_ids, block_expert = moe_align(topk_ids - expert_offset, num_experts, block[0])
     x = x.contiguous()
     gate_up = grouped_gemm(x, w13, sorted_ids, block_expert, num_pairs, k, block)
-    act = (
-        silu_and_mul(gate_up)
-        if x.is_cuda
-        else torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-    )
+    act = silu_and_mul(gate_up)
     w = topk_weights.reshape(-1).contiguous() if topk_weights is not None else None
     y = grouped_gemm(act, w2, sorted_ids, block_expert, num_pairs, 1, block, weights=w)
     return y.view(num_tokens, k, -1).sum(dim=1)

@@ -106,3 +106,32 @@ def fused_moe_ref(
         y = torch.nn.functional.linear(torch.nn.functional.silu(gate) * up, w2[e])
         out.index_add_(0, token_idx, y * topk_weights[token_idx, k_idx, None].to(y.dtype))
     return out
+
+
+def moe_align_ref(
+    local_ids: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference of fused_moe.moe_align: group pair ids (flattened [T, k]) by expert (stable
+    order), each expert's run padded to block_m rows. Ids outside [0, num_experts) are dropped. Returns (sorted_ids [capacity] with padding =
+    num_pairs, block_expert [capacity // block_m] with -1 for unused blocks). No host sync."""
+    flat = local_ids.reshape(-1)
+    n, dev = flat.numel(), flat.device
+    key = torch.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, key, torch.ones_like(key))
+    padded = (counts[:num_experts] + block_m - 1) // block_m * block_m
+    ends = torch.cumsum(padded, 0)
+    starts = ends - padded
+    first = torch.cumsum(counts, 0) - counts  # first sorted index of each key
+    order = torch.argsort(key, stable=True)
+    skey = key[order]
+    capacity = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
+    starts_ext = torch.cat([starts, starts.new_full((1,), capacity)])  # dropped pairs go past the end
+    dest = starts_ext[skey] + torch.arange(n, device=dev) - first[skey]
+    dest = torch.where(skey < num_experts, dest, capacity)
+    sorted_ids = torch.full((capacity + 1,), n, dtype=torch.int64, device=dev)
+    sorted_ids.scatter_(0, dest, order)
+    block_start = torch.arange(capacity // block_m, device=dev) * block_m
+    block_expert = torch.searchsorted(ends, block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1)
+    return sorted_ids[:capacity], block_expert

@@ -95,9 +95,11 @@ class Router:
                 "ok": True,
             }
             for s in holders:
-                self.workers[s.instance].send(
-                    dumps({"type": "reserve", "cp_key": key, "start": s.start, "end": s.end})
-                )
+                self.reserve(s.instance, key, s.start, s.end)
+
+    def reserve(self, inst: int, key: int, start: int, end: int) -> None:
+        """Ask a holder to reserve positions [start, end) of request `key`; it acks "reserved"."""
+        self.workers[inst].send(dumps({"type": "reserve", "cp_key": key, "start": start, "end": end}))
 
     def on_reserved(self, msg: dict) -> None:
         p = self.pending.get(msg["cp_key"])
@@ -143,9 +145,7 @@ class Router:
             self.grown(rid, r.home, [inst, start, start + tokens])
             return
         self.growing[(r.key, start)] = (rid, inst, start + tokens)
-        self.workers[inst].send(
-            dumps({"type": "reserve", "cp_key": r.key, "start": start, "end": start + tokens})
-        )
+        self.reserve(inst, r.key, start, start + tokens)
 
     def on_growth_reserved(self, msg: dict) -> None:
         rid, inst, end = self.growing.pop((msg["cp_key"], msg["start"]))

@@ -24,6 +24,8 @@ meant for testing several instances on one device.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 import triton
@@ -86,7 +88,7 @@ class IpcAllToAll(A2AComm):
         """Rows x[off_j : off_j + send_counts[j]] go to rank j; returns the received rows in
         source order (like all_to_all_single with split sizes)."""
         row_shape, dtype = x.shape[1:], x.dtype
-        row_bytes = x[0].numel() * x.element_size() if x.shape[0] else _row_bytes(row_shape, dtype)
+        row_bytes = math.prod(row_shape) * x.element_size()
         if max(max(send_counts), max(recv_counts)) * row_bytes > self.capacity:
             raise RuntimeError(
                 f"routing buffer too small: {max(send_counts + recv_counts) * row_bytes} bytes to one peer, "
@@ -110,13 +112,6 @@ class IpcAllToAll(A2AComm):
         parts = [self.recv[parity, src, : n * row_bytes] for src, n in enumerate(recv_counts)]
         out = torch.cat(parts) if parts else flat[:0]
         return out.view(dtype).view(sum(recv_counts), *row_shape)
-
-
-def _row_bytes(row_shape: torch.Size, dtype: torch.dtype) -> int:
-    n = 1
-    for s in row_shape:
-        n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
 
 
 def _on_device(args: tuple, device: torch.device) -> tuple:

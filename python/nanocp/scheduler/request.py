@@ -68,6 +68,13 @@ class Req:
         """Positions from here on are not placed yet (the request pauses until they are)."""
         return self.placement[-1][2] if self.placement else None
 
+    @property
+    def num_runnable(self) -> int:
+        """Pending tokens that may run now: those inside the placed positions."""
+        if self.placement is None:
+            return self.num_pending
+        return min(self.num_pending, self.planned_end - self.kv_len)
+
     def has_remote_kv(self, home: int) -> bool:
         return self.placement is not None and any(inst != home for inst, _, _ in self.placement)
 

@@ -197,13 +197,13 @@ class Scheduler:
         # 1. running requests: every decode, and continued prefill chunks within the budget
         for req in self.running:
             self._ask_growth(req)
-            room = req.planned_end - req.kv_len if req.placement is not None else req.num_pending
-            if room <= 0:
+            runnable = req.num_runnable
+            if runnable <= 0:
                 continue  # paused: its next positions are not placed yet
             if req.num_pending == 1:
                 work.append((req, 1))
             elif budget > 0:
-                n = min(req.num_pending, budget, room)
+                n = min(runnable, budget)
                 budget -= n
                 work.append((req, n))
         work = self._fit_or_retract(work)
@@ -212,8 +212,7 @@ class Scheduler:
         # 2. admit waiting requests first-come first-served
         while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
             req = self.waiting[0]
-            room = req.planned_end - req.kv_len if req.placement is not None else req.num_pending
-            n = min(req.num_pending, budget, room)
+            n = min(req.num_runnable, budget)
             if n <= 0:  # a retracted request at the end of its plan: it waits for its growth
                 break
             if not self._can_admit(req, n) or self.kv.extend(req, n) is None:
@@ -272,7 +271,7 @@ class Scheduler:
             start = end - n
             if req.has_remote_kv(self.instance):
                 cp_work.append((req, offset, start, end))
-            ranges.append([(s, min(e, end)) for s, e, _ in local_ranges(req.local_segments, 0, end)])
+            ranges.append([(lo, hi) for lo, hi, _ in local_ranges(req.local_segments, 0, end)])
             input_ids.extend(req.fill_ids[start:end])
             positions.append(torch.arange(start, end))
             locs.append(table[req.req_pool_idx, start:end])

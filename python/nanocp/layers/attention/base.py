@@ -49,6 +49,20 @@ class AttentionBackend(ABC):
         raise NotImplementedError
 
 
+def ragged_index(
+    req_pool_indices: torch.Tensor, counts: torch.Tensor, total: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Items 0 .. counts[i]-1 of every request i, flattened on the device without a host sync
+    (total = sum(counts), known on the host): (inclusive cumulative counts, each item's
+    req_to_token row, each item's index within its request)."""
+    ends = torch.cumsum(counts, 0)
+    rows = torch.repeat_interleave(req_pool_indices, counts, output_size=total)
+    within = torch.arange(total, device=counts.device) - torch.repeat_interleave(
+        ends - counts, counts, output_size=total
+    )
+    return ends, rows, within
+
+
 _REGISTRY: dict[str, Callable[..., AttentionBackend]] = {}
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanocp.layers.attention.base import AttentionBackend, register_attention_backend
+from nanocp.layers.attention.base import AttentionBackend, ragged_index, register_attention_backend
 
 if TYPE_CHECKING:
     from nanocp.engine.forward_batch import ForwardBatch
@@ -98,11 +98,7 @@ class FlashInferAttnBackend(AttentionBackend):
         num_pages = [-(-n // p) for n in batch.seq_lens_cpu]
         total = sum(num_pages)
         counts = torch.tensor(num_pages, dtype=torch.int64, device=dev)
-        indptr = torch.cumsum(counts, 0)
-        rows = torch.repeat_interleave(batch.req_pool_indices, counts, output_size=total)
-        page_no = torch.arange(total, device=dev) - torch.repeat_interleave(
-            indptr - counts, counts, output_size=total
-        )
+        indptr, rows, page_no = ragged_index(batch.req_pool_indices, counts, total)
         indices = table[rows, page_no * p] // p
         last = [n - (k - 1) * p for n, k in zip(batch.seq_lens_cpu, num_pages)]
         indptr = torch.cat([indptr.new_zeros(1), indptr]).to(torch.int32)

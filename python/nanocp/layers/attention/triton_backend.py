@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanocp.layers.attention.base import register_attention_backend
+from nanocp.layers.attention.base import ragged_index, register_attention_backend
 from nanocp.layers.attention.torch_backend import TorchAttnBackend
 from nanocp_kernels.attention import paged_attention
 
@@ -61,12 +61,8 @@ class TritonAttnBackend(TorchAttnBackend):
     def init_forward_metadata_replay(self, batch: ForwardBatch) -> None:
         """Decode: every request's KV row [0, seq_len) from req_to_token, built on the device."""
         bs, total = batch.batch_size, sum(batch.seq_lens_cpu)
-        seq = batch.seq_lens
-        indptr = torch.cumsum(seq, 0)
-        self.g_kv_indptr[1 : bs + 1].copy_(indptr)
-        starts = torch.repeat_interleave(indptr - seq, seq, output_size=total)
-        pos = torch.arange(total, device=seq.device) - starts
-        rows = torch.repeat_interleave(batch.req_pool_indices, seq, output_size=total)
+        ends, rows, pos = ragged_index(batch.req_pool_indices, batch.seq_lens, total)
+        self.g_kv_indptr[1 : bs + 1].copy_(ends)
         self.g_kv_indices[:total].copy_(batch.req_to_token_pool.req_to_token[rows, pos])
         self.g_kv_pos[:total].copy_(pos)
         self.triton_meta = (self.g_q_seq[:bs], self.g_kv_indptr[: bs + 1], self.g_kv_indices, self.g_kv_pos)
