@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nanocp_router.cluster_state import ClusterState
@@ -78,6 +78,8 @@ def test_placements_cover_once_and_fit(cluster, length, policy, cp_size, min_sha
 
 @settings(max_examples=100, deadline=None)
 @given(cluster=cluster, lengths=st.lists(st.integers(1, 150_000), min_size=2, max_size=6))
+# the home one token above the level: its mandatory tail page once made 6144 -> degree 3, 6149 -> 2
+@example(cluster=([0, 25818, 0, 25818, 37376, 59747], [1, 0, 1, 0, 0, 0], 1), lengths=[6144, 6149])
 def test_dynamic_degree_is_monotone_in_length(cluster, lengths):
     used, running, page = cluster
     policy = create_cp_policy("dynamic", PlannerConfig(cp_max_degree=8, cp_min_shard_tokens=2048))

@@ -182,15 +182,21 @@ class DynamicCP(CPPolicy):
         best: Plan | None = None
         for degree in range(1, min(cfg.cp_max_degree, len(insts)) + 1):
             group = [home, *others[: degree - 1]]
-            amounts = self._water_fill(group, length, page)
-            if amounts is None:
+            filled = self._water_fill(group, length, page)
+            if filled is None:
                 continue
+            amounts, group_level = filled
             plan = contiguous_plan(home.instance, amounts, length, page)
             if degree > natural_max:
                 return best or plan  # only memory pressure justifies going this wide
             best = plan
-            if max(used_tokens(i) + amounts[i.instance] for i in group) <= level + page:
-                return plan  # the smallest degree that reaches the water level
+            # The smallest degree whose fill level reaches the cluster's. Both levels rise with
+            # length, the group's at least as fast (1/k vs 1/N per token), and more holders
+            # lower the group's level: the chosen degree never drops as length grows. (Comparing
+            # holders' loads instead would count the home's mandatory tail page, which made a
+            # longer request pick a smaller degree when the home sat just above the level.)
+            if group_level <= level + page:
+                return plan
         return best
 
     def tail_quota(self, max_new_tokens: int) -> int:
@@ -211,9 +217,10 @@ class DynamicCP(CPPolicy):
         return min(fits, key=lambda i: (used_tokens(i), i.instance != home, i.instance)).instance
 
     @staticmethod
-    def _water_fill(group: list[InstanceLoad], length: int, page: int) -> dict[int, int] | None:
+    def _water_fill(group: list[InstanceLoad], length: int, page: int) -> tuple[dict[int, int], float] | None:
         """Tokens per instance raising the least loaded to a common level within their free
-        tokens; non-home amounts are whole pages, the home (group[0]) takes the remainder."""
+        tokens, and that level; non-home amounts are whole pages, the home (group[0]) takes the
+        remainder."""
         caps = {i.instance: max(0, free_tokens(i)) for i in group}
         if sum(caps.values()) < length:
             return None
@@ -243,7 +250,7 @@ class DynamicCP(CPPolicy):
             amounts[home] += page
         if not 0 <= amounts[home] <= caps[home]:
             return None
-        return amounts
+        return amounts, hi
 
 
 POLICIES: dict[str, type[CPPolicy]] = {"none": NoCP, "uniform": UniformCP, "dynamic": DynamicCP}
