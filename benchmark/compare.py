@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import re
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rates", type=float, nargs="*", help="measure these rates instead of searching")
     p.add_argument("--timeline-rate", type=float, default=1.0)
     p.add_argument("--cp-min-shard-tokens", type=int, default=1024)
+    p.add_argument(
+        "--server-args",
+        default="",
+        help="extra launch_server flags for every mode, e.g. '--load-format dummy --skip-tokenizer-init'",
+    )
     p.add_argument("--trace-dir", type=Path, default=Path("/tmp/nanocp-compare-traces"))
     p.add_argument("--tag", default=None)
     p.add_argument(
@@ -88,6 +94,7 @@ def run_mode(args, model: str, mode: str, flags: list[str]) -> dict:
         args.device,
         args.max_total_tokens,
         *flags,
+        *shlex.split(args.server_args),
         chunked_prefill=args.chunked_prefill_size,
     )
     runs: dict[float, dict] = {}

@@ -74,6 +74,11 @@ MIXES: dict[str, list[Component]] = {
         Component(0.9, "chat", lognormal(96, 0.7, 4, 256), lognormal(24, 0.5, 4, 64)),
         Component(0.1, "doc", log_uniform(2_048, 8_192), lognormal(24, 0.5, 4, 64)),
     ],
+    # one GPU-run size: 90% chat <= 2k, 10% documents 8k-32k; short answers keep runs in minutes
+    "chat-docs-medium": [
+        Component(0.9, "chat", lognormal(600, 0.8, 16, 2048), lognormal(64, 0.5, 8, 256)),
+        Component(0.1, "doc", log_uniform(8_192, 32_768), lognormal(64, 0.5, 8, 256)),
+    ],
     # heavy-tailed (Pareto) prompts
     "pareto": [Component(1.0, "pareto", pareto(1.2, 256, 262_144), lognormal(200, 0.7, 8, 1024))],
     "chat": [Component(1.0, "chat", lognormal(600, 0.8, 16, 2048), lognormal(200, 0.7, 8, 1024))],

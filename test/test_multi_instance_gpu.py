@@ -1,6 +1,8 @@
 """Several instances sharing ONE GPU (GPU): NCCL refuses two ranks on a device, so MoE tokens and
 context-parallel q / KV / (o, lse) travel through the CUDA-IPC routing backend. Sharded DCP
-outputs equal HF transformers (fp32 greedy) for dp=2 and dp=4."""
+outputs equal HF transformers (fp32 greedy) for dp=2 and dp=4, and with MoE tokens through the
+graph-capturable `--moe-a2a-backend ipc`. On a machine with enough GPUs the dp=2 cases get one
+GPU per instance (NCCL for the rest, NVLink peer writes for ipc)."""
 
 from __future__ import annotations
 
@@ -22,10 +24,11 @@ NEW = 10
 CASES = [
     (2, ["--cp-policy", "uniform", "--cp-size", "2"]),
     (4, ["--cp-policy", "dynamic", "--cp-min-shard-tokens", "32", "--cp-max-degree", "4"]),
+    (2, ["--cp-policy", "dynamic", "--cp-min-shard-tokens", "32", "--moe-a2a-backend", "ipc"]),
 ]
 
 
-@pytest.mark.parametrize("dp, flags", CASES, ids=[f"dp{d}-{f[1]}" for d, f in CASES])
+@pytest.mark.parametrize("dp, flags", CASES, ids=[f"dp{d}-{'-'.join(f[1::2])}" for d, f in CASES])
 def test_instances_sharing_one_gpu_match_transformers(moe_model, hf_oracle, tmp_path, dp, flags):
     prompts = random_prompts(LONG + SHORT, vocab=500, seed=43)
     expected = [hf_oracle(moe_model).greedy(p, NEW) for p in prompts]

@@ -45,6 +45,8 @@ def test_defaults_and_cli_roundtrip(moe_model):
         ({"cuda_graph_max_bs": 0}, "--cuda-graph-max-bs"),
         ({"random_seed": -1}, "--random-seed"),
         ({"model_path": "/does/not/exist"}, "--model-path"),
+        ({"moe_a2a_backend": "ipc", "device": "cpu"}, "--moe-a2a-backend ipc"),
+        ({"moe_a2a_backend": "deepep", "device": "cpu"}, "--moe-a2a-backend deepep"),
     ],
 )
 def test_bad_values_name_the_flag(kwargs, flag):

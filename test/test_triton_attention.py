@@ -58,6 +58,53 @@ def test_paged_attention_matches_reference(heads, dtype):
     torch.testing.assert_close(lse.cpu(), ref_lse, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else []))
+def test_paged_prefill_attention_matches_reference(heads, dtype):
+    """Blocked kernel, many queries per sequence; key positions with gaps (a holder's segments)
+    and queries inside, between and after them, so each visibility pattern occurs."""
+    from nanocp_kernels.attention import paged_prefill_attention
+
+    g = torch.Generator().manual_seed(7)
+    hq, hkv, d = *heads, 32
+    # (key positions, query positions) per sequence
+    seqs = [
+        (list(range(0, 48)) + list(range(80, 100)), list(range(40, 90))),  # inside, gap, inside
+        (list(range(16, 32)), [100]),  # decode: all keys visible
+        (list(range(0, 20)), list(range(0, 20))),  # plain causal
+        ([], list(range(5))),  # no keys here
+        (list(range(0, 70)), list(range(70, 75))),  # after every key
+    ]
+    num_slots = sum(len(k) for k, _ in seqs) + 9
+    k_cache = torch.randn(num_slots, hkv, d, generator=g).to(dtype)
+    v_cache = torch.randn(num_slots, hkv, d, generator=g).to(dtype)
+    perm = torch.randperm(num_slots, generator=g)
+    qo, kvp, used = [0], [0], 0
+    idx, kpos, qpos = [], [], []
+    for keys, queries in seqs:
+        qo.append(qo[-1] + len(queries))
+        kvp.append(kvp[-1] + len(keys))
+        idx.append(perm[used : used + len(keys)])
+        used += len(keys)
+        kpos += keys
+        qpos += queries
+    idx, kpos, qpos = torch.cat(idx), torch.tensor(kpos), torch.tensor(qpos)
+    q = torch.randn(qo[-1], hq, d, generator=g).to(dtype)
+    scale = 1 / math.sqrt(d)
+    ref_o, ref_lse = paged_attention_ref(
+        q.float(), k_cache.float(), v_cache.float(), qo, kvp, idx, qpos, kpos, scale
+    )
+    dev = lambda x: x.to(DEVICE)  # noqa: E731
+    o, lse = paged_prefill_attention(
+        dev(q), dev(k_cache), dev(v_cache), qo, dev(torch.tensor(kvp, dtype=torch.int32)),
+        dev(idx.to(torch.int32)), dev(qpos.to(torch.int32)), dev(kpos.to(torch.int32)), scale,
+        block_m=16, block_n=16,
+    )  # fmt: skip
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(o.float().cpu(), ref_o, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse.cpu(), ref_lse, rtol=tol, atol=tol)
+
+
 def test_triton_backend_engine_matches_transformers(moe_model, hf_oracle):
     from nanocp import Engine
 

@@ -83,6 +83,119 @@ if triton is not None:
         tl.store(lse_ptr + t * tl.num_programs(1) + h, lse)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _paged_prefill_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+        blk_seq_ptr, blk_row_ptr, qo_indptr_ptr, q_pos_ptr, kv_indptr_ptr, kv_indices_ptr, kv_pos_ptr,
+        sm_scale, D, GROUP, HQ,
+        stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (block of BLOCK_M query rows of one sequence, q head): flash-attention
+        over the sequence's keys with tensor-core dots; the mask is kv_pos <= q_pos per pair."""
+        blk, h = tl.program_id(0), tl.program_id(1)
+        kvh = h // GROUP
+        seq = tl.load(blk_seq_ptr + blk)
+        row0 = tl.load(blk_row_ptr + blk)
+        q_end = tl.load(qo_indptr_ptr + seq + 1)
+        start = tl.load(kv_indptr_ptr + seq)
+        end = tl.load(kv_indptr_ptr + seq + 1)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        rmask = rows < q_end
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        q = tl.load(
+            q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+            mask=rmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        qpos = tl.load(q_pos_ptr + rows, mask=rmask, other=-1)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        denom = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs_n < end
+            slot = tl.load(kv_indices_ptr + offs_n, mask=nmask, other=0).to(tl.int64)
+            kpos = tl.load(kv_pos_ptr + offs_n, mask=nmask, other=0)
+            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+            kvmask = nmask[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + kv_off, mask=kvmask, other=0.0)
+            if IEEE:  # float32 models: exact dots (tensor-core tf32 would lose the HF parity)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+            else:
+                s = tl.dot(q, tl.trans(k)).to(tl.float32) * sm_scale
+            visible = nmask[None, :] & (kpos[None, :] <= qpos[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+            p = tl.where(visible, tl.exp(s - m_safe[:, None]), 0.0)
+            alpha = tl.where(m > float("-inf"), tl.exp(m - m_safe), 0.0)
+            v = tl.load(v_ptr + kv_off, mask=kvmask, other=0.0)
+            if IEEE:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v).to(tl.float32)
+            acc = acc * alpha[:, None] + pv
+            denom = denom * alpha + tl.sum(p, axis=1)
+            m = m_new
+        safe = tl.where(denom > 0, denom, 1.0)
+        o = tl.where(denom[:, None] > 0, acc / safe[:, None], 0.0)
+        lse = tl.where(denom > 0, m + tl.log(safe), float("-inf"))
+        o_off = rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+        tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+        tl.store(lse_ptr + rows * HQ + h, lse, mask=rmask)
+
+
+def query_blocks(qo_indptr: list[int], block_m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, first row) of every block of block_m query rows (blocks never span sequences)."""
+    seqs, rows = [], []
+    for i, (a, b) in enumerate(zip(qo_indptr, qo_indptr[1:])):
+        for r in range(a, b, block_m):
+            seqs.append(i)
+            rows.append(r)
+    as_tensor = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+    return as_tensor(seqs), as_tensor(rows)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    qo_indptr: list[int],
+    kv_indptr: torch.Tensor,
+    kv_indices: torch.Tensor,
+    q_pos: torch.Tensor,
+    kv_pos: torch.Tensor,
+    sm_scale: float,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`paged_attention` for many queries per sequence (prefill chunks; q routed to KV holders):
+    blocks of block_m query rows share each key block (tensor-core dots). qo_indptr is a host
+    list (it shapes the launch); the rest as in `paged_attention`."""
+    if triton is None:
+        raise RuntimeError("the triton attention backend needs the triton package")
+    tq, hq, d = q.shape
+    o = torch.zeros_like(q)
+    lse = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    blk_seq, blk_row = query_blocks(qo_indptr, block_m, q.device)
+    if tq == 0 or blk_seq.numel() == 0:
+        return o, lse
+    _paged_prefill_kernel[(blk_seq.numel(), hq)](
+        q, k_cache, v_cache, o, lse,
+        blk_seq, blk_row, torch.tensor(qo_indptr, dtype=torch.int32, device=q.device), q_pos, kv_indptr,
+        kv_indices, kv_pos,
+        sm_scale, d, hq // k_cache.shape[1], hq,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), o.stride(0), o.stride(1),
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        IEEE=q.dtype == torch.float32,
+    )  # fmt: skip
+    return o, lse
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

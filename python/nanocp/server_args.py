@@ -18,7 +18,7 @@ DEVICES = ("cuda", "cpu")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
 LOAD_BALANCE_METHODS = tuple(POLICIES)
-MOE_A2A_BACKENDS = ("allgather", "all_to_all", "deepep")
+MOE_A2A_BACKENDS = ("allgather", "all_to_all", "ipc", "deepep")
 MOE_RUNNER_BACKENDS = ("auto", "torch", "triton")
 DEEPEP_MODES = ("auto", "low_latency", "normal")
 CP_POLICIES = ("none", "uniform", "dynamic")
@@ -110,6 +110,10 @@ class ServerArgs:
                 "--deepep-mode normal (DeepEP's high-throughput kernels) is not implemented yet; use "
                 "low_latency or auto (low-latency kernels for every step, prefill chunked to the buffer)"
             )
+        if self.moe_a2a_backend in ("ipc", "deepep") and self.device != "cuda":
+            raise ServerArgsError(
+                f"--moe-a2a-backend {self.moe_a2a_backend} needs --device cuda; use all_to_all or allgather"
+            )
         if self.moe_runner_backend == "auto":
             self.moe_runner_backend = "triton" if self.device == "cuda" else "torch"
         if self.cp_policy is None:
@@ -137,10 +141,10 @@ class ServerArgs:
                         f"--dp-size {self.dp_size} on {gpus} GPU(s): instances share GPUs, so give each its KV "
                         "budget with --max-total-tokens (--mem-fraction-static is per GPU)"
                     )
-                if self.moe_a2a_backend != "all_to_all":
+                if self.moe_a2a_backend not in ("all_to_all", "ipc"):
                     raise ServerArgsError(
                         f"--moe-a2a-backend {self.moe_a2a_backend} needs one GPU per instance "
-                        f"(--dp-size {self.dp_size}, {gpus} GPU(s)); use all_to_all"
+                        f"(--dp-size {self.dp_size}, {gpus} GPU(s)); use all_to_all or ipc"
                     )
         self._check_choice("load_balance_method", LOAD_BALANCE_METHODS)
         self._check_int("max_total_tokens", minimum=1, optional=True)
@@ -246,7 +250,9 @@ class ServerArgs:
             type=str,
             default=ServerArgs.moe_a2a_backend,
             choices=MOE_A2A_BACKENDS,
-            help="MoE token exchange between expert-parallel instances.",
+            help="MoE token exchange between expert-parallel instances: allgather (reference), all_to_all "
+            "(NCCL, or CUDA IPC when instances share GPUs), ipc (CUDA-IPC routing backend, no host sync, "
+            "graph-capturable), deepep (DeepEP low-latency kernels).",
         )
         a(
             "--deepep-mode",

@@ -102,6 +102,7 @@ class DCPStep:
     f_kv_indices: torch.Tensor
     f_q_pos: torch.Tensor
     f_kv_pos: torch.Tensor
+    device_meta: tuple | None = None  # int32 copies for the CUDA kernel, made at the first layer
 
 
 def _exchange_ints(blocks: list[list[int]], group, device) -> list[list[int]]:
@@ -194,6 +195,28 @@ def build_dcp_step(
     )
 
 
+def foreign_attention(
+    q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, scaling: float, st: DCPStep
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Received queries over this instance's foreign segments (causal by absolute position):
+    the blocked Triton kernel on CUDA (its int32 metadata built once per step), the torch
+    reference elsewhere (exact on CPU)."""
+    args = (st.f_qo_indptr, st.f_kv_indptr, st.f_kv_indices, st.f_q_pos, st.f_kv_pos)
+    if not q.is_cuda:
+        return paged_attention_ref(q, k_buffer, v_buffer, *args, scaling)
+    from nanocp_kernels.attention import paged_prefill_attention
+
+    if st.device_meta is None:
+        i32 = lambda t: torch.as_tensor(t, device=q.device).to(torch.int32)  # noqa: E731
+        st.device_meta = (i32(st.f_kv_indptr), i32(st.f_kv_indices), i32(st.f_q_pos), i32(st.f_kv_pos))
+    kv_indptr, kv_indices, q_pos, kv_pos = st.device_meta
+    max_q = max((b - a for a, b in zip(st.f_qo_indptr, st.f_qo_indptr[1:])), default=0)
+    block_m = 16 if max_q <= 16 else 64  # decode: one query per sequence
+    return paged_prefill_attention(
+        q, k_buffer, v_buffer, st.f_qo_indptr, kv_indptr, kv_indices, q_pos, kv_pos, scaling, block_m=block_m
+    )
+
+
 def dcp_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -212,17 +235,7 @@ def dcp_attention(
     k_buffer[st.kv_recv_slots] = k_recv.to(k_buffer.dtype)
     v_buffer[st.kv_recv_slots] = v_recv.to(v_buffer.dtype)
     q_recv = a2a(q[st.q_send_idx], st.q_send_counts, st.q_recv_counts)
-    o_f, lse_f = paged_attention_ref(
-        q_recv,
-        k_buffer,
-        v_buffer,
-        st.f_qo_indptr,
-        st.f_kv_indptr,
-        st.f_kv_indices,
-        st.f_q_pos,
-        st.f_kv_pos,
-        scaling,
-    )
+    o_f, lse_f = foreign_attention(q_recv, k_buffer, v_buffer, scaling, st)
     o_back = a2a(o_f, st.q_recv_counts, st.q_send_counts)
     lse_back = a2a(lse_f, st.q_recv_counts, st.q_send_counts)
     o, lse = o_local.clone(), lse_local.clone()

@@ -123,32 +123,130 @@ class AllToAllMoE(MoEComm):
             back = st.a2a.all_to_all(y, recv_splits, send_splits)
         pairs = torch.empty_like(back)
         pairs[order] = back
-        pairs = pairs.view(num_tokens, k, x.shape[1])
-        out = torch.zeros_like(x)
-        by_expert = torch.argsort(topk_ids, dim=1)
-        rows = torch.arange(num_tokens, device=x.device)
-        for j in range(k):
-            slot = by_expert[:, j]
-            out += pairs[rows, slot] * topk_weights[rows, slot, None].to(x.dtype)
-        return out
+        return combine_pairs(pairs.view(num_tokens, k, x.shape[1]), topk_weights, topk_ids)
+
+
+def combine_pairs(pairs: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """sum_k w_k * pairs[:, k], added in increasing expert order (HF's order: exact fp32 parity)."""
+    num_tokens, k, _ = pairs.shape
+    out = torch.zeros_like(pairs[:, 0])
+    by_expert = torch.argsort(topk_ids, dim=1)
+    rows = torch.arange(num_tokens, device=pairs.device)
+    for j in range(k):
+        slot = by_expert[:, j]
+        out += pairs[rows, slot] * topk_weights[rows, slot, None].to(pairs.dtype)
+    return out
+
+
+class FixedCapacityMoE(MoEComm):
+    """Backends whose buffers hold at most max_tokens tokens per rank per call, with device-side
+    counts (graph-capturable). Every rank must call them equally often, so a step's tokens are cut
+    into ceil(max_r num_tokens_r / max_tokens) chunks computed from the step's global counts."""
+
+    def __init__(self, state: ParallelState, max_tokens_per_rank: int = 128, **_: object) -> None:
+        super().__init__(state)
+        self.max_tokens = max_tokens_per_rank
+
+    def forward(self, x, topk_weights, topk_ids, experts, global_num_tokens):
+        counts = global_num_tokens or [x.shape[0]]
+        num_chunks = max(1, -(-max(counts) // self.max_tokens))
+        outs = []
+        for c in range(num_chunks):
+            sl = slice(c * self.max_tokens, (c + 1) * self.max_tokens)
+            outs.append(self._run(x[sl], topk_weights[sl], topk_ids[sl], experts))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    @abstractmethod
+    def _run(self, x, topk_weights, topk_ids, experts) -> torch.Tensor: ...
+
+
+@register("ipc")
+class IpcMoE(FixedCapacityMoE):
+    """The routing backend for MoE: each (token, expert) pair is written straight into its expert
+    rank's receive block (CUDA IPC, NVLink between GPUs) by IpcAllToAll.exchange, with the local
+    expert id in the row's last word; results come back into the same block positions. No host
+    sync anywhere, so a decode step with it can be captured in a CUDA graph."""
+
+    def __init__(
+        self,
+        state: ParallelState,
+        hidden_size: int = 0,
+        max_tokens_per_rank: int = 128,
+        top_k: int = 8,
+        dtype: torch.dtype = torch.bfloat16,
+        **_: object,
+    ) -> None:
+        super().__init__(state, max_tokens_per_rank)
+        from nanocp.distributed.ipc_comm import IpcAllToAll
+
+        if state.device is None or state.device.type != "cuda":
+            raise RuntimeError("--moe-a2a-backend ipc needs CUDA devices; use all_to_all")
+        n, dev = state.ep_size, state.device
+        self.cap = max_tokens_per_rank * top_k  # every pair of every token may go to one rank
+        self.words = hidden_size * dtype.itemsize // 4  # row payload in int32 words
+        self.comm = IpcAllToAll(
+            state.rank,
+            n,
+            state.cpu_group,
+            dev,
+            capacity_bytes=16,
+            graph_capacity_bytes=self.cap * 4 * (self.words + 1),
+        )
+        self.send = torch.zeros(n, self.cap, self.words + 1, dtype=torch.int32, device=dev)
+        self.recv = torch.zeros_like(self.send)
+        self.out = torch.zeros(n, self.cap, hidden_size, dtype=dtype, device=dev)
+        self.back = torch.zeros_like(self.out)
+        self.counts = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.recv_counts = torch.zeros_like(self.counts)
+        self.back_counts = torch.zeros_like(self.counts)
+
+    def _run(self, x, topk_weights, topk_ids, experts):
+        n, cap, words = self.state.ep_size, self.cap, self.words
+        num_tokens, k = topk_ids.shape
+        flat = topk_ids.reshape(-1).to(torch.int64)
+        dest = torch.div(flat, experts.num_local_experts, rounding_mode="floor")
+        with trace_section("moe_comm"):  # dispatch
+            self.counts.zero_().scatter_add_(0, dest, torch.ones_like(dest))
+            order = torch.argsort(dest, stable=True)
+            starts = torch.cumsum(self.counts, 0) - self.counts
+            pos = torch.empty_like(dest)
+            pos[order] = torch.arange(dest.numel(), device=dest.device) - starts[dest[order]]
+            token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)
+            self.send[dest, pos, :words] = x.to(self.out.dtype).contiguous().view(torch.int32)[token]
+            self.send[dest, pos, words] = (flat - dest * experts.num_local_experts).to(
+                torch.int32
+            )  # id there
+            self.comm.exchange(self.send, self.counts, self.recv, self.recv_counts)
+        with trace_section("moe_compute"):
+            rows = self.recv.view(n * cap, words + 1)
+            slot = torch.arange(cap, device=x.device)
+            valid = (slot[None, :] < self.recv_counts[:, None]).reshape(-1)
+            local_ids = torch.where(valid, rows[:, words].to(torch.int64), -1)
+            xr = rows[:, :words].contiguous().view(self.out.dtype)
+            self.out.view(n * cap, -1).copy_(experts.run_expert_rows(xr, local_ids))
+        with trace_section("moe_comm"):  # combine: results return to the same block positions
+            self.comm.exchange(self.out, self.recv_counts, self.back, self.back_counts)
+        pairs = self.back[dest, pos].view(num_tokens, k, -1)
+        return combine_pairs(pairs, topk_weights, topk_ids).to(x.dtype)
 
 
 @register("deepep")
-class DeepEPMoE(MoEComm):
+class DeepEPMoE(FixedCapacityMoE):
     """DeepEP low-latency dispatch/combine (NVSHMEM). Tokens go to their experts' ranks packed
     per local expert ([E_local, max_tokens * ranks, hidden], valid rows given by recv_count);
-    experts run on the packed rows; combine reduces with the routing weights on the home rank.
-
-    Every rank must call dispatch/combine the same number of times, so a step's tokens are cut
-    into ceil(max_r num_tokens_r / max_tokens) chunks computed from the step's global counts.
-    """
+    experts run on the packed rows; combine reduces with the routing weights on the home rank."""
 
     SUPPORTED_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
 
     def __init__(
-        self, state: ParallelState, hidden_size: int = 0, num_experts: int = 0, max_tokens_per_rank: int = 128
+        self,
+        state: ParallelState,
+        hidden_size: int = 0,
+        num_experts: int = 0,
+        max_tokens_per_rank: int = 128,
+        **_: object,
     ) -> None:
-        super().__init__(state)
+        super().__init__(state, max_tokens_per_rank)
         try:
             import deep_ep
         except ImportError as e:
@@ -165,22 +263,12 @@ class DeepEPMoE(MoEComm):
             )
         n = state.ep_size
         self.num_experts = num_experts
-        self.max_tokens = max_tokens_per_rank
         rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(
             max_tokens_per_rank, hidden_size, n, num_experts
         )
         self.buffer = deep_ep.Buffer(
             state.group, num_rdma_bytes=rdma_bytes, low_latency_mode=True, num_qps_per_rank=num_experts // n
         )
-
-    def forward(self, x, topk_weights, topk_ids, experts, global_num_tokens):
-        counts = global_num_tokens or [x.shape[0]]
-        num_chunks = max(1, -(-max(counts) // self.max_tokens))
-        outs = []
-        for c in range(num_chunks):
-            sl = slice(c * self.max_tokens, (c + 1) * self.max_tokens)
-            outs.append(self._run(x[sl], topk_weights[sl], topk_ids[sl], experts))
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def _run(self, x, topk_weights, topk_ids, experts):
         ids = topk_ids.to(torch.int64)
