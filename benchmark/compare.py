@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
         "modes": {},
     }
     tag = args.tag or f"{args.device}_dp{args.dp_size}"
-    if args.only:  # keep the other modes' runs from the existing file
+    if args.only and (RESULTS / f"compare_{tag}.json").exists():  # keep the other modes' runs
         old = json.loads((RESULTS / f"compare_{tag}.json").read_text())
         result["modes"] = old["modes"]
         result["command"] = f"{old['command']} ({old['date']}); re-run of {args.only}: {result['command']}"
@@ -265,6 +265,9 @@ def main(argv=None) -> dict:
         print(f"{mode} ...", flush=True)
         result["modes"][mode] = run_mode(args, model, mode, flags)
     write_json(RESULTS / f"compare_{tag}.json", result)
+    if len(result["modes"]) < 3:
+        print(f"{len(result['modes'])} of 3 modes so far: run the rest with --only; plots come then")
+        return result
     plot(result, RESULTS / f"compare_{tag}.png")
     write_summary(result, RESULTS / f"compare_{tag}.md")
     return result

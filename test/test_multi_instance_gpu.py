@@ -38,4 +38,8 @@ def test_instances_sharing_one_gpu_match_transformers(moe_model, hf_oracle, tmp_
         *flags,
     ]  # fmt: skip
     with ServerProcess(args, log_path=str(tmp_path / "log")) as s:
-        assert _post_all(s.url, prompts, [None] * len(prompts)) == expected, s.log()
+        try:
+            got = _post_all(s.url, prompts, [None] * len(prompts))
+        except AssertionError as e:
+            pytest.fail(f"{e}\nserver log tail:\n{s.log()[-4000:]}")
+        assert got == expected, s.log()

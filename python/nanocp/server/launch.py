@@ -115,6 +115,7 @@ class EngineProcesses:
                     if self._stopping:
                         return
                     p = self.procs[name]
+                    p.join(timeout=1)  # the sentinel fires before exitcode is set
                     msg = f"{name} (pid {p.pid}) died with exit code {p.exitcode}; the server cannot serve requests"
                     logger.error(msg)
                     on_death(msg)
