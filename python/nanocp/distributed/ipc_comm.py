@@ -196,7 +196,7 @@ class IpcAllToAll(A2AComm):
         counts: torch.Tensor,
         out: torch.Tensor,
         out_counts: torch.Tensor,
-        blocks: int = 8,
+        blocks: int | None = None,
     ) -> None:
         """Graph-capturable all-to-all of fixed-capacity blocks: rows x[j, :counts[j]] go to rank
         j; on return out[src, :out_counts[src]] holds the rows rank src sent here. x and out are
@@ -213,6 +213,8 @@ class IpcAllToAll(A2AComm):
                 f"exchange: {cap_rows * row_bytes} bytes per peer exceed graph_capacity_bytes {self.graph_capacity}"
             )
         words, row_words = x.view(torch.int32), row_bytes // 4
+        if blocks is None:  # ~32 KB of block capacity per program: 4 MB blocks get 128 per peer
+            blocks = max(4, min(128, cap_rows * row_bytes >> 15))
         grid = (world, blocks)
         _push_kernel[grid](
             words, counts, self.xrecv_addrs, self.meta_addrs, self.dev_epoch, self.rank, row_words,
