@@ -102,8 +102,10 @@ def run_mode(args, model: str, mode: str, flags: list[str]) -> dict:
         [*cmd, "--step-trace-file", str(trace)], log_path=f"/tmp/nanocp-compare-{slug(mode)}.log"
     ) as s:
         vocab = server_vocab(s.url)
-        httpx.post(
-            s.url + "/generate", json={"input_ids": [11] * 8, "sampling_params": {"max_new_tokens": 2}}
+        httpx.post(  # warm-up; the first one may JIT-compile kernels for minutes
+            s.url + "/generate",
+            json={"input_ids": [11] * 8, "sampling_params": {"max_new_tokens": 2}},
+            timeout=900,
         )
 
         def measure(rate: float) -> list[dict]:

@@ -226,7 +226,7 @@ class IpcMoE(FixedCapacityMoE):
             self.out.view(n * cap, -1).copy_(experts.run_expert_rows(xr, local_ids))
         with trace_section("moe_comm"):  # combine: results return to the same block positions
             self.comm.exchange(self.out, self.recv_counts, self.back, self.back_counts)
-        pairs = self.back[dest, pos].view(num_tokens, k, -1)
+        pairs = self.back[dest, pos].view(num_tokens, k, self.back.shape[-1])  # num_tokens may be 0
         return combine_pairs(pairs, topk_weights, topk_ids).to(x.dtype)
 
 
