@@ -46,6 +46,7 @@ def test_defaults_and_cli_roundtrip(moe_model):
         ({"random_seed": -1}, "--random-seed"),
         ({"model_path": "/does/not/exist"}, "--model-path"),
         ({"moe_a2a_backend": "ipc", "device": "cpu"}, "--moe-a2a-backend ipc"),
+        ({"attention_backend": "flashinfer", "dp_size": 2, "cp_policy": "dynamic"}, "--attention-backend"),
         ({"moe_a2a_backend": "deepep", "device": "cpu"}, "--moe-a2a-backend deepep"),
     ],
 )

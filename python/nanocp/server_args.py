@@ -119,6 +119,11 @@ class ServerArgs:
         if self.cp_policy is None:
             self.cp_policy = "dynamic" if self.dp_size > 1 else "none"
         self._check_choice("cp_policy", CP_POLICIES)
+        if self.cp_policy != "none" and self.attention_backend == "flashinfer":
+            raise ServerArgsError(
+                f"--cp-policy {self.cp_policy} needs --attention-backend triton or torch (context-parallel "
+                "attention over sharded KV is not implemented with flashinfer yet); or use --cp-policy none"
+            )
 
         self._check_int("cp_size", minimum=1)
         self._check_int("cp_max_degree", minimum=1)

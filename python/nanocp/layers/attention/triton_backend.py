@@ -9,7 +9,7 @@ import torch
 
 from nanocp.layers.attention.base import ragged_index, register_attention_backend
 from nanocp.layers.attention.torch_backend import TorchAttnBackend
-from nanocp_kernels.attention import paged_attention
+from nanocp_kernels.attention import paged_attention, paged_prefill_attention
 
 if TYPE_CHECKING:
     from nanocp.engine.forward_batch import ForwardBatch
@@ -39,6 +39,8 @@ class TritonAttnBackend(TorchAttnBackend):
             [b - a for a, b in zip(qo_indptr, qo_indptr[1:])], dtype=torch.int64, device=device
         )
         q_seq = torch.repeat_interleave(torch.arange(len(counts), device=device), counts).to(torch.int32)
+        # extend / prefill chunks: blocks of queries share key loads (tensor-core kernel)
+        self.prefill_qo = qo_indptr if max(counts.tolist(), default=0) > 16 else None
         self.triton_meta = (
             q_seq,
             torch.tensor(kv_indptr, dtype=torch.int32, device=device),
@@ -65,6 +67,7 @@ class TritonAttnBackend(TorchAttnBackend):
         self.g_kv_indptr[1 : bs + 1].copy_(ends)
         self.g_kv_indices[:total].copy_(batch.req_to_token_pool.req_to_token[rows, pos])
         self.g_kv_pos[:total].copy_(pos)
+        self.prefill_qo = None
         self.triton_meta = (self.g_q_seq[:bs], self.g_kv_indptr[: bs + 1], self.g_kv_indices, self.g_kv_pos)
 
     def forward_with_lse(
@@ -73,6 +76,18 @@ class TritonAttnBackend(TorchAttnBackend):
         batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v, masked=batch.dcp is not None)
 
         q_seq, kv_indptr, kv_indices, kv_pos = self.triton_meta
+        if self.prefill_qo is not None:
+            return paged_prefill_attention(
+                q.contiguous(),
+                batch.kv_pool.k_buffer[layer.layer_id],
+                batch.kv_pool.v_buffer[layer.layer_id],
+                self.prefill_qo,
+                kv_indptr,
+                kv_indices,
+                batch.positions.to(torch.int32),
+                kv_pos,
+                layer.scaling,
+            )
         return paged_attention(
             q.contiguous(),
             batch.kv_pool.k_buffer[layer.layer_id],
