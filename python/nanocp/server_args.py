@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -109,6 +110,11 @@ class ServerArgs:
             raise ServerArgsError(
                 "--deepep-mode normal (DeepEP's high-throughput kernels) is not implemented yet; use "
                 "low_latency or auto (low-latency kernels for every step, prefill chunked to the buffer)"
+            )
+        if self.moe_a2a_backend == "deepep" and importlib.util.find_spec("deep_ep") is None:
+            raise ServerArgsError(
+                "--moe-a2a-backend deepep needs DeepEP: install it with `pip install nanocp[deepep]` or build it "
+                "from source (https://github.com/deepseek-ai/DeepEP); or use --moe-a2a-backend all_to_all"
             )
         if self.moe_a2a_backend in ("ipc", "deepep") and self.device != "cuda":
             raise ServerArgsError(
