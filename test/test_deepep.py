@@ -39,7 +39,11 @@ def model(model_factory):
 def deepep_engine(model):
     # one per process: NVSHMEM (under DeepEP's buffer) is initialised once
     with Engine(
-        model_path=model, dtype="bfloat16", moe_a2a_backend="deepep", max_total_tokens=4096
+        model_path=model,
+        dtype="bfloat16",
+        moe_a2a_backend="deepep",
+        attention_backend="triton",
+        max_total_tokens=4096,
     ) as engine:
         yield engine
 
@@ -59,11 +63,32 @@ def test_deepep_moe_layer_matches_reference(deepep_engine):
 
 
 def test_deepep_engine_greedy_tokens(model, deepep_engine):
+    """Decode replays CUDA graphs with DeepEP's dispatch/combine inside; each replay is checked
+    against the eager forward of the same batch, and the tokens against all-local experts."""
+    runner = deepep_engine.runner
+    graphs = runner.graph_runner
+    assert graphs is not None and graphs.moe_comm is runner.moe_comm
+    replay, compared = graphs.replay, []
+
+    def check(batch):
+        logits = replay(batch).clone()
+        runner.graph_runner = None  # the same batch eagerly (re-writes the same K/V)
+        eager = runner.forward(batch)
+        runner.graph_runner = graphs
+        compared.append((logits - eager).abs().max().item() / max(1.0, eager.abs().max().item()))
+        return logits
+
+    graphs.replay = check
     prompts = random_prompts([5, 40, 200, 3], vocab=500, seed=2)
-    got = [
-        r["output_ids"] for r in deepep_engine.generate(input_ids=prompts, sampling_params=greedy_params(12))
-    ]
-    with Engine(model_path=model, dtype="bfloat16", max_total_tokens=4096) as local:
+    try:
+        outs = deepep_engine.generate(input_ids=prompts, sampling_params=greedy_params(12))
+    finally:
+        graphs.replay = replay
+    got = [r["output_ids"] for r in outs]
+    assert compared and max(compared) < 3e-2, compared
+    with Engine(
+        model_path=model, dtype="bfloat16", attention_backend="triton", max_total_tokens=4096
+    ) as local:
         expected = [
             r["output_ids"] for r in local.generate(input_ids=prompts, sampling_params=greedy_params(12))
         ]

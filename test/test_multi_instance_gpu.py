@@ -1,7 +1,8 @@
 """Several instances sharing ONE GPU (GPU): NCCL refuses two ranks on a device, so MoE tokens and
 context-parallel q / KV / (o, lse) travel through the CUDA-IPC routing backend. Sharded DCP
 outputs equal HF transformers (fp32 greedy) for dp=2 and dp=4, and with MoE tokens through the
-graph-capturable `--moe-a2a-backend ipc`. On a machine with enough GPUs the dp=2 cases get one
+graph-capturable `--moe-a2a-backend ipc`, with which decode steps, context-parallel ones included,
+replay CUDA graphs. On a machine with enough GPUs the dp=2 cases get one
 GPU per instance (NCCL for the rest, NVLink peer writes for ipc)."""
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ NEW = 10
 CASES = [
     (2, ["--cp-policy", "uniform", "--cp-size", "2"]),
     (4, ["--cp-policy", "dynamic", "--cp-min-shard-tokens", "32", "--cp-max-degree", "4"]),
+    # graph-capturable MoE exchange: decode (sharded or not) replays CUDA graphs
     (2, ["--cp-policy", "dynamic", "--cp-min-shard-tokens", "32", "--moe-a2a-backend", "ipc"]),
+    (4, ["--cp-policy", "uniform", "--cp-size", "4", "--moe-a2a-backend", "ipc"]),
 ]
 
 
@@ -35,6 +38,7 @@ def test_instances_sharing_one_gpu_match_transformers(moe_model, hf_oracle, tmp_
     args = [
         "--model-path", moe_model, "--device", "cuda", "--dtype", "float32", "--attention-backend", "triton",
         "--dp-size", str(dp), "--ep-size", str(dp), "--max-total-tokens", "4096", "--chunked-prefill-size", "64",
+        "--cuda-graph-max-bs", "8",
         *flags,
     ]  # fmt: skip
     with ServerProcess(args, log_path=str(tmp_path / "log")) as s:
@@ -43,3 +47,5 @@ def test_instances_sharing_one_gpu_match_transformers(moe_model, hf_oracle, tmp_
         except AssertionError as e:
             pytest.fail(f"{e}\nserver log tail:\n{s.log()[-4000:]}")
         assert got == expected, s.log()
+        if "ipc" in flags:
+            assert "Context-parallel decode steps replay from CUDA graphs" in s.log(), s.log()[-4000:]

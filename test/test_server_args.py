@@ -103,3 +103,14 @@ def test_deepep_mode_choices():
         ServerArgs(device="cpu", deepep_mode="normal")
     with pytest.raises(ServerArgsError, match="deepep_mode|--deepep-mode"):
         ServerArgs(device="cpu", deepep_mode="fast")
+
+
+def test_auto_attention_backend(monkeypatch):
+    import torch
+
+    assert ServerArgs(device="cpu").attention_backend == "torch"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    # context parallelism needs (o, lse) over position ranges: triton on CUDA, whatever is installed
+    assert ServerArgs(device="cuda", dp_size=2, cp_policy="dynamic").attention_backend == "triton"
+    assert ServerArgs(device="cuda", attention_backend="torch").attention_backend == "torch"

@@ -119,3 +119,39 @@ def test_triton_backend_engine_matches_transformers(moe_model, hf_oracle):
     ) as engine:
         got = [r["output_ids"] for r in engine.generate(input_ids=prompts, sampling_params=greedy_params(5))]
     assert got == expected
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["whole", "kv-ranges"])
+def test_graph_replay_metadata_equals_eager(sharded):
+    """The decode metadata a CUDA-graph replay builds on the device (static buffers) lists the
+    same KV slots and positions as the eager path, also for context-parallel requests whose
+    home holds only some position ranges (kv_ranges_cpu)."""
+    from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
+    from nanocp.kvcache.pool import ReqToTokenPool
+    from nanocp.layers.attention.triton_backend import TritonAttnBackend
+
+    pool = ReqToTokenPool(4, 64, DEVICE)
+    g = torch.Generator().manual_seed(3)
+    pool.req_to_token[:4] = torch.randperm(4 * 64, generator=g).view(4, 64)
+    seq_lens, rows = [40, 7, 25], [2, 0, 3]
+    ranges = [[(0, 10), (30, 40)], [(0, 7)], [(20, 25)]] if sharded else None
+    t = lambda x: torch.tensor(x, dtype=torch.int64, device=DEVICE)  # noqa: E731
+    batch = ForwardBatch(
+        forward_mode=ForwardMode.DECODE, batch_size=3, input_ids=t([1, 2, 3]),
+        positions=t([n - 1 for n in seq_lens]), out_cache_loc=t([0, 0, 0]), req_pool_indices=t(rows),
+        seq_lens=t(seq_lens), extend_seq_lens=t([1, 1, 1]), extend_prefix_lens=t([n - 1 for n in seq_lens]),
+        logits_indices=t([0, 1, 2]), seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[1, 1, 1],
+        req_to_token_pool=pool, kv_pool=None, attn_backend=None, kv_ranges_cpu=ranges,
+    )  # fmt: skip
+    backend = TritonAttnBackend(device=torch.device(DEVICE))
+    backend.init_forward_metadata(batch)
+    _, kv_indptr, kv_indices, kv_pos = backend.triton_meta
+    backend.init_cuda_graph_state(8, 4 * 64)
+    backend.init_forward_metadata_replay(batch)
+    _, g_indptr, g_indices, g_pos = backend.triton_meta
+    total = int(kv_indptr[-1])
+    assert g_indptr.tolist() == kv_indptr.tolist()
+    assert g_indices[:total].tolist() == kv_indices.tolist()
+    assert g_pos[:total].tolist() == kv_pos.tolist()
+    if sharded:
+        assert total == 20 + 7 + 5

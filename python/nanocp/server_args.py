@@ -17,7 +17,7 @@ from nanocp_router.policy import POLICIES
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("cuda", "cpu")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-ATTENTION_BACKENDS = ("torch", "triton", "flashinfer")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 LOAD_BALANCE_METHODS = tuple(POLICIES)
 MOE_A2A_BACKENDS = ("allgather", "all_to_all", "ipc", "deepep")
 MOE_RUNNER_BACKENDS = ("auto", "torch", "triton")
@@ -52,7 +52,7 @@ class ServerArgs:
     max_running_requests: int = 256
     random_seed: int = 0
     # Kernels
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # cuda: flashinfer (installed, no CP) or triton; cpu: torch
     disable_cuda_graph: bool = False
     cuda_graph_max_bs: int = 256
     # HTTP server
@@ -125,6 +125,8 @@ class ServerArgs:
         if self.cp_policy is None:
             self.cp_policy = "dynamic" if self.dp_size > 1 else "none"
         self._check_choice("cp_policy", CP_POLICIES)
+        if self.attention_backend == "auto":
+            self.attention_backend = self._auto_attention_backend()
         if self.cp_policy != "none" and self.attention_backend == "flashinfer":
             raise ServerArgsError(
                 f"--cp-policy {self.cp_policy} needs --attention-backend triton or torch (context-parallel "
@@ -184,6 +186,13 @@ class ServerArgs:
         value = getattr(self, name)
         if value not in choices:
             raise ServerArgsError(f"{_flag(name)} must be one of {', '.join(choices)}; got {value!r}")
+
+    def _auto_attention_backend(self) -> str:
+        if self.device != "cuda":
+            return "torch"
+        if self.cp_policy == "none" and importlib.util.find_spec("flashinfer") is not None:
+            return "flashinfer"
+        return "triton"  # context-parallel steps need triton's (o, lse) over position ranges
 
     def _check_int(self, name: str, minimum: int, optional: bool = False) -> None:
         value = getattr(self, name)

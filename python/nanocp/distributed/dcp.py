@@ -103,6 +103,10 @@ class DCPStep:
     f_q_pos: torch.Tensor
     f_kv_pos: torch.Tensor
     device_meta: tuple | None = None  # int32 copies for the CUDA kernel, made at the first layer
+    graph: bool = False  # every instance replays this step from its context-parallel CUDA graphs
+
+    def attend(self, q, k, v, o_local, lse_local, k_buffer, v_buffer, scaling: float) -> torch.Tensor:
+        return dcp_attention(q, k, v, o_local, lse_local, k_buffer, v_buffer, scaling, self)
 
 
 def _exchange_ints(blocks: list[list[int]], group, device) -> list[list[int]]:

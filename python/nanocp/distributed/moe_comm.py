@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 class MoEComm(ABC):
     name = ""
+    graph_capturable = False  # no host sync: a decode step with it can be captured in a CUDA graph
+    max_tokens = 0  # tokens per rank per call (graph-capturable backends)
 
     def __init__(self, state: ParallelState, **_: object) -> None:
         self.state = state
@@ -142,6 +144,8 @@ class FixedCapacityMoE(MoEComm):
     """Backends whose buffers hold at most max_tokens tokens per rank per call, with device-side
     counts (graph-capturable). Every rank must call them equally often, so a step's tokens are cut
     into ceil(max_r num_tokens_r / max_tokens) chunks computed from the step's global counts."""
+
+    graph_capturable = True
 
     def __init__(self, state: ParallelState, max_tokens_per_rank: int = 128, **_: object) -> None:
         super().__init__(state)

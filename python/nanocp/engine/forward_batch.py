@@ -18,6 +18,7 @@ import torch
 
 if TYPE_CHECKING:
     from nanocp.distributed.dcp import DCPStep
+    from nanocp.distributed.dcp_graph import GraphDCP
     from nanocp.distributed.moe_comm import MoEComm
     from nanocp.engine.step_trace import StepTracer
     from nanocp.kvcache.pool import KVCachePool, ReqToTokenPool
@@ -63,7 +64,7 @@ class ForwardBatch:
     tracer: StepTracer | None = None
     # per request: the [start, end) position ranges of its KV held here (None: all of it)
     kv_ranges_cpu: list[list[tuple[int, int]]] | None = None
-    dcp: DCPStep | None = None  # context-parallel routing of this step (None: nothing sharded)
+    dcp: DCPStep | GraphDCP | None = None  # context-parallel routing of this step (None: nothing sharded)
     cp_work: list | None = None  # (req, row_offset, start, end) of requests with a placement
 
     @property

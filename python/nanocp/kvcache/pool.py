@@ -21,9 +21,11 @@ class KVCachePool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        pad_slot: int | None = None,
     ) -> None:
         shape = (num_slots, num_kv_heads, head_dim)
         self.num_slots = num_slots
+        self.pad_slot = pad_slot  # a slot no request reads: writes with nowhere to go land there
         self.k_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v_buffer = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
@@ -36,7 +38,9 @@ class KVCachePool:
     ) -> None:
         """Write K/V rows at their slots. masked: rows with loc < 0 are held by another instance
         (context parallelism) and are skipped."""
-        if masked:
+        if masked and self.pad_slot is not None:  # no host sync: capturable in CUDA graphs
+            loc = torch.where(loc >= 0, loc, self.pad_slot)
+        elif masked:
             keep = loc >= 0
             loc, k, v = loc[keep], k[keep], v[keep]
         self.k_buffer[layer_id][loc] = k.to(self.k_buffer[layer_id].dtype)

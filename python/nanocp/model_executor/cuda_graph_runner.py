@@ -7,8 +7,19 @@ slot and req_to_token row, so they read and write nothing real), and the attenti
 writes the step's metadata (KV indices, lengths) into its own static buffers first. The plan of
 a step is data, not shape, so any batch replays without re-capture.
 
-Eager fallback: prefill / mixed steps, batches above the largest bucket, context-parallel steps
-and expert-parallel MoE exchanges (their collectives are not captured yet), and traced steps.
+Expert parallelism: with a graph-capturable MoE exchange (--moe-a2a-backend ipc or deepep:
+fixed-capacity buffers, device-side counts) the exchanges are inside the graph. Every rank calls
+them once per layer per step whether it replays or runs eagerly, so ranks may mix the two in one
+step; an idle rank replays the smallest bucket with padding rows only. A step in which some rank
+has more tokens than the exchange holds runs eagerly everywhere (chunked exchanges).
+
+Context parallelism: a second set of graphs has the DCP routing inside (GraphDCP: fixed blocks,
+device-side counts); the host loads each step's plan into its buffers before the replay. The
+worker decides for all instances at once (all decode or idle, within the largest bucket), since
+eager and graph steps route through different channels.
+
+Eager fallback: prefill / mixed steps, batches above the largest bucket, context-parallel steps,
+host-synchronised MoE exchanges (all_to_all, allgather), and traced steps.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ from nanocp.engine.forward_batch import ForwardBatch, ForwardMode, forward_conte
 from nanocp.utils import get_logger
 
 if TYPE_CHECKING:
+    from nanocp.distributed.dcp_graph import GraphDCP
     from nanocp.model_executor.model_runner import ModelRunner
 
 logger = get_logger(__name__)
@@ -34,7 +46,7 @@ def graph_buckets(max_bs: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, runner: ModelRunner, max_bs: int) -> None:
+    def __init__(self, runner: ModelRunner, max_bs: int, dcp: GraphDCP | None = None) -> None:
         self.runner = runner
         self.max_bs = max_bs
         self.buckets = graph_buckets(max_bs)
@@ -47,12 +59,18 @@ class CudaGraphRunner:
         self.req_pool_indices = torch.full((max_bs,), self.pad_row, dtype=torch.int64, device=dev)
         self.seq_lens = torch.ones(max_bs, dtype=torch.int64, device=dev)
         self.rows = torch.arange(max_bs, device=dev)
+        self.moe_comm = runner.moe_comm  # None or graph-capturable (ModelRunner checks)
         runner.attn_backend.init_cuda_graph_state(max_bs, runner.kv_pool.num_slots)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
+        self.dcp = dcp  # GraphDCP when context-parallel decode steps are captured too
+        self._dcp_replayed = False
+        # (with DCP routing, batch size) -> graph and its logits
+        self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[bool, int], torch.Tensor] = {}
         self.capture()
 
-    def _static_batch(self, bs: int, seq_lens_cpu: list[int]) -> ForwardBatch:
+    def _static_batch(
+        self, bs: int, seq_lens_cpu: list[int], dcp: bool = False, kv_ranges: list | None = None
+    ) -> ForwardBatch:
         r = self.runner
         return ForwardBatch(
             forward_mode=ForwardMode.DECODE,
@@ -70,6 +88,10 @@ class CudaGraphRunner:
             req_to_token_pool=r.req_to_token_pool,
             kv_pool=r.kv_pool,
             attn_backend=r.attn_backend,
+            moe_comm=self.moe_comm,
+            global_num_tokens=[bs],  # one exchange per layer (bs <= the exchange's capacity)
+            dcp=self.dcp if dcp else None,
+            kv_ranges_cpu=kv_ranges,
         )
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
@@ -82,8 +104,11 @@ class CudaGraphRunner:
         backend = self.runner.attn_backend
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.runner.device)
-        for bs in tqdm(list(reversed(self.buckets)), desc="Capturing CUDA graphs", leave=False):
-            batch = self._static_batch(bs, [1] * bs)
+        variants = [(False, bs) for bs in reversed(self.buckets)]
+        variants += [(True, bs) for bs in reversed(self.buckets)] if self.dcp is not None else []
+        for key in tqdm(variants, desc="Capturing CUDA graphs", leave=False):
+            dcp, bs = key
+            batch = self._static_batch(bs, [1] * bs, dcp)
             backend.init_forward_metadata_capture(batch)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -92,24 +117,35 @@ class CudaGraphRunner:
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=stream):
-                self.outputs[bs] = self._forward(batch)
-            self.graphs[bs] = graph
+                self.outputs[key] = self._forward(batch)
+            self.graphs[key] = graph
         torch.cuda.synchronize(self.runner.device)
-        logger.info("Captured %d CUDA graphs (batch sizes %s)", len(self.graphs), self.buckets)
+        logger.info(
+            "Captured %d CUDA graphs (batch sizes %s%s)",
+            len(self.graphs),
+            self.buckets,
+            ", with and without context-parallel routing" if self.dcp is not None else "",
+        )
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return (
-            batch.forward_mode.is_decode()
-            and batch.batch_size <= self.max_bs
-            and batch.dcp is None
-            and batch.kv_ranges_cpu is None
-            and batch.moe_comm is None
-            and batch.tracer is None
-        )
+        if batch.dcp is not None:  # the worker decided for every instance (can_run_dcp)
+            return batch.dcp.graph
+        if batch.tracer is not None:
+            return False
+        if batch.kv_ranges_cpu is not None and not getattr(
+            self.runner.attn_backend, "graph_kv_ranges", False
+        ):
+            return False
+        if self.moe_comm is not None and max(batch.global_num_tokens or [0]) > self.moe_comm.max_tokens:
+            return False  # some rank exchanges more than one buffer's worth: chunked, eager
+        mode = batch.forward_mode
+        if mode.is_idle():
+            return self.moe_comm is not None
+        return mode.is_decode() and batch.batch_size <= self.max_bs
 
     def replay(self, batch: ForwardBatch) -> torch.Tensor:
         bs = batch.batch_size
-        bucket = next(b for b in self.buckets if b >= bs)
+        bucket = next(b for b in self.buckets if b >= max(bs, 1))
         self.input_ids[:bs].copy_(batch.input_ids)
         self.positions[:bs].copy_(batch.positions)
         self.out_cache_loc[:bs].copy_(batch.out_cache_loc)
@@ -121,7 +157,26 @@ class CudaGraphRunner:
             self.out_cache_loc[bs:bucket].fill_(self.pad_slot)
             self.req_pool_indices[bs:bucket].fill_(self.pad_row)
             self.seq_lens[bs:bucket].fill_(1)
-        static = self._static_batch(bucket, batch.seq_lens_cpu + [1] * (bucket - bs))
+        pad = bucket - bs
+        ranges = batch.kv_ranges_cpu + [[(0, 1)]] * pad if batch.kv_ranges_cpu is not None else None
+        dcp = batch.dcp is not None
+        static = self._static_batch(bucket, batch.seq_lens_cpu + [1] * pad, dcp, ranges)
         self.runner.attn_backend.init_forward_metadata_replay(static)
-        self.graphs[bucket].replay()
-        return self.outputs[bucket][:bs]
+        if dcp:
+            self.dcp.load(batch.dcp)
+            if not self._dcp_replayed:
+                self._dcp_replayed = True
+                logger.info("Context-parallel decode steps replay from CUDA graphs")
+        self.graphs[dcp, bucket].replay()
+        return self.outputs[dcp, bucket][:bs]
+
+    def can_run_dcp(self, modes: list[int], counts: list[int], tracing: bool) -> bool:
+        """Whether every instance replays this context-parallel step (same answer everywhere:
+        the arguments are the step's all-gathered modes and token counts)."""
+        ok = (int(ForwardMode.DECODE), int(ForwardMode.IDLE), 0)
+        return (
+            self.dcp is not None
+            and not tracing
+            and all(m in ok for m in modes)
+            and max(counts) <= self.max_bs
+        )

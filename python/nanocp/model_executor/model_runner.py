@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from nanocp import envs
+from nanocp.distributed.dcp_graph import GraphDCP
 from nanocp.distributed.moe_comm import create_moe_comm
 from nanocp.distributed.parallel_state import (
     ParallelState,
@@ -90,12 +91,39 @@ class ModelRunner:
                 logger.info(
                     "CUDA graphs off: --attention-backend %s cannot be captured", args.attention_backend
                 )
-            elif self.moe_comm is not None:
-                logger.info("CUDA graphs off: expert-parallel MoE exchanges are not captured yet")
-            else:
-                self.graph_runner = CudaGraphRunner(
-                    self, min(args.cuda_graph_max_bs, args.max_running_requests)
+            elif self.moe_comm is not None and not self.moe_comm.graph_capturable:
+                logger.info(
+                    "CUDA graphs off: --moe-a2a-backend %s synchronises with the host every layer "
+                    "(ipc or deepep run inside graphs)",
+                    args.moe_a2a_backend,
                 )
+            else:
+                max_bs = min(args.cuda_graph_max_bs, args.max_running_requests)
+                if self.moe_comm is not None:
+                    max_bs = min(max_bs, self.moe_comm.max_tokens)
+                self.graph_runner = CudaGraphRunner(self, max_bs, self._graph_dcp(max_bs))
+
+    def _graph_dcp(self, max_bs: int) -> GraphDCP | None:
+        """Fixed routing buffers for context-parallel decode steps inside CUDA graphs."""
+        p, cfg = self.parallel, self.hf_config
+        if self.server_args.cp_policy == "none" or p.world_size < 2:
+            return None
+        if not getattr(self.attn_backend, "graph_kv_ranges", False):
+            logger.info("Context-parallel steps run eagerly: --attention-backend cannot replay them")
+            return None
+        return GraphDCP(
+            p.rank,
+            p.world_size,
+            p.cpu_group,
+            self.device,
+            max_bs,
+            self.kv_pool.num_slots,
+            self.pad_slot,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            head_dim_of(cfg),
+            self.dtype,
+        )
 
     def _init_kv_cache(self) -> None:
         cfg, args = self.hf_config, self.server_args
@@ -120,12 +148,12 @@ class ModelRunner:
             raise RuntimeError("the KV cache budget is smaller than one page")
         self.max_total_num_tokens = num_pages * page
         # one page past the allocator's: padding tokens of CUDA-graph batches write there
+        self.pad_slot = num_pages * page
         self.kv_pool = KVCachePool(
-            num_layers, (num_pages + 1) * page, kv_heads, head_dim, self.dtype, self.device
+            num_layers, (num_pages + 1) * page, kv_heads, head_dim, self.dtype, self.device, self.pad_slot
         )
         self.page_allocator = PageAllocator(num_pages, page)
         self.req_to_token_pool = ReqToTokenPool(args.max_running_requests, self.context_length, self.device)
-        self.pad_slot = num_pages * page
         self.req_to_token_pool.req_to_token[self.req_to_token_pool.pad_row, 0] = self.pad_slot
         logger.info(
             "KV cache: %d tokens in %d pages of %d (%.2f GiB)",

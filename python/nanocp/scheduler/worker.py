@@ -227,6 +227,10 @@ class Worker:
                 p.cpu_group,
                 self.runner.device,
             )
+            graphs = self.runner.graph_runner
+            batch.dcp.graph = graphs is not None and graphs.can_run_dcp(
+                [g[1] for g in gathered], counts, batch.tracer is not None
+            )
         return self.scheduler.run_batch(batch, sampling)
 
     def run_forever(self) -> None:

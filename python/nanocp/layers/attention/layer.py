@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from nanocp.distributed.dcp import dcp_attention
 from nanocp.engine.forward_batch import get_forward_batch
 from nanocp.engine.step_trace import trace_section
 
@@ -30,7 +29,8 @@ class Attention(nn.Module):
                 out = batch.attn_backend.forward(q, k, v, self, batch)
             else:
                 o_local, lse_local = batch.attn_backend.forward_with_lse(q, k, v, self, batch)
-                out = dcp_attention(
+                # eager routing (DCPStep) or fixed buffers inside a CUDA graph (GraphDCP)
+                out = batch.dcp.attend(
                     q,
                     k,
                     v,
@@ -39,6 +39,5 @@ class Attention(nn.Module):
                     batch.kv_pool.k_buffer[self.layer_id],
                     batch.kv_pool.v_buffer[self.layer_id],
                     self.scaling,
-                    batch.dcp,
                 )
             return out.reshape(q.shape[0], self.num_heads * self.head_dim)  # T may be 0 (idle batch)

@@ -60,10 +60,23 @@ class TritonAttnBackend(TorchAttnBackend):
     def init_forward_metadata_capture(self, batch: ForwardBatch) -> None:
         self.init_forward_metadata_replay(batch)
 
+    graph_kv_ranges = True  # replays decode batches of context-parallel requests too
+
     def init_forward_metadata_replay(self, batch: ForwardBatch) -> None:
-        """Decode: every request's KV row [0, seq_len) from req_to_token, built on the device."""
-        bs, total = batch.batch_size, sum(batch.seq_lens_cpu)
-        ends, rows, pos = ragged_index(batch.req_pool_indices, batch.seq_lens, total)
+        """Decode: every request's KV row [0, seq_len) from req_to_token, built on the device;
+        for context-parallel requests only the position ranges held here (kv_ranges_cpu)."""
+        bs = batch.batch_size
+        if batch.kv_ranges_cpu is None:
+            total = sum(batch.seq_lens_cpu)
+            ends, rows, pos = ragged_index(batch.req_pool_indices, batch.seq_lens, total)
+        else:
+            segs = [(i, s, e - s) for i, rs in enumerate(batch.kv_ranges_cpu) for s, e in rs if e > s]
+            held = [sum(e - s for s, e in rs) for rs in batch.kv_ranges_cpu]
+            total = sum(held)
+            seg = torch.tensor(segs, dtype=torch.int64).reshape(-1, 3).T.to(self.device, non_blocking=True)
+            _, rows, within = ragged_index(batch.req_pool_indices[seg[0]], seg[2], total)
+            pos = torch.repeat_interleave(seg[1], seg[2], output_size=total) + within
+            ends = torch.tensor(held, dtype=torch.int64).cumsum(0).to(self.device, non_blocking=True)
         self.g_kv_indptr[1 : bs + 1].copy_(ends)
         self.g_kv_indices[:total].copy_(batch.req_to_token_pool.req_to_token[rows, pos])
         self.g_kv_pos[:total].copy_(pos)
