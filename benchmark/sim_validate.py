@@ -33,13 +33,15 @@ from nanocp_router.planner import PlannerConfig, create_cp_policy
 POLICY_OF = {"static DP": "none", "DCP": "dynamic"}  # any other mode name: uniform
 
 
-def load_traces(compare: dict) -> list[list[dict]]:
-    """Per mode and lockstep step: the records of every instance."""
+def load_traces(compare: dict, trace_dir: Path | None = None) -> list[list[dict]]:
+    """Per mode and lockstep step: the records of every instance (trace_dir: where the run's
+    trace files are now, if they were moved off the machine that ran it)."""
     steps = []
     for r in compare["modes"].values():
         by_step: dict[int, list[dict]] = defaultdict(list)
+        base = Path(r["trace"]) if trace_dir is None else trace_dir / Path(r["trace"]).name
         for i in range(compare["dp_size"]):
-            for line in Path(f"{r['trace']}.{i}").read_text().splitlines():
+            for line in Path(f"{base}.{i}").read_text().splitlines():
                 rec = json.loads(line)
                 by_step[rec["step"]].append(rec)
         steps += [recs for recs in by_step.values() if len(recs) == compare["dp_size"]]
@@ -57,11 +59,13 @@ def nnls(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         active.remove(int(np.argmin(coef)))
 
 
-def fit_profile(compare: dict, steps: list[list[dict]]) -> tuple[ProfileCost, dict]:
-    """Shared-host model: the instances share the host's few cores, so a lockstep step costs
-    about the SUM of the instances' work (and at least the busiest instance's, on one core). Per step: max over instances of step_s ~ the work
-    summed over instances (decode KV tokens, prefill query-key pairs, requests, tokens, foreign
-    queries) + a DCP-exchange indicator + a constant (collectives, scheduling)."""
+def fit_profile(compare: dict, steps: list[list[dict]], combine: str = "shared") -> tuple[ProfileCost, dict]:
+    """Per step, max over instances of step_s ~ a linear model of the work (decode KV tokens,
+    prefill query-key pairs, requests, tokens, foreign queries, a DCP-exchange indicator) + a
+    constant (collectives, scheduling), combined over instances as the hardware does:
+    "shared": the instances share the host's few cores, so a lockstep step costs about the SUM
+    of the instances' work (and at least the busiest instance's, on one core);
+    "max": one device per instance, the busiest instance sets the lockstep step."""
     n = compare["dp_size"]
 
     def pairs(r: dict) -> float:
@@ -79,15 +83,15 @@ def fit_profile(compare: dict, steps: list[list[dict]]) -> tuple[ProfileCost, di
 
     per = np.array([[features(r) for r in s] for s in steps])  # [steps, instances, features]
     y = np.array([max(r["step_s"] for r in s) for s in steps])
-    cores = os.cpu_count() or 1
-    # step = max(cores * max_i w_i, sum_i w_i) + const, w_i = a . features_i: fit the sum first,
+    cores = 1 if combine == "max" else os.cpu_count() or 1
+    # shared: step = max(cores * max_i w_i, sum_i w_i) + const, w_i = a . features_i: fit the sum first,
     # then refit with the binding term of each step until the assignment settles
     x = np.concatenate([per.sum(1), np.ones((len(steps), 1))], 1)
     for _ in range(8):
         a = nnls(x, y)
         w = per @ a[:-1]
         busiest = w.argmax(1)
-        binds = cores * w.max(1) > w.sum(1)
+        binds = (cores * w.max(1) > w.sum(1)) | (combine == "max")
         x_new = np.where(binds[:, None], cores * per[np.arange(len(steps)), busiest], per.sum(1))
         x_new = np.concatenate([x_new, np.ones((len(steps), 1))], 1)
         if np.allclose(x_new, x):
@@ -108,7 +112,7 @@ def fit_profile(compare: dict, steps: list[list[dict]]) -> tuple[ProfileCost, di
         moe_comm_per_token_s=0.0,
         routing_per_query_s=float(a[4]),
         routing_step_s=float(a[5]) / n,
-        combine="shared",
+        combine=combine,
         cores=cores,
         device=compare["device"],
         source=f"fitted to the step traces of {compare['command']} ({compare['date']})",
@@ -139,10 +143,20 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--compare", type=Path, default=RESULTS / "compare_cpu_dp4.json")
     p.add_argument("--tag", default=None)
+    p.add_argument("--traces", type=Path, default=None, help="folder holding the run's step traces now")
+    p.add_argument(
+        "--combine",
+        choices=["auto", "shared", "max"],
+        default="auto",
+        help="how instances' work adds up in a step: shared CPU cores, or one device each (auto: by device)",
+    )
     args = p.parse_args(argv)
     compare = json.loads(args.compare.read_text())
     tag = args.tag or args.compare.stem.removeprefix("compare_")
-    profile, fit = fit_profile(compare, load_traces(compare))
+    combine = args.combine
+    if combine == "auto":
+        combine = "shared" if "cpu" in compare["device"].lower() else "max"
+    profile, fit = fit_profile(compare, load_traces(compare, args.traces), combine)
     (RESULTS / f"profile_{tag}.json").write_text(profile.to_json() + "\n")
     slo = compare["slo"]
     s = compare["settings"]
