@@ -66,6 +66,7 @@ class ForwardBatch:
     kv_ranges_cpu: list[list[tuple[int, int]]] | None = None
     dcp: DCPStep | GraphDCP | None = None  # context-parallel routing of this step (None: nothing sharded)
     cp_work: list | None = None  # (req, row_offset, start, end) of requests with a placement
+    cuda_graph: bool = False  # set when the step was replayed from a CUDA graph
 
     @property
     def num_tokens(self) -> int:

@@ -3,6 +3,7 @@
 Sections: attention (own requests), moe_compute (local experts), moe_comm (MoE collectives,
 which includes waiting for the slowest instance: the EP straggler shows up here on the others).
 On GPU every section boundary synchronizes, so tracing slows the run; it is off by default.
+Steps replayed from CUDA graphs have their time only (no sections; "cuda_graph": true).
 """
 
 from __future__ import annotations

@@ -19,7 +19,8 @@ worker decides for all instances at once (all decode or idle, within the largest
 eager and graph steps route through different channels.
 
 Eager fallback: prefill / mixed steps, batches above the largest bucket, context-parallel steps,
-host-synchronised MoE exchanges (all_to_all, allgather), and traced steps.
+host-synchronised MoE exchanges (all_to_all, allgather). Traced steps (--step-trace-file) replay
+too: the trace then has the step's time but no per-section split.
 """
 
 from __future__ import annotations
@@ -130,8 +131,6 @@ class CudaGraphRunner:
     def can_run(self, batch: ForwardBatch) -> bool:
         if batch.dcp is not None:  # the worker decided for every instance (can_run_dcp)
             return batch.dcp.graph
-        if batch.tracer is not None:
-            return False
         if batch.kv_ranges_cpu is not None and not getattr(
             self.runner.attn_backend, "graph_kv_ranges", False
         ):
@@ -168,15 +167,11 @@ class CudaGraphRunner:
                 self._dcp_replayed = True
                 logger.info("Context-parallel decode steps replay from CUDA graphs")
         self.graphs[dcp, bucket].replay()
+        batch.cuda_graph = True
         return self.outputs[dcp, bucket][:bs]
 
-    def can_run_dcp(self, modes: list[int], counts: list[int], tracing: bool) -> bool:
+    def can_run_dcp(self, modes: list[int], counts: list[int]) -> bool:
         """Whether every instance replays this context-parallel step (same answer everywhere:
         the arguments are the step's all-gathered modes and token counts)."""
         ok = (int(ForwardMode.DECODE), int(ForwardMode.IDLE), 0)
-        return (
-            self.dcp is not None
-            and not tracing
-            and all(m in ok for m in modes)
-            and max(counts) <= self.max_bs
-        )
+        return self.dcp is not None and all(m in ok for m in modes) and max(counts) <= self.max_bs

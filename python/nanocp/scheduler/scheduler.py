@@ -181,6 +181,7 @@ class Scheduler:
             # query-key pairs of the own tokens over the KV held here (causal)
             "attn_pairs": sum(causal_pairs(seq - n, seq, s, e) for seq, n, rs in lens for s, e in rs),
             "global_num_tokens": batch.global_num_tokens,
+            "cuda_graph": batch.cuda_graph,  # replayed: no per-section times
         }
         st = batch.dcp
         if st is not None:  # context-parallel work served for other homes

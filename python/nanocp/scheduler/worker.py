@@ -228,9 +228,7 @@ class Worker:
                 self.runner.device,
             )
             graphs = self.runner.graph_runner
-            batch.dcp.graph = graphs is not None and graphs.can_run_dcp(
-                [g[1] for g in gathered], counts, batch.tracer is not None
-            )
+            batch.dcp.graph = graphs is not None and graphs.can_run_dcp([g[1] for g in gathered], counts)
         return self.scheduler.run_batch(batch, sampling)
 
     def run_forever(self) -> None:

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One mode of benchmark.compare on the GPU machine with decode from CUDA graphs (EP exchanges and
+# DCP routing inside), Qwen3-30B-A3B config with dummy weights, one instance per GPU. One mode per
+# call keeps each device call under 10 minutes; results accumulate in the same tag.
+#   source .gpu/env.sh && bash benchmark/gpu/compare_suite.sh none|uniform|dynamic
+# Knobs (env): DP (default: number of GPUs), RATES, SLO_MS, DURATION, TAG, A2A (ipc or deepep).
+set -eu
+MODE=${1:?usage: compare_suite.sh none|uniform|dynamic}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+DP=${DP:-$(nvidia-smi -L | wc -l)}
+A2A=${A2A:-ipc}
+RATES=${RATES:-4 8 16}
+TAG=${TAG:-h200x${DP}_dp${DP}_graphs_${A2A}}
+[ "$A2A" = deepep ] && source .gpu/deepep_build.sh > "$OUT/deepep_build.log" 2>&1
+python -m benchmark.compare --model-path benchmark/configs/qwen3-30b-a3b --device cuda --dp-size "$DP" \
+  --max-total-tokens 262144 --chunked-prefill-size 4096 --mix chat-docs-medium \
+  --rates $RATES --timeline-rate "${RATES%% *}" --duration ${DURATION:-20} --min-requests 32 \
+  --tpot-slo-ms ${SLO_MS:-50} --ttft-slo-s 10 --tag "$TAG" --only "$MODE" \
+  --server-args --load-format dummy --skip-tokenizer-init --dtype bfloat16 --attention-backend triton \
+  --moe-a2a-backend "$A2A" --cuda-graph-max-bs 64 > "$OUT/compare_$MODE.log" 2>&1 || true
+tail -5 "$OUT/compare_$MODE.log"
+cp benchmark/results/compare_"$TAG".* "$OUT/" 2>/dev/null || true
+tar -czf "$OUT/traces_$MODE.tgz" /tmp/nanocp-compare-traces /tmp/nanocp-compare-*.log 2>/dev/null || true
