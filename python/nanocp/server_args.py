@@ -190,7 +190,11 @@ class ServerArgs:
     def _auto_attention_backend(self) -> str:
         if self.device != "cuda":
             return "torch"
-        if self.cp_policy == "none" and importlib.util.find_spec("flashinfer") is not None:
+        if (
+            self.cp_policy == "none"
+            and self.dtype != "float32"  # FlashInfer's kernels are half-precision
+            and importlib.util.find_spec("flashinfer") is not None
+        ):
             return "flashinfer"
         return "triton"  # context-parallel steps need triton's (o, lse) over position ranges
 
