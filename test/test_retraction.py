@@ -39,3 +39,28 @@ def test_request_larger_than_pool_is_rejected_clearly(moe_model):
             == 4
         )
         assert_pool_free(engine)
+
+
+def test_server_reports_retractions_in_metrics(moe_model, tmp_path):
+    """Retractions show up in /metrics (nanocp:num_retracted_reqs_total, per instance)."""
+    import httpx
+    from test_dp_ep import NEW, _post_all
+
+    from nanocp.testing.server import ServerProcess
+
+    prompts = random_prompts(LENGTHS, vocab=500, seed=11)
+    args = ["--model-path", moe_model, "--device", "cpu", "--page-size", "16", "--max-total-tokens", "256"]
+    with ServerProcess([*args, "--chunked-prefill-size", "64"], log_path=str(tmp_path / "log")) as s:
+        got = _post_all(s.url, prompts, [None] * len(prompts))
+        assert all(len(ids) == NEW for ids in got)
+        text = ""
+        for _ in range(50):  # load reports reach the metrics within a second or two
+            text = httpx.get(f"{s.url}/metrics").text
+            line = next(
+                x for x in text.splitlines() if x.startswith('nanocp:num_retracted_reqs_total{instance="0"}')
+            )
+            if float(line.split()[-1]) > 0:
+                break
+            __import__("time").sleep(0.2)
+        else:
+            raise AssertionError(f"no retraction reported:\n{text}")

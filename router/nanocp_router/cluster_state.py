@@ -14,6 +14,7 @@ class InstanceLoad:
     running: int = 0  # requests in the running batch
     waiting: int = 0  # requests queued on the instance
     kv_tokens: int = 0  # tokens held in the KV cache
+    retractions: int = 0  # requests retracted so far (KV freed, recomputed later)
     trace: dict | None = None  # cumulative step timings (--step-trace-file)
     # Requests dispatched since the last report, so back-to-back dispatches see each other.
     pending_requests: int = 0
@@ -37,6 +38,7 @@ class ClusterState:
         for key in ("total_pages", "free_pages", "page_size", "running", "waiting", "kv_tokens"):
             setattr(inst, key, report[key])
         inst.trace = report.get("trace")
+        inst.retractions = report.get("retractions", 0)
 
         inst.pending_requests = inst.pending_tokens = 0
 

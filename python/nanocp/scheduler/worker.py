@@ -193,6 +193,7 @@ class Worker:
                     "running": len(s.running),
                     "waiting": len(s.waiting),
                     "kv_tokens": sum(r.kv_len for r in s.running),
+                    "retractions": s.num_retractions,
                     "finished": self._finished,
                     "trace": s.tracer.summary() if s.tracer is not None else None,
                 }

@@ -75,6 +75,12 @@ class Metrics:
             registry=r,
         )
         self.steps = Gauge("nanocp:traced_steps_total", "Traced steps", ["instance"], registry=r)
+        self.retractions = Gauge(
+            "nanocp:num_retracted_reqs_total",
+            "Requests retracted to free KV cache (recomputed later), cumulative",
+            ["instance"],
+            registry=r,
+        )
 
     def on_finish(
         self, outcome: str, prompt_tokens: int, completion_tokens: int, ttft: float | None, e2e: float
@@ -104,6 +110,7 @@ class Metrics:
             self.running.labels(label).set(i["running"])
             self.kv_usage.labels(label).set(i["kv_usage"])
             self.kv_tokens.labels(label).set(i["kv_tokens"])
+            self.retractions.labels(label).set(i.get("retractions", 0))
             trace = i.get("trace")
             if trace:
                 self.steps.labels(label).set(trace["steps"])
