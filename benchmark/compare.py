@@ -123,13 +123,14 @@ def run_mode(args, model: str, mode: str, flags: list[str]) -> dict:
                     "attainment": attainment(scored(metrics), args.tpot_slo_ms / 1e3, ttft_slo(args)),
                     "samples": sampler.samples,
                     "imbalance": sampler.imbalance(),
+                    "retractions": sampler.retractions(),
                     "requests": metrics,
                 }
                 r = runs[rate]
                 print(
                     f"  {mode:24s} rate {rate:6.3f}: attainment {r['attainment']:.2f}, P99 TPOT "
                     f"{1e3 * r['summary']['tpot']['p99']:.0f} ms, KV max/mean {r['imbalance']['kv_max_over_mean']:.2f}, "
-                    f"{elapsed:.0f} s",
+                    f"{r['retractions']} retractions, {elapsed:.0f} s",
                     flush=True,
                 )
             return scored(runs[rate]["requests"])

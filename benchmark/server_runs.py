@@ -46,7 +46,8 @@ def wait_idle(url: str, timeout: float = 600.0) -> None:
 
 
 class ClusterSampler:
-    """Polls /server_info in a thread: per-instance KV tokens held and running requests."""
+    """Polls /server_info in a thread: per-instance KV tokens held and running requests, and the
+    cluster's retractions so far."""
 
     def __init__(self, url: str, interval: float = 0.25) -> None:
         self.url, self.interval = url, interval
@@ -64,6 +65,7 @@ class ClusterSampler:
                         "t": round(time.perf_counter() - t0, 3),
                         "kv_tokens": [(i["total_pages"] - i["free_pages"]) * i["page_size"] for i in cluster],
                         "batch": [i["running"] for i in cluster],
+                        "retracted": sum(i.get("retractions", 0) for i in cluster),
                     }
                 )
                 self._stop.wait(self.interval)
@@ -75,6 +77,10 @@ class ClusterSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+    def retractions(self) -> int:
+        """Requests retracted (KV freed, recomputed later) while sampling."""
+        return self.samples[-1]["retracted"] - self.samples[0]["retracted"] if self.samples else 0
 
     def imbalance(self) -> dict[str, float]:
         """Time-averaged max/mean over instances of KV held and of running requests (busy samples)."""
