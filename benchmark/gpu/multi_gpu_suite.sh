@@ -11,7 +11,7 @@ mkdir -p "$OUT/logs"
 BUILD=$!
 nvidia-smi topo -m > "$OUT/logs/topo.txt" 2>&1
 python -m pytest -q -m gpu -p no:cacheprovider test/test_ipc_comm.py test/test_ipc_moe.py \
-  test/test_triton_attention.py test/test_multi_instance_gpu.py > "$OUT/logs/pytest_gpu.log" 2>&1
+  test/test_triton_attention.py test/test_cuda_graph.py test/test_multi_instance_gpu.py > "$OUT/logs/pytest_gpu.log" 2>&1
 echo "pytest: $(tail -1 "$OUT/logs/pytest_gpu.log")"
 python -m benchmark.routing_latency --world 2 > "$OUT/logs/routing_latency.log" 2>&1
 echo "routing_latency rc=$?"
@@ -24,5 +24,9 @@ echo "deepep pytest: $(tail -1 "$OUT/logs/pytest_deepep.log")"
 echo "deepep low-latency test (2 ranks) rc=$?"
 python -m benchmark.moe_comm_latency --world 2 > "$OUT/logs/moe_comm_latency.log" 2>&1
 echo "moe_comm_latency rc=$?"
-cp benchmark/results/routing_latency_h200x2.* benchmark/results/moe_comm_latency_h200x2.* "$OUT/" 2>/dev/null
+python -m benchmark.ep_decode_step --world 2 --backends all_to_all ipc deepep --batch 1 8 32 64 \
+  --context 4096 --tag h200x2 > "$OUT/logs/ep_decode_step.log" 2>&1
+echo "ep_decode_step rc=$?"
+cp benchmark/results/routing_latency_h200x2.* benchmark/results/moe_comm_latency_h200x2.* \
+  benchmark/results/ep_decode_step_h200x2.* "$OUT/" 2>/dev/null
 tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
