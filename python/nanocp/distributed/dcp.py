@@ -105,8 +105,37 @@ class DCPStep:
     device_meta: tuple | None = None  # int32 copies for the CUDA kernel, made at the first layer
     graph: bool = False  # every instance replays this step from its context-parallel CUDA graphs
 
-    def attend(self, q, k, v, o_local, lse_local, k_buffer, v_buffer, scaling: float) -> torch.Tensor:
-        return dcp_attention(q, k, v, o_local, lse_local, k_buffer, v_buffer, scaling, self)
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        o_local: torch.Tensor,
+        lse_local: torch.Tensor,
+        k_buffer: torch.Tensor,
+        v_buffer: torch.Tensor,
+        scaling: float,
+    ) -> torch.Tensor:
+        """Steps 1-4 of the module docstring for one layer; returns this instance's merged output."""
+        a2a = self.comm.all_to_all
+        k_recv = a2a(k[self.kv_send_idx], self.kv_send_counts, self.kv_recv_counts)
+        v_recv = a2a(v[self.kv_send_idx], self.kv_send_counts, self.kv_recv_counts)
+        k_buffer[self.kv_recv_slots] = k_recv.to(k_buffer.dtype)
+        v_buffer[self.kv_recv_slots] = v_recv.to(v_buffer.dtype)
+        q_recv = a2a(q[self.q_send_idx], self.q_send_counts, self.q_recv_counts)
+        o_f, lse_f = foreign_attention(q_recv, k_buffer, v_buffer, scaling, self)
+        o_back = a2a(o_f, self.q_recv_counts, self.q_send_counts)
+        lse_back = a2a(lse_f, self.q_recv_counts, self.q_send_counts)
+        o, lse = o_local.clone(), lse_local.clone()
+        off = 0
+        for n in self.q_send_counts:  # a row goes to a peer at most once: merge peer by peer
+            if n:
+                rows = self.q_send_idx[off : off + n]
+                parts_o = torch.stack([o[rows], o_back[off : off + n]])
+                parts_lse = torch.stack([lse[rows], lse_back[off : off + n]])
+                o[rows], lse[rows] = merge_states(parts_o, parts_lse, backend="torch")
+            off += n
+        return o
 
 
 def _exchange_ints(blocks: list[list[int]], group, device) -> list[list[int]]:
@@ -219,36 +248,3 @@ def foreign_attention(
     return paged_prefill_attention(
         q, k_buffer, v_buffer, st.f_qo_indptr, kv_indptr, kv_indices, q_pos, kv_pos, scaling, block_m=block_m
     )
-
-
-def dcp_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    o_local: torch.Tensor,
-    lse_local: torch.Tensor,
-    k_buffer: torch.Tensor,
-    v_buffer: torch.Tensor,
-    scaling: float,
-    st: DCPStep,
-) -> torch.Tensor:
-    """Steps 1-4 of the module docstring for one layer; returns this instance's merged output."""
-    a2a = st.comm.all_to_all
-    k_recv = a2a(k[st.kv_send_idx], st.kv_send_counts, st.kv_recv_counts)
-    v_recv = a2a(v[st.kv_send_idx], st.kv_send_counts, st.kv_recv_counts)
-    k_buffer[st.kv_recv_slots] = k_recv.to(k_buffer.dtype)
-    v_buffer[st.kv_recv_slots] = v_recv.to(v_buffer.dtype)
-    q_recv = a2a(q[st.q_send_idx], st.q_send_counts, st.q_recv_counts)
-    o_f, lse_f = foreign_attention(q_recv, k_buffer, v_buffer, scaling, st)
-    o_back = a2a(o_f, st.q_recv_counts, st.q_send_counts)
-    lse_back = a2a(lse_f, st.q_recv_counts, st.q_send_counts)
-    o, lse = o_local.clone(), lse_local.clone()
-    off = 0
-    for n in st.q_send_counts:  # a row goes to a peer at most once: merge peer by peer
-        if n:
-            rows = st.q_send_idx[off : off + n]
-            parts_o = torch.stack([o[rows], o_back[off : off + n]])
-            parts_lse = torch.stack([lse[rows], lse_back[off : off + n]])
-            o[rows], lse[rows] = merge_states(parts_o, parts_lse, backend="torch")
-        off += n
-    return o
