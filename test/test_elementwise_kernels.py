@@ -10,7 +10,14 @@ from transformers import AutoConfig
 
 from nanocp.layers.layernorm import RMSNorm
 from nanocp.layers.rotary import RotaryEmbedding
-from nanocp_kernels.elementwise import rmsnorm, rope_inplace, silu_and_mul, topk_softmax
+from nanocp_kernels.elementwise import (
+    fused_add_rmsnorm,
+    qk_norm_rope,
+    rmsnorm,
+    rope_inplace,
+    silu_and_mul,
+    topk_softmax,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -80,3 +87,45 @@ def test_topk_softmax_matches_select_experts(e, k, renorm):
     w, ids = topk_softmax(logits, k, renorm)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-6)
+
+
+def _norm_ref(x, w, eps=1e-6):
+    h = x.float()
+    return w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [5, 0])
+def test_fused_add_rmsnorm_matches_torch_path(dtype, rows):
+    g = torch.Generator().manual_seed(3)
+    x = (3 * torch.randn(rows, 96, generator=g)).to(DEVICE, dtype)
+    r = torch.randn(rows, 96, generator=g).to(DEVICE, dtype)
+    w = torch.randn(96, generator=g).to(DEVICE, dtype)
+    out, res = fused_add_rmsnorm(x, r, w, 1e-6)
+    torch.testing.assert_close(res, x + r, rtol=0, atol=0)  # the residual add in the input dtype
+    torch.testing.assert_close(out, _norm_ref(x + r, w), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qk_norm_rope_matches_torch_path(dtype):
+    """Strided q / k views of a fused QKV row, as Qwen3Attention passes them."""
+    cfg = AutoConfig.for_model("qwen3", head_dim=64, rope_theta=10000.0, max_position_embeddings=512)
+    rope = RotaryEmbedding(cfg, 64).to(DEVICE)
+    g = torch.Generator().manual_seed(4)
+    t, hq, hkv, d = 7, 4, 2, 64
+    qkv = (2 * torch.randn(t, (hq + 2 * hkv) * d, generator=g)).to(DEVICE, dtype)
+    q = qkv[:, : hq * d].view(t, hq, d)
+    k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    qw, kw = (torch.randn(d, generator=g).to(DEVICE, dtype) for _ in range(2))
+    pos = torch.tensor([0, 1, 5, 63, 64, 300, 511], device=DEVICE)
+    freqs = pos[:, None].float() * rope.inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos()[:, None, :], emb.sin()[:, None, :]
+
+    def ref(x, w):
+        y = _norm_ref(x, w).float()
+        return (y * cos + torch.cat((-y[..., 32:], y[..., :32]), -1) * sin).to(dtype)
+
+    qo, ko = qk_norm_rope(q, k, qw, kw, 1e-6, pos, rope._cache(torch.device(DEVICE)))
+    torch.testing.assert_close(qo, ref(q, qw), **tol(dtype))
+    torch.testing.assert_close(ko, ref(k, kw), **tol(dtype))

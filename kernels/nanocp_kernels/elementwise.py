@@ -1,4 +1,5 @@
-"""Small fused Triton kernels of the decoder layer: RMSNorm, rotary embedding, SiLU-and-mul.
+"""Small fused Triton kernels of the decoder layer: RMSNorm (alone or fused with the residual
+add), Qwen3's per-head q/k norm fused with the rotary embedding, RoPE, SiLU-and-mul, router top-k.
 
 Each replaces a chain of torch ops (one kernel launch per op) with one launch; on GPU decode
 those launches, not the bytes, dominate a layer. Semantics follow HF Qwen3 (see the torch paths
@@ -38,6 +39,101 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             x2, weight, out, d, x2.stride(0), out.stride(0), eps, BLOCK_D=triton.next_power_of_2(d)
         )
     return out.view(shape)
+
+
+@triton.jit
+def _add_rmsnorm_kernel(
+    x_ptr, r_ptr, w_ptr, o_ptr, ro_ptr, D, stride_x, stride_r, stride_o, stride_ro, eps, BLOCK_D: tl.constexpr
+):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_D)
+    mask = offs < D
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
+    s = x + r  # in the input dtype, as HF's residual add
+    tl.store(ro_ptr + row * stride_ro + offs, s, mask=mask)
+    h = s.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
+    y = (h * inv).to(o_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(o_ptr.dtype.element_ty)
+    tl.store(o_ptr + row * stride_o + offs, w * y, mask=mask)
+
+
+def fused_add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(x + residual), x + residual) in one launch; x, residual: [T, D]."""
+    x2, r2 = x.reshape(-1, x.shape[-1]), residual.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if r2.stride(-1) != 1:
+        r2 = r2.contiguous()
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    res = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        d = x2.shape[1]
+        _add_rmsnorm_kernel[(x2.shape[0],)](
+            x2, r2, weight, out, res, d, x2.stride(0), r2.stride(0), out.stride(0), res.stride(0), eps,
+            BLOCK_D=triton.next_power_of_2(d),
+        )  # fmt: skip
+    return out.view(x.shape), res.view(x.shape)
+
+
+@triton.jit
+def _qk_norm_rope_kernel(
+    q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr, HQ, eps,
+    stride_qt, stride_qh, stride_kt, stride_kh, HALF: tl.constexpr,
+):  # fmt: skip
+    """One program per (token, head) of q then k: per-head RMSNorm (float32, cast, scaled in
+    the input dtype, as HF's q_norm / k_norm), then neox RoPE from the float32 cos|sin cache."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    offs = tl.arange(0, HALF)
+    if h < HQ:
+        src = q_ptr + t * stride_qt + h * stride_qh
+        dst = qo_ptr + (t * HQ + h) * 2 * HALF
+        w_ptr = qw_ptr
+    else:
+        hk = h - HQ
+        src = k_ptr + t * stride_kt + hk * stride_kh
+        dst = ko_ptr + (t * (tl.num_programs(1) - HQ) + hk) * 2 * HALF
+        w_ptr = kw_ptr
+    x1 = tl.load(src + offs).to(tl.float32)
+    x2 = tl.load(src + HALF + offs).to(tl.float32)
+    inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
+    dt = qo_ptr.dtype.element_ty
+    y1 = (tl.load(w_ptr + offs).to(dt) * (x1 * inv).to(dt)).to(tl.float32)
+    y2 = (tl.load(w_ptr + HALF + offs).to(dt) * (x2 * inv).to(dt)).to(tl.float32)
+    pos = tl.load(pos_ptr + t)
+    cos = tl.load(cache_ptr + pos * 2 * HALF + offs)
+    sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + offs)
+    tl.store(dst + offs, (y1 * cos - y2 * sin).to(dt))
+    tl.store(dst + HALF + offs, (y2 * cos + y1 * sin).to(dt))
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3's q_norm / k_norm then RoPE of q [T, Hq, D] and k [T, Hkv, D] (strided views of the
+    fused QKV output are fine; the last dim must be contiguous) in one launch; new q, k."""
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    qo = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
+    ko = torch.empty((t, hkv, d), dtype=k.dtype, device=k.device)
+    if t:
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or d & (d - 1):
+            raise ValueError("qk_norm_rope: head dim must be contiguous and a power of two")
+        _qk_norm_rope_kernel[(t, hq + hkv)](
+            q, k, q_weight, k_weight, qo, ko, positions, cos_sin_cache, hq, eps,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), HALF=d // 2,
+        )  # fmt: skip
+    return qo, ko
 
 
 @triton.jit

@@ -12,7 +12,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """norm(x); with residual: (norm(x + residual), x + residual), the add in x's dtype (HF's
+        residual stream), fused into the norm's launch on CUDA."""
+        if residual is not None:
+            if x.is_cuda:
+                from nanocp_kernels.elementwise import fused_add_rmsnorm
+
+                return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+            x = x + residual
+            return self.forward(x), x
         if x.is_cuda:  # one fused Triton launch instead of six torch ops
             from nanocp_kernels.elementwise import rmsnorm
 
