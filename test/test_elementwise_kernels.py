@@ -129,3 +129,27 @@ def test_qk_norm_rope_matches_torch_path(dtype):
     qo, ko = qk_norm_rope(q, k, qw, kw, 1e-6, pos, rope._cache(torch.device(DEVICE)))
     torch.testing.assert_close(qo, ref(q, qw), **tol(dtype))
     torch.testing.assert_close(ko, ref(k, kw), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_matches_index_put(dtype):
+    """One-launch K/V store (strided v view as from the fused QKV row); loc < 0 -> the pad slot."""
+    from nanocp_kernels.elementwise import store_kv
+
+    g = torch.Generator().manual_seed(5)
+    t, h, d, slots, pad = 6, 2, 32, 20, 19
+    qkv = torch.randn(t, 3 * h * d, generator=g).to(DEVICE, dtype)
+    k = torch.randn(t, h, d, generator=g).to(DEVICE, dtype)
+    v = qkv[:, 2 * h * d :].view(t, h, d)
+    loc = torch.tensor([3, -1, 0, 11, -1, 7], device=DEVICE)
+    kb, vb = (
+        torch.zeros(slots, h, d, dtype=dtype, device=DEVICE),
+        torch.zeros(slots, h, d, dtype=dtype, device=DEVICE),
+    )
+    store_kv(k, v, loc, kb, vb, pad)
+    keep = loc >= 0
+    want_k, want_v = torch.zeros_like(kb), torch.zeros_like(vb)
+    want_k[loc[keep]], want_v[loc[keep]] = k[keep], v[keep]
+    torch.testing.assert_close(kb[:pad], want_k[:pad], rtol=0, atol=0)
+    torch.testing.assert_close(vb[:pad], want_v[:pad], rtol=0, atol=0)
+    assert kb[pad].abs().sum() > 0  # the masked rows landed in the pad slot

@@ -171,6 +171,41 @@ def rope_inplace(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
 
 
 @triton.jit
+def _store_kv_kernel(
+    k_ptr, v_ptr, loc_ptr, kb_ptr, vb_ptr, N, stride_k, stride_v, pad_slot, BLOCK: tl.constexpr
+):
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    slot = tl.load(loc_ptr + t)
+    slot = tl.where(slot >= 0, slot, pad_slot).to(tl.int64)
+    k = tl.load(k_ptr + t * stride_k + offs, mask=mask)
+    v = tl.load(v_ptr + t * stride_v + offs, mask=mask)
+    tl.store(kb_ptr + slot * N + offs, k.to(kb_ptr.dtype.element_ty), mask=mask)
+    tl.store(vb_ptr + slot * N + offs, v.to(vb_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    loc: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    pad_slot: int,
+) -> None:
+    """k_buffer[loc[t]] = k[t] and v_buffer[loc[t]] = v[t] in one launch; loc < 0 (positions
+    held by another instance) writes to pad_slot. k, v: [T, H, D] with contiguous rows of H * D."""
+    t = k.shape[0]
+    n = k_buffer.shape[1] * k_buffer.shape[2]
+    k2, v2 = k.reshape(t, n), v.reshape(t, n)
+    if t:
+        block = min(1024, triton.next_power_of_2(n))
+        _store_kv_kernel[(t, triton.cdiv(n, block))](
+            k2, v2, loc, k_buffer, v_buffer, n, k2.stride(0), v2.stride(0), pad_slot, BLOCK=block
+        )
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, o_ptr, N, stride_x, stride_o, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)

@@ -38,13 +38,19 @@ class KVCachePool:
     ) -> None:
         """Write K/V rows at their slots. masked: rows with loc < 0 are held by another instance
         (context parallelism) and are skipped."""
+        kb, vb = self.k_buffer[layer_id], self.v_buffer[layer_id]
+        if loc.is_cuda and self.pad_slot is not None:  # one launch, capturable in CUDA graphs
+            from nanocp_kernels.elementwise import store_kv
+
+            store_kv(k, v, loc, kb, vb, self.pad_slot)  # loc >= 0 unless masked
+            return
         if masked and self.pad_slot is not None:  # no host sync: capturable in CUDA graphs
             loc = torch.where(loc >= 0, loc, self.pad_slot)
         elif masked:
             keep = loc >= 0
             loc, k, v = loc[keep], k[keep], v[keep]
-        self.k_buffer[layer_id][loc] = k.to(self.k_buffer[layer_id].dtype)
-        self.v_buffer[layer_id][loc] = v.to(self.v_buffer[layer_id].dtype)
+        kb[loc] = k.to(kb.dtype)
+        vb[loc] = v.to(vb.dtype)
 
 
 class PageAllocator:
