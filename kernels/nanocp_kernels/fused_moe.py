@@ -214,8 +214,10 @@ def fused_moe(
     block = _block_sizes(num_pairs, num_experts)
     sorted_ids, block_expert = moe_align(topk_ids - expert_offset, num_experts, block[0])
     x = x.contiguous()
-    gate_up = grouped_gemm(x, w13, sorted_ids, block_expert, num_pairs, k, block)
+    # rows of pairs outside sorted_ids stay unwritten here: the second GEMM never reads them
+    gate_up = x.new_empty((num_pairs, w13.shape[1]))
+    grouped_gemm(x, w13, sorted_ids, block_expert, num_pairs, k, block, out=gate_up)
     act = silu_and_mul(gate_up)
     w = topk_weights.reshape(-1).contiguous() if topk_weights is not None else None
-    y = grouped_gemm(act, w2, sorted_ids, block_expert, num_pairs, 1, block, weights=w)
-    return y.view(num_tokens, k, -1).sum(dim=1)
+    y = grouped_gemm(act, w2, sorted_ids, block_expert, num_pairs, 1, block, weights=w)  # zeros elsewhere
+    return y if k == 1 else y.view(num_tokens, k, -1).sum(dim=1)
