@@ -41,6 +41,7 @@ class TritonAttnBackend(TorchAttnBackend):
         q_seq = torch.repeat_interleave(torch.arange(len(counts), device=device), counts).to(torch.int32)
         # extend / prefill chunks: blocks of queries share key loads (tensor-core kernel)
         self.prefill_qo = qo_indptr if max(counts.tolist(), default=0) > 16 else None
+        self.q_pos = batch.positions.to(torch.int32)  # once per step, not per layer
         self.triton_meta = (
             q_seq,
             torch.tensor(kv_indptr, dtype=torch.int32, device=device),
@@ -56,6 +57,7 @@ class TritonAttnBackend(TorchAttnBackend):
         self.g_kv_indptr = torch.zeros(max_bs + 1, dtype=torch.int32, device=dev)
         self.g_kv_indices = torch.zeros(num_slots, dtype=torch.int32, device=dev)
         self.g_kv_pos = torch.zeros(num_slots, dtype=torch.int32, device=dev)
+        self.g_q_pos = torch.zeros(max_bs, dtype=torch.int32, device=dev)
 
     def init_forward_metadata_capture(self, batch: ForwardBatch) -> None:
         self.init_forward_metadata_replay(batch)
@@ -81,6 +83,8 @@ class TritonAttnBackend(TorchAttnBackend):
         self.g_kv_indices[:total].copy_(batch.req_to_token_pool.req_to_token[rows, pos])
         self.g_kv_pos[:total].copy_(pos)
         self.prefill_qo = None
+        self.g_q_pos[:bs].copy_(batch.positions)  # the graph's static positions, already written
+        self.q_pos = self.g_q_pos[:bs]
         self.triton_meta = (self.g_q_seq[:bs], self.g_kv_indptr[: bs + 1], self.g_kv_indices, self.g_kv_pos)
 
     def forward_with_lse(
@@ -97,7 +101,7 @@ class TritonAttnBackend(TorchAttnBackend):
                 self.prefill_qo,
                 kv_indptr,
                 kv_indices,
-                batch.positions.to(torch.int32),
+                self.q_pos,
                 kv_pos,
                 layer.scaling,
             )
@@ -108,7 +112,7 @@ class TritonAttnBackend(TorchAttnBackend):
             q_seq,
             kv_indptr,
             kv_indices,
-            batch.positions.to(torch.int32),
+            self.q_pos,
             kv_pos,
             layer.scaling,
         )
