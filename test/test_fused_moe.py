@@ -50,7 +50,7 @@ def test_fused_moe_matches_reference_fp32(t, k, offset):
     # 8 experts in all, 4 local (expert_offset 4 = the second EP rank); sizes not multiples of the blocks
     e_local = 8 if offset == 0 else 4
     x, w13, w2, w, ids = _case(t, 8, e_local, 40, 24, k, torch.float32, DEVICE)
-    out = fused_moe(x, w13, w2, w, ids, offset)
+    out = fused_moe(x, w13, w2, w, ids, offset, all_local=offset == 0)
     ref = fused_moe_ref(x, w13, w2, w, ids, offset)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 

@@ -203,9 +203,12 @@ def fused_moe(
     topk_weights: torch.Tensor | None,
     topk_ids: torch.Tensor,
     expert_offset: int = 0,
+    all_local: bool = False,
 ) -> torch.Tensor:
     """Same contract as reference.fused_moe_ref; topk_weights None means weight 1 (and then
-    topk_ids is [rows, 1]: one expert per row, reference.expert_ffn_ref's contract)."""
+    topk_ids is [rows, 1]: one expert per row, reference.expert_ffn_ref's contract).
+    all_local: the caller guarantees every id is a local expert (no expert parallelism), so
+    every output row is written and none needs zeroing first."""
     num_tokens, k = topk_ids.shape
     num_experts = w13.shape[0]
     num_pairs = num_tokens * k
@@ -219,5 +222,6 @@ def fused_moe(
     grouped_gemm(x, w13, sorted_ids, block_expert, num_pairs, k, block, out=gate_up)
     act = silu_and_mul(gate_up)
     w = topk_weights.reshape(-1).contiguous() if topk_weights is not None else None
-    y = grouped_gemm(act, w2, sorted_ids, block_expert, num_pairs, 1, block, weights=w)  # zeros elsewhere
+    y = x.new_empty((num_pairs, w2.shape[1])) if all_local else None  # else zeros: pairs of other ranks
+    y = grouped_gemm(act, w2, sorted_ids, block_expert, num_pairs, 1, block, weights=w, out=y)
     return y if k == 1 else y.view(num_tokens, k, -1).sum(dim=1)

@@ -63,7 +63,10 @@ class FusedMoE(nn.Module):
         if self.runner_backend == "triton":
             from nanocp_kernels.fused_moe import fused_moe
 
-            return fused_moe(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_offset)
+            all_local = self.num_local_experts == self.num_experts
+            return fused_moe(
+                x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_offset, all_local
+            )
         return fused_moe_ref(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_offset)
 
     def run_expert_rows(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
