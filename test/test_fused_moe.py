@@ -86,3 +86,16 @@ def test_fused_moe_captured_in_a_cuda_graph_equals_eager():
     x.copy_(x2), w.copy_(w_2), ids.copy_(ids2)
     graph.replay()
     torch.testing.assert_close(out, fused_moe(x, w13, w2, w, ids))
+
+
+def test_expert_rows_strided_input_into_out():
+    """Rows read in place from a receive block (row stride > hidden) and written into `out`, as
+    the IPC MoE backend does; rows with id -1 come out 0 whatever `out` held."""
+    x, w13, w2, _, _ = _case(11, 4, 4, 40, 24, 1, torch.float32, DEVICE)
+    block = torch.randn(11, 40 + 3, device=DEVICE)
+    block[:, :40] = x
+    rows = torch.tensor([0, 3, -1, 2, 2, 1, -1, 0, 3, 3, 1], device=DEVICE)
+    out = torch.full((11, 40), float("nan"), device=DEVICE)
+    got = fused_moe(block[:, :40], w13, w2, None, rows[:, None], out=out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(out, expert_ffn_ref(x, w13, w2, rows), rtol=1e-5, atol=1e-5)

@@ -204,11 +204,14 @@ def fused_moe(
     topk_ids: torch.Tensor,
     expert_offset: int = 0,
     all_local: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as reference.fused_moe_ref; topk_weights None means weight 1 (and then
     topk_ids is [rows, 1]: one expert per row, reference.expert_ffn_ref's contract).
     all_local: the caller guarantees every id is a local expert (no expert parallelism), so
-    every output row is written and none needs zeroing first."""
+    every output row is written and none needs zeroing first.
+    out: where to write the result (one expert per row only: [rows, hidden]); x may have any row
+    stride (e.g. rows of a receive block), its last dim must be contiguous."""
     num_tokens, k = topk_ids.shape
     num_experts = w13.shape[0]
     num_pairs = num_tokens * k
@@ -216,12 +219,17 @@ def fused_moe(
         return torch.zeros_like(x)
     block = _block_sizes(num_pairs, num_experts)
     sorted_ids, block_expert = moe_align(topk_ids - expert_offset, num_experts, block[0])
-    x = x.contiguous()
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if out is not None and k != 1:
+        raise ValueError("fused_moe: out= is for one expert per row (topk_ids [rows, 1])")
     # rows of pairs outside sorted_ids stay unwritten here: the second GEMM never reads them
     gate_up = x.new_empty((num_pairs, w13.shape[1]))
     grouped_gemm(x, w13, sorted_ids, block_expert, num_pairs, k, block, out=gate_up)
     act = silu_and_mul(gate_up)
     w = topk_weights.reshape(-1).contiguous() if topk_weights is not None else None
-    y = x.new_empty((num_pairs, w2.shape[1])) if all_local else None  # else zeros: pairs of other ranks
+    y = out if out is not None else x.new_empty((num_pairs, w2.shape[1])) if all_local else None
+    if y is not None and not all_local:
+        y.zero_()  # rows of pairs on other ranks (or padding) read as 0
     y = grouped_gemm(act, w2, sorted_ids, block_expert, num_pairs, 1, block, weights=w, out=y)
     return y if k == 1 else y.view(num_tokens, k, -1).sum(dim=1)

@@ -130,14 +130,16 @@ class AllToAllMoE(MoEComm):
 
 def combine_pairs(pairs: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
     """sum_k w_k * pairs[:, k], added in increasing expert order (HF's order: exact fp32 parity)."""
-    num_tokens, k, _ = pairs.shape
-    out = torch.zeros_like(pairs[:, 0])
+    num_tokens, k, hidden = pairs.shape
     by_expert = torch.argsort(topk_ids, dim=1)
-    rows = torch.arange(num_tokens, device=pairs.device)
-    for j in range(k):
-        slot = by_expert[:, j]
-        out += pairs[rows, slot] * topk_weights[rows, slot, None].to(pairs.dtype)
-    return out
+    # every product rounded on its own, then added one expert after the other (no fused
+    # multiply-add, no tree reduction), as HF does; few launches: this runs once per MoE layer
+    w = topk_weights.gather(1, by_expert).to(pairs.dtype)
+    terms = pairs.gather(1, by_expert[..., None].expand(num_tokens, k, hidden)) * w[..., None]
+    out = terms[:, 0]
+    for j in range(1, k):
+        out = out + terms[:, j]
+    return out.contiguous()
 
 
 class FixedCapacityMoE(MoEComm):
@@ -226,8 +228,8 @@ class IpcMoE(FixedCapacityMoE):
             slot = torch.arange(cap, device=x.device)
             valid = (slot[None, :] < self.recv_counts[:, None]).reshape(-1)
             local_ids = torch.where(valid, rows[:, words].to(torch.int64), -1)
-            xr = rows[:, :words].contiguous().view(self.out.dtype)
-            self.out.view(n * cap, -1).copy_(experts.run_expert_rows(xr, local_ids))
+            xr = rows[:, :words].view(self.out.dtype)  # strided rows, read in place by the GEMM
+            experts.run_expert_rows(xr, local_ids, out=self.out.view(n * cap, -1))
         with trace_section("moe_comm"):  # combine: results return to the same block positions
             self.comm.exchange(self.out, self.recv_counts, self.back, self.back_counts)
         pairs = self.back[dest, pos].view(num_tokens, k, self.back.shape[-1])  # num_tokens may be 0

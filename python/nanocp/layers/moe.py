@@ -69,13 +69,17 @@ class FusedMoE(nn.Module):
             )
         return fused_moe_ref(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_offset)
 
-    def run_expert_rows(self, x: torch.Tensor, local_ids: torch.Tensor) -> torch.Tensor:
-        """Row r through local expert local_ids[r], unweighted (rows dispatched to this rank)."""
+    def run_expert_rows(
+        self, x: torch.Tensor, local_ids: torch.Tensor, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Row r through local expert local_ids[r], unweighted (rows dispatched to this rank);
+        rows with id -1 give 0. out: write the result there (same shape as x)."""
         if self.runner_backend == "triton":
             from nanocp_kernels.fused_moe import fused_moe
 
-            return fused_moe(x, self.w13_weight, self.w2_weight, None, local_ids[:, None])
-        return expert_ffn_ref(x, self.w13_weight, self.w2_weight, local_ids)
+            return fused_moe(x, self.w13_weight, self.w2_weight, None, local_ids[:, None], out=out)
+        y = expert_ffn_ref(x, self.w13_weight, self.w2_weight, local_ids)
+        return y if out is None else out.copy_(y)
 
     def load_expert(self, expert_id: int, proj: str, tensor: torch.Tensor) -> bool:
         """Load one checkpoint tensor (gate_proj/up_proj/down_proj of one expert); False if not local."""
