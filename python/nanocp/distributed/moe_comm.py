@@ -207,21 +207,14 @@ class IpcMoE(FixedCapacityMoE):
         self.back_counts = torch.zeros_like(self.counts)
 
     def _run(self, x, topk_weights, topk_ids, experts):
+        from nanocp_kernels.dispatch import pack_pairs
+
         n, cap, words = self.state.ep_size, self.cap, self.words
         num_tokens, k = topk_ids.shape
-        flat = topk_ids.reshape(-1).to(torch.int64)
-        dest = torch.div(flat, experts.num_local_experts, rounding_mode="floor")
-        with trace_section("moe_comm"):  # dispatch
-            self.counts.zero_().scatter_add_(0, dest, torch.ones_like(dest))
-            order = torch.argsort(dest, stable=True)
-            starts = torch.cumsum(self.counts, 0) - self.counts
-            pos = torch.empty_like(dest)
-            pos[order] = torch.arange(dest.numel(), device=dest.device) - starts[dest[order]]
-            token = torch.arange(num_tokens, device=x.device).repeat_interleave(k)
-            self.send[dest, pos, :words] = x.to(self.out.dtype).contiguous().view(torch.int32)[token]
-            self.send[dest, pos, words] = (flat - dest * experts.num_local_experts).to(
-                torch.int32
-            )  # id there
+        with trace_section("moe_comm"):  # dispatch: pairs packed into their ranks' blocks
+            self.counts.zero_()
+            x_words = x.to(self.out.dtype).contiguous().view(torch.int32)
+            pos = pack_pairs(x_words, topk_ids, experts.num_local_experts, self.send, self.counts)
             self.comm.exchange(self.send, self.counts, self.recv, self.recv_counts)
         with trace_section("moe_compute"):
             rows = self.recv.view(n * cap, words + 1)
@@ -232,7 +225,7 @@ class IpcMoE(FixedCapacityMoE):
             experts.run_expert_rows(xr, local_ids, out=self.out.view(n * cap, -1))
         with trace_section("moe_comm"):  # combine: results return to the same block positions
             self.comm.exchange(self.out, self.recv_counts, self.back, self.back_counts)
-        pairs = self.back[dest, pos].view(num_tokens, k, self.back.shape[-1])  # num_tokens may be 0
+        pairs = self.back.view(n * cap, -1)[pos].view(num_tokens, k, self.back.shape[-1])  # may be 0 tokens
         return combine_pairs(pairs, topk_weights, topk_ids).to(x.dtype)
 
 

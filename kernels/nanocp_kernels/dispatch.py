@@ -1,0 +1,58 @@
+"""MoE dispatch packing for fixed-capacity exchange blocks, in one Triton launch.
+
+`pack_pairs` writes every (token, expert) pair into its expert rank's block of a send buffer
+[ranks, cap, words + 1] (int32 words): the token's hidden row, then the expert's local id in the
+last word. A pair's row within its block comes from an atomic counter per rank, so rows are in
+no particular order; nothing depends on it (each row is computed independently and its result
+comes back to the same block position). Returns each pair's flat block position
+(rank * cap + row), where the combine reads its result. No host sync: capturable in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _pack_kernel(
+    x_ptr, ids_ptr, send_ptr, counts_ptr, pos_ptr, K, E_LOCAL, CAP, WORDS, stride_x, BLOCK: tl.constexpr
+):
+    p = tl.program_id(0)
+    t = p // K
+    e = tl.load(ids_ptr + p)
+    dest = e // E_LOCAL
+    row = tl.atomic_add(counts_ptr + dest, 1)
+    flat = dest * CAP + row
+    tl.store(pos_ptr + p, flat)
+    base = send_ptr + flat * (WORDS + 1)
+    for w0 in range(0, WORDS, BLOCK):
+        offs = w0 + tl.arange(0, BLOCK)
+        m = offs < WORDS
+        tl.store(base + offs, tl.load(x_ptr + t * stride_x + offs, mask=m), mask=m)
+    tl.store(base + WORDS, (e - dest * E_LOCAL).to(tl.int32))
+
+
+def pack_pairs(
+    x_words: torch.Tensor,
+    topk_ids: torch.Tensor,
+    experts_per_rank: int,
+    send: torch.Tensor,
+    counts: torch.Tensor,
+) -> torch.Tensor:
+    """x_words: [T, words] int32 (token rows as words); topk_ids: [T, k] global expert ids;
+    send: [ranks, cap, words + 1] int32; counts: int64 [ranks], zero on entry, pairs per rank on
+    return. Returns int64 [T * k]: each pair's flat position in send's blocks."""
+    t, k = topk_ids.shape
+    words = x_words.shape[1]
+    if x_words.stride(1) != 1 or send.shape[2] != words + 1:
+        raise ValueError("pack_pairs: x_words rows must be contiguous and send rows words + 1 long")
+    ids = topk_ids.reshape(-1).contiguous()
+    pos = torch.empty(t * k, dtype=torch.int64, device=x_words.device)
+    if t * k:
+        _pack_kernel[(t * k,)](
+            x_words, ids, send, counts, pos, k, experts_per_rank, send.shape[1], words, x_words.stride(0),
+            BLOCK=min(1024, triton.next_power_of_2(words)),
+        )  # fmt: skip
+    return pos

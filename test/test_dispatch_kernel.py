@@ -1,0 +1,37 @@
+"""pack_pairs (the IPC MoE backend's dispatch in one launch) against its definition: every pair's
+row sits in its expert rank's block at the position returned, with the local expert id in the
+last word; per-rank counts are the pair counts; nothing else is written."""
+
+from __future__ import annotations
+
+import torch
+
+from nanocp_kernels.dispatch import pack_pairs
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_pack_pairs_places_every_pair_once():
+    g = torch.Generator().manual_seed(0)
+    t, k, hidden, experts, ranks, cap = 9, 3, 16, 12, 3, 9 * 3
+    x = torch.randn(t, hidden, generator=g).to(DEVICE)
+    ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(t)]).to(DEVICE)
+    ids[0] = torch.tensor([8, 9, 10])  # one token entirely on the last rank
+    send = torch.full((ranks, cap, hidden + 1), -7, dtype=torch.int32, device=DEVICE)
+    counts = torch.zeros(ranks, dtype=torch.int64, device=DEVICE)
+    pos = pack_pairs(x.view(torch.int32), ids, experts // ranks, send, counts)
+
+    per_rank = experts // ranks
+    flat_ids = ids.reshape(-1).cpu()
+    assert counts.cpu().tolist() == torch.bincount(flat_ids // per_rank, minlength=ranks).tolist()
+    rows = send.view(ranks * cap, hidden + 1).cpu()
+    pos = pos.cpu()
+    assert len(set(pos.tolist())) == t * k  # distinct positions
+    for p in range(t * k):
+        dest = int(flat_ids[p]) // per_rank
+        assert dest * cap <= pos[p] < dest * cap + int(counts[dest])  # inside its rank's valid rows
+        assert torch.equal(rows[pos[p], :hidden], x[p // k].view(torch.int32).cpu())
+        assert rows[pos[p], hidden] == flat_ids[p] - dest * per_rank
+    untouched = torch.ones(ranks * cap, dtype=torch.bool)
+    untouched[pos] = False
+    assert (rows[untouched] == -7).all()
