@@ -18,7 +18,7 @@ import json
 
 import torch
 
-from benchmark.common import RESULTS, environment, write_json
+from benchmark.common import RESULTS, environment, pyplot, write_json
 from benchmark.decode_step import copy_bandwidth
 from nanocp_kernels.merge import merge_states
 
@@ -119,10 +119,7 @@ def main(argv=None) -> dict:
 
 
 def plot(result: dict, tag: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for degree in sorted({r["degree"] for r in result["rows"]}):

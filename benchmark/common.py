@@ -26,6 +26,16 @@ BENCH_MODEL = dict(
 )
 
 
+def pyplot():
+    """matplotlib.pyplot with the file-only backend (benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def bench_model_path() -> str:
     """The benchmark model (random weights), created once in the cache dir."""
     from nanocp.testing.tiny_model import cached_tiny_model

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmark.common import RESULTS, bench_model_path, environment, write_json
+from benchmark.common import RESULTS, bench_model_path, environment, pyplot, write_json
 from benchmark.goodput import attainment, goodput_search
 from benchmark.serve_bench import run_workload, server_vocab, summarize
 from benchmark.server_runs import ClusterSampler, modes, plot_timelines, server_flags, wait_idle
@@ -168,10 +168,7 @@ def scored(metrics: list[dict]) -> list[dict]:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     modes_ = result["modes"]
     fig = plt.figure(figsize=(12, 3.2 + 2.6 * len(modes_)))

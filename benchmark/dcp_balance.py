@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmark.common import RESULTS, bench_model_path, environment, write_json
+from benchmark.common import RESULTS, bench_model_path, environment, pyplot, write_json
 from benchmark.serve_bench import run_workload, server_vocab
 from benchmark.server_runs import ClusterSampler, modes, plot_timelines, server_flags
 from benchmark.workloads import make_workload, summary
@@ -55,10 +55,7 @@ def run_mode(args, model: str, flags: list[str], work) -> dict:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     n = len(result["modes"])
     fig, axes = plt.subplots(n, 2, figsize=(11, 2.8 * n), squeeze=False)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from benchmark.common import RESULTS, environment, write_json
+from benchmark.common import RESULTS, environment, pyplot, write_json
 from benchmark.simulator.cost import ProfileCost
 from nanocp import ServerArgs
 from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
@@ -229,10 +229,7 @@ def main(argv=None) -> dict:
 
 
 def plot(result: dict, tag: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4))
     for context in sorted({r["context"] for r in result["rows"]}):

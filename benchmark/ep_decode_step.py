@@ -19,7 +19,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from benchmark.common import RESULTS, environment, write_json
+from benchmark.common import RESULTS, environment, pyplot, write_json
 
 
 def _timer(device: torch.device):
@@ -142,10 +142,7 @@ def main(argv=None) -> dict:
 
 
 def plot(result: dict, tag: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for backend, rows in result["backends"].items():

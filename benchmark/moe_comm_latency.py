@@ -18,7 +18,7 @@ import json
 import torch
 import torch.distributed as dist
 
-from benchmark.common import RESULTS, environment, write_json
+from benchmark.common import RESULTS, environment, pyplot, write_json
 from benchmark.routing_latency import GRAPH_CALLS, _graph, _time
 from nanocp.testing.multiproc import run_ranks
 
@@ -97,10 +97,7 @@ def _measure(backends: dict, experts, local, tokens: int, world: int, rank: int,
 
 
 def plot(result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = result["rows"]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))

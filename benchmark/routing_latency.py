@@ -21,7 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from benchmark.common import RESULTS, environment, write_json
+from benchmark.common import RESULTS, environment, pyplot, write_json
 from nanocp.testing.multiproc import run_ranks
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
@@ -96,10 +96,7 @@ def _bench(rank: int, world: int, iters: int, shared: bool, queue) -> None:
 
 
 def plot(result: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = result["runs"]
     fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4), squeeze=False)

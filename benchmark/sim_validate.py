@@ -23,7 +23,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from benchmark.common import RESULTS, write_json
+from benchmark.common import RESULTS, pyplot, write_json
 from benchmark.compare import scored, workload
 from benchmark.goodput import attainment, goodput_search, percentiles
 from benchmark.simulator.cost import ProfileCost
@@ -225,10 +225,7 @@ def main(argv=None) -> dict:
 
 
 def write_report(result: dict, compare: dict, tag: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
     for mode, marker in zip(result["goodput"], "osD"):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmark.common import RESULTS, write_json
+from benchmark.common import RESULTS, pyplot, write_json
 from benchmark.goodput import goodput_search, percentiles
 from benchmark.simulator.cost import H200, MODELS, CostModel
 from benchmark.simulator.sim import Simulator
@@ -134,10 +134,7 @@ def main(argv=None) -> dict:
 
 
 def plot(result: dict, args) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, len(args.models), figsize=(6 * len(args.models), 7), squeeze=False)
     for col, model in enumerate(args.models):

@@ -22,7 +22,7 @@ from statistics import mean
 
 import httpx
 
-from benchmark.common import RESULTS, bench_model_path, environment, write_json
+from benchmark.common import RESULTS, bench_model_path, environment, pyplot, write_json
 from nanocp.testing.server import ServerProcess
 
 PARTS = ("attention", "moe_compute", "moe_comm")
@@ -84,10 +84,7 @@ def summarize(trace_paths: list[Path]) -> dict:
 
 
 def plot(summary: dict, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in summary["instances"] if r["decode_steps"]]
     fig, ax = plt.subplots(figsize=(7, 4))
