@@ -10,14 +10,14 @@ mkdir -p "$OUT/logs"
 ( source .gpu/deepep_build.sh > "$OUT/logs/deepep_build.log" 2>&1 ) &   # ~70 s, beside the tests
 BUILD=$!
 nvidia-smi topo -m > "$OUT/logs/topo.txt" 2>&1
-python -m pytest -q -m gpu -p no:cacheprovider test/test_ipc_comm.py test/test_ipc_moe.py \
+python -m pytest -q -p no:cacheprovider test/test_ipc_comm.py test/test_ipc_moe.py \
   test/test_triton_attention.py test/test_cuda_graph.py test/test_multi_instance_gpu.py > "$OUT/logs/pytest_gpu.log" 2>&1
 echo "pytest: $(tail -1 "$OUT/logs/pytest_gpu.log")"
 python -m benchmark.routing_latency --world 2 > "$OUT/logs/routing_latency.log" 2>&1
 echo "routing_latency rc=$?"
 wait $BUILD
 source .gpu/deepep_build.sh > /dev/null 2>&1
-python -m pytest -q -m gpu -p no:cacheprovider test/test_deepep.py > "$OUT/logs/pytest_deepep.log" 2>&1
+python -m pytest -q -p no:cacheprovider test/test_deepep.py > "$OUT/logs/pytest_deepep.log" 2>&1
 echo "deepep pytest: $(tail -1 "$OUT/logs/pytest_deepep.log")"
 ( cd /tmp/deepep && timeout 180 python tests/test_low_latency.py --num-processes 2 --num-tokens 128 \
     --hidden 2048 --num-topk 8 --num-experts 128 ) > "$OUT/logs/deepep_ll_test_2ranks.log" 2>&1
