@@ -40,7 +40,7 @@ class Qwen3Attention(nn.Module):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
-        if x.is_cuda:  # q/k norms and RoPE in one launch
+        if x.is_cuda and self.head_dim & (self.head_dim - 1) == 0:  # q/k norms and RoPE in one launch
             from nanocp_kernels.elementwise import qk_norm_rope
 
             rope = self.rotary_emb
