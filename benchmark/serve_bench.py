@@ -71,6 +71,8 @@ async def _one(client: httpx.AsyncClient, req: Request, index: int, vocab: int, 
     m["e2e"] = time.perf_counter() - start
     m["output_len"] = tokens
     m["cp_degree"] = meta.get("cp_degree", 1)
+    if meta.get("placement"):  # [instance, tokens] per KV segment; the home holds the last one
+        m["placement"] = meta["placement"]
     if "ttft" in m:
         m["tpot"] = (m["e2e"] - m["ttft"]) / (tokens - 1) if tokens > 1 else 0.0
     elif "error" not in m:

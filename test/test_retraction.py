@@ -42,7 +42,8 @@ def test_request_larger_than_pool_is_rejected_clearly(moe_model):
 
 
 def test_server_reports_retractions_in_metrics(moe_model, tmp_path):
-    """Retractions show up in /metrics (nanocp:num_retracted_reqs_total, per instance)."""
+    """Retractions show up in /metrics (nanocp:num_retracted_reqs_total, per instance); with
+    --log-level debug the router and schedulers log placements and admissions."""
     import httpx
     from test_dp_ep import NEW, _post_all
 
@@ -50,7 +51,8 @@ def test_server_reports_retractions_in_metrics(moe_model, tmp_path):
 
     prompts = random_prompts(LENGTHS, vocab=500, seed=11)
     args = ["--model-path", moe_model, "--device", "cpu", "--page-size", "16", "--max-total-tokens", "256"]
-    with ServerProcess([*args, "--chunked-prefill-size", "64"], log_path=str(tmp_path / "log")) as s:
+    flags = ["--chunked-prefill-size", "64", "--log-level", "debug"]
+    with ServerProcess([*args, *flags], log_path=str(tmp_path / "log")) as s:
         got = _post_all(s.url, prompts, [None] * len(prompts))
         assert all(len(ids) == NEW for ids in got)
         text = ""
@@ -64,3 +66,6 @@ def test_server_reports_retractions_in_metrics(moe_model, tmp_path):
             __import__("time").sleep(0.2)
         else:
             raise AssertionError(f"no retraction reported:\n{text}")
+        # --log-level reaches every process's loggers (router placements, scheduler admissions)
+        log = (tmp_path / "log").read_text()  # whole: s.log() is only its tail
+        assert "router] request" in log and "admitted" in log, log[-3000:]

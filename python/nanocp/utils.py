@@ -18,7 +18,8 @@ def get_logger(name: str) -> logging.Logger:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
-        root.setLevel(envs.log_level().upper())
+        if root.level == logging.NOTSET:  # a process's --log-level (child_process_setup) wins
+            root.setLevel(envs.log_level().upper())
         root.propagate = False
     return logging.getLogger(name if name.startswith("nanocp") else f"nanocp.{name}")
 

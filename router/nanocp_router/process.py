@@ -20,6 +20,7 @@ def child_process_setup(name: str, log_level: str = "info") -> None:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    logging.getLogger("nanocp").setLevel(log_level.upper())  # --log-level, not the env default
     parent = os.getppid()
 
     def watch_parent() -> None:

@@ -69,6 +69,7 @@ class Router:
                     w.send(wake)
 
     def dispatch(self, inst: int, msg: dict, budget: int) -> None:
+        logger.debug("request %s (%d tokens) -> instance %d", msg["rid"], len(msg["input_ids"]), inst)
         self.state.on_dispatch(inst, budget)
         self.rid_to_instance[msg["rid"]] = inst
         self.send_work(inst, msg)
@@ -93,6 +94,7 @@ class Router:
                 "plan": plan,
                 "waiting": {s.instance for s in holders},
                 "ok": True,
+                "since": time.monotonic(),
             }
             for s in holders:
                 self.reserve(s.instance, key, s.start, s.end)
@@ -111,6 +113,13 @@ class Router:
             return
         key, req, plan = msg["cp_key"], p["msg"], p["plan"]
         del self.pending[key]
+        logger.debug(
+            "request %s: reservations on %d holders %s after %.0f ms",
+            req["rid"],
+            plan.degree - 1,
+            "done" if p["ok"] else "FAILED",
+            1e3 * (time.monotonic() - p["since"]),
+        )
         holders = [s.instance for s in plan.segments if s.instance != plan.home]
         if p.get("aborted") or not p["ok"]:
             for inst in holders:
@@ -129,6 +138,13 @@ class Router:
         req["cp_key"] = key
         holders = {s.instance for s in plan.segments if s.instance != plan.home}
         self.placed[req["rid"]] = CPRequest(key, plan.home, holders)
+        logger.debug(
+            "request %s (%d tokens): home %d, segments %s",
+            req["rid"],
+            len(req["input_ids"]),
+            plan.home,
+            [(s.instance, s.end - s.start) for s in plan.segments],
+        )
         self.rid_to_instance[req["rid"]] = plan.home
         self.send_work(plan.home, req)
 
@@ -249,8 +265,10 @@ class Router:
             self.maybe_publish()
 
 
-def run_router_process(ports: dict, dp_size: int, load_balance_method: str, cp: dict | None = None) -> None:
+def run_router_process(
+    ports: dict, dp_size: int, load_balance_method: str, cp: dict | None = None, log_level: str = "info"
+) -> None:
     from nanocp_router.process import child_process_setup
 
-    child_process_setup("router")
+    child_process_setup("router", log_level)
     Router(PortArgs(**ports), dp_size, load_balance_method, cp).run_forever()

@@ -219,6 +219,9 @@ class Scheduler:
             if not self._can_admit(req, n) or self.kv.extend(req, n) is None:
                 break
             self.waiting.pop(0)
+            logger.debug(
+                "admitted %s (%d tokens pending, %d running)", req.rid, req.num_pending, len(self.running)
+            )
             req.status = ReqStatus.RUNNING
             self.running.append(req)
             work.append((req, n))

@@ -56,7 +56,13 @@ class EngineProcesses:
         )
         self.procs["router"] = ctx.Process(
             target=run_router_process,
-            args=(ports, server_args.dp_size, server_args.load_balance_method, cp_config(server_args)),
+            args=(
+                ports,
+                server_args.dp_size,
+                server_args.load_balance_method,
+                cp_config(server_args),
+                server_args.log_level,
+            ),
             name="nanocp-router",
             daemon=True,
         )
