@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# First call of a device session (one GPU is enough): the GPU tests of everything that changed
-# since the last verified run, then the single-GPU decode benchmark. From the project root:
-#   source .gpu/env.sh && bash benchmark/gpu/verify.sh
-# Logs go to $OUT (default /tmp/out); prints one summary line per part.
+# First calls of a device session (one GPU is enough): the GPU tests of what changed since the
+# last verified run, DeepEP in graphs, and the single-GPU decode benchmark. One part per device
+# call keeps each under 10 minutes. From the project root:
+#   source .gpu/env.sh && bash benchmark/gpu/verify.sh kernels|multi|deepep|decode
+# Logs go to $OUT (default /tmp/out); prints one summary line.
 set -u
+PART=${1:?usage: verify.sh kernels|multi|deepep|decode}
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT/logs"
-( source .gpu/deepep_build.sh > "$OUT/logs/deepep_build.log" 2>&1 ) &   # ~70 s, beside the tests
-BUILD=$!
-timeout 330 python -m pytest -q -p no:cacheprovider test/test_elementwise_kernels.py \
-  test/test_fused_moe.py test/test_dispatch_kernel.py test/test_triton_attention.py test/test_cuda_graph.py test/test_ipc_moe.py \
-  "test/test_multi_instance_gpu.py" > "$OUT/logs/pytest_gpu.log" 2>&1
-echo "pytest: $(tail -1 "$OUT/logs/pytest_gpu.log")"
-wait $BUILD
-source .gpu/deepep_build.sh > /dev/null 2>&1
-python -m pytest -q -p no:cacheprovider test/test_deepep.py > "$OUT/logs/pytest_deepep.log" 2>&1
-echo "deepep pytest: $(tail -1 "$OUT/logs/pytest_deepep.log")"
-timeout 240 python -m benchmark.decode_step --model-path benchmark/configs/qwen3-30b-a3b --load-format dummy \
-  --attention-backend triton --batch 1 8 32 128 --context 1024 8192 --tag triton_fused \
-  > "$OUT/logs/decode_step.log" 2>&1
-echo "decode_step rc=$?"
-cp benchmark/results/decode_step_triton_fused.* "$OUT/" 2>/dev/null
-tar -czf "$OUT/logs.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+mkdir -p "$OUT"
+case "$PART" in
+  kernels)  # fused kernels, fused MoE, dispatch packing, Triton backend + graphs vs HF (fp32)
+    timeout 560 python -m pytest -q -p no:cacheprovider test/test_elementwise_kernels.py \
+      test/test_fused_moe.py test/test_dispatch_kernel.py test/test_triton_attention.py \
+      test/test_cuda_graph.py > "$OUT/pytest_kernels.log" 2>&1 ;;
+  multi)  # instances sharing the GPU: IPC MoE layer, DCP + EP servers (graphs) vs HF
+    timeout 560 python -m pytest -q -p no:cacheprovider test/test_ipc_moe.py \
+      test/test_multi_instance_gpu.py > "$OUT/pytest_multi.log" 2>&1 ;;
+  deepep)  # DeepEP built from the bundled source, then its engine test (graph replays vs eager)
+    source .gpu/deepep_build.sh > "$OUT/deepep_build.log" 2>&1
+    timeout 300 python -m pytest -q -p no:cacheprovider test/test_deepep.py > "$OUT/pytest_deepep.log" 2>&1 ;;
+  decode)  # decode step vs roofline with the fused kernels; on an H200, side by side with the
+    # committed decode_step_flashinfer_h200 (same command before the fusions)
+    timeout 560 python -m benchmark.decode_step --model-path benchmark/configs/qwen3-30b-a3b \
+      --load-format dummy --attention-backend flashinfer --batch 1 8 32 128 --context 1024 8192 \
+      --tag flashinfer_fused > "$OUT/decode_step.log" 2>&1
+    cp benchmark/results/decode_step_flashinfer_fused.* "$OUT/" 2>/dev/null ;;
+  *) echo "unknown part $PART"; exit 2 ;;
+esac
+echo "$PART rc=$?: $(tail -1 "$OUT"/*"$PART"*.log 2>/dev/null | tail -1)"
