@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -114,3 +115,13 @@ def test_auto_attention_backend(monkeypatch):
     # context parallelism needs (o, lse) over position ranges: triton on CUDA, whatever is installed
     assert ServerArgs(device="cuda", dp_size=2, cp_policy="dynamic").attention_backend == "triton"
     assert ServerArgs(device="cuda", attention_backend="torch").attention_backend == "torch"
+
+
+def test_sglang_tp_flag_is_accepted_only_as_the_dp_attention_layout(tmp_path):
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    cli = ["--model-path", str(tmp_path), "--device", "cpu", "--dp-size", "4", "--ep-size", "4"]
+    args = ServerArgs.from_cli_args(parser.parse_args([*cli, "--tp", "4", "--enable-dp-attention"]))
+    assert args.tp_size == 4 and args.dp_size == 4
+    with pytest.raises(ServerArgsError, match="--tp-size 8"):
+        ServerArgs.from_cli_args(parser.parse_args([*cli, "--tp-size", "8"]))

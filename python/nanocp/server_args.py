@@ -63,6 +63,7 @@ class ServerArgs:
     dp_size: int = 1
     ep_size: int = 1
     enable_dp_attention: bool = False  # accepted for SGLang compatibility: attention is always DP here
+    tp_size: int | None = None  # SGLang's --tp with DP attention = the GPUs in all; no TP inside a rank
     moe_a2a_backend: str = "all_to_all"
     moe_runner_backend: str = "auto"  # expert GEMMs: auto = triton on CUDA, torch elsewhere
     deepep_mode: str = "auto"  # --moe-a2a-backend deepep: which DeepEP kernels
@@ -98,6 +99,12 @@ class ServerArgs:
             raise ServerArgsError(f"--port must be <= 65535, got {self.port}")
         self._check_int("dp_size", minimum=1)
         self._check_int("ep_size", minimum=1)
+        if self.tp_size is not None and self.tp_size not in (1, self.dp_size):
+            raise ServerArgsError(
+                f"--tp-size {self.tp_size}: NanoCP runs attention data-parallel and experts expert-parallel, "
+                f"without tensor parallelism inside an instance; pass --tp-size equal to --dp-size "
+                f"({self.dp_size}, SGLang's DP-attention layout) or leave it out"
+            )
         if self.ep_size not in (1, self.dp_size):
             raise ServerArgsError(
                 f"--ep-size must be 1 (every instance holds all experts) or equal to --dp-size ({self.dp_size}); "
@@ -269,6 +276,14 @@ class ServerArgs:
             help="Expert parallelism: 1 (replicas) or --dp-size (experts sharded over the instances).",
         )
         a("--enable-dp-attention", action="store_true", help="Accepted for SGLang compatibility (always on).")
+        a(
+            "--tp-size",
+            "--tp",
+            "--tensor-parallel-size",
+            dest="tp_size",
+            type=int,
+            help="Accepted for SGLang compatibility: must equal --dp-size (or 1); no TP inside an instance.",
+        )
         a(
             "--moe-a2a-backend",
             type=str,
