@@ -49,3 +49,25 @@ def test_instances_sharing_one_gpu_match_transformers(moe_model, hf_oracle, tmp_
         assert got == expected, s.log()
         if "ipc" in flags:
             assert "Context-parallel decode steps replay from CUDA graphs" in s.log(), s.log()[-4000:]
+            assert _graph_dcp_steps(s.url, dp) > 0
+
+
+def _graph_dcp_steps(url: str, dp: int) -> float:
+    """Decode steps replayed with DCP routing inside, over all instances (from /metrics, which
+    follows the workers' load reports: give them a moment)."""
+    import time
+
+    import httpx
+
+    total = 0.0
+    for _ in range(20):
+        lines = httpx.get(f"{url}/metrics").text.splitlines()
+        total = sum(
+            float(x.split()[-1])
+            for x in lines
+            if x.startswith("nanocp:forward_steps_total") and 'kind="graph_dcp"' in x
+        )
+        if total > 0:
+            break
+        time.sleep(0.25)
+    return total

@@ -42,7 +42,7 @@ def test_request_larger_than_pool_is_rejected_clearly(moe_model):
 
 
 def test_server_reports_retractions_in_metrics(moe_model, tmp_path):
-    """Retractions show up in /metrics (nanocp:num_retracted_reqs_total, per instance); with
+    """Retractions and forward steps by kind show up in /metrics (per instance); with
     --log-level debug the router and schedulers log placements and admissions."""
     import httpx
     from test_dp_ep import NEW, _post_all
@@ -66,6 +66,12 @@ def test_server_reports_retractions_in_metrics(moe_model, tmp_path):
             __import__("time").sleep(0.2)
         else:
             raise AssertionError(f"no retraction reported:\n{text}")
+        eager = next(
+            x
+            for x in text.splitlines()
+            if x.startswith('nanocp:forward_steps_total{instance="0",kind="eager"}')
+        )
+        assert float(eager.split()[-1]) > 0  # CPU: every step eager (no CUDA graphs)
         # --log-level reaches every process's loggers (router placements, scheduler admissions)
         log = (tmp_path / "log").read_text()  # whole: s.log() is only its tail
         assert "router] request" in log and "admitted" in log, log[-3000:]

@@ -15,6 +15,7 @@ class InstanceLoad:
     waiting: int = 0  # requests queued on the instance
     kv_tokens: int = 0  # tokens held in the KV cache
     retractions: int = 0  # requests retracted so far (KV freed, recomputed later)
+    step_kinds: dict | None = None  # forward steps so far: eager / graph / graph_dcp
     trace: dict | None = None  # cumulative step timings (--step-trace-file)
     # Requests dispatched since the last report, so back-to-back dispatches see each other.
     pending_requests: int = 0
@@ -39,6 +40,7 @@ class ClusterState:
             setattr(inst, key, report[key])
         inst.trace = report.get("trace")
         inst.retractions = report.get("retractions", 0)
+        inst.step_kinds = report.get("step_kinds")
 
         inst.pending_requests = inst.pending_tokens = 0
 

@@ -62,6 +62,8 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
         self.forward_ct = 0
+        # forward steps by how they ran: "eager", "graph", "graph_dcp" (CUDA graphs with DCP routing)
+        self.step_kinds: dict[str, int] = {"eager": 0, "graph": 0, "graph_dcp": 0}
         self.foreign = ForeignKV(runner.page_allocator, runner.device)
         self.instance = runner.parallel.rank if runner.parallel is not None else 0
         self.growth_requests: list[dict] = []  # asks for the next tail quota, for the router
@@ -143,6 +145,8 @@ class Scheduler:
 
         next_ids, logprobs = self.runner.sampler(logits, sampling) if sampling else ([], [])
         self.forward_ct += 1
+        kind = ("graph_dcp" if batch.dcp is not None else "graph") if batch.cuda_graph else "eager"
+        self.step_kinds[kind] += 1
         outputs = []
         for req, token, lp in zip(sampling, next_ids, logprobs):
             req.append_token(token)

@@ -194,6 +194,7 @@ class Worker:
                     "waiting": len(s.waiting),
                     "kv_tokens": sum(r.kv_len for r in s.running),
                     "retractions": s.num_retractions,
+                    "step_kinds": s.step_kinds,
                     "finished": self._finished,
                     "trace": s.tracer.summary() if s.tracer is not None else None,
                 }

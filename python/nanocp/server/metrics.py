@@ -75,6 +75,12 @@ class Metrics:
             registry=r,
         )
         self.steps = Gauge("nanocp:traced_steps_total", "Traced steps", ["instance"], registry=r)
+        self.forward_steps = Gauge(
+            "nanocp:forward_steps_total",
+            "Forward steps by how they ran: eager, graph (CUDA graph), graph_dcp (with DCP routing inside)",
+            ["instance", "kind"],
+            registry=r,
+        )
         self.retractions = Gauge(
             "nanocp:num_retracted_reqs_total",
             "Requests retracted to free KV cache (recomputed later), cumulative",
@@ -111,6 +117,8 @@ class Metrics:
             self.kv_usage.labels(label).set(i["kv_usage"])
             self.kv_tokens.labels(label).set(i["kv_tokens"])
             self.retractions.labels(label).set(i.get("retractions", 0))
+            for kind, n in (i.get("step_kinds") or {}).items():
+                self.forward_steps.labels(label, kind).set(n)
             trace = i.get("trace")
             if trace:
                 self.steps.labels(label).set(trace["steps"])
