@@ -116,7 +116,8 @@ class ServerArgs:
         if self.deepep_mode == "normal":
             raise ServerArgsError(
                 "--deepep-mode normal (DeepEP's high-throughput kernels) is not implemented yet; use "
-                "low_latency or auto (low-latency kernels for every step, prefill chunked to the buffer)"
+                "low_latency (low-latency kernels for every step, big steps chunked to the buffer) or auto "
+                "(low-latency kernels for decode, NCCL all_to_all for steps larger than the buffer)"
             )
         if self.moe_a2a_backend == "deepep" and importlib.util.find_spec("deep_ep") is None:
             raise ServerArgsError(

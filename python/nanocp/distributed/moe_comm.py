@@ -233,7 +233,11 @@ class IpcMoE(FixedCapacityMoE):
 class DeepEPMoE(FixedCapacityMoE):
     """DeepEP low-latency dispatch/combine (NVSHMEM). Tokens go to their experts' ranks packed
     per local expert ([E_local, max_tokens * ranks, hidden], valid rows given by recv_count);
-    experts run on the packed rows; combine reduces with the routing weights on the home rank."""
+    experts run on the packed rows; combine reduces with the routing weights on the home rank.
+    --deepep-mode auto: a step in which some rank has more tokens than the buffer holds (prefill)
+    goes through NCCL all_to_all instead (exact sizes, one exchange per layer, where the chunked
+    low-latency path would run many padded ones); low_latency: chunked low-latency every step.
+    Every rank decides alike from the step's global token counts."""
 
     SUPPORTED_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
 
@@ -243,9 +247,12 @@ class DeepEPMoE(FixedCapacityMoE):
         hidden_size: int = 0,
         num_experts: int = 0,
         max_tokens_per_rank: int = 128,
+        deepep_mode: str = "auto",
         **_: object,
     ) -> None:
         super().__init__(state, max_tokens_per_rank)
+        # big steps (prefill) through NCCL all_to_all in auto mode; one rank has nothing to exchange
+        self.big_steps = AllToAllMoE(state) if deepep_mode == "auto" and state.ep_size > 1 else None
         try:
             import deep_ep
         except ImportError as e:
@@ -268,6 +275,11 @@ class DeepEPMoE(FixedCapacityMoE):
         self.buffer = deep_ep.Buffer(
             state.group, num_rdma_bytes=rdma_bytes, low_latency_mode=True, num_qps_per_rank=num_experts // n
         )
+
+    def forward(self, x, topk_weights, topk_ids, experts, global_num_tokens):
+        if self.big_steps is not None and max(global_num_tokens or [x.shape[0]]) > self.max_tokens:
+            return self.big_steps.forward(x, topk_weights, topk_ids, experts, global_num_tokens)
+        return super().forward(x, topk_weights, topk_ids, experts, global_num_tokens)
 
     def _run(self, x, topk_weights, topk_ids, experts):
         ids = topk_ids.to(torch.int64)

@@ -70,6 +70,7 @@ class ModelRunner:
             num_experts=getattr(self.hf_config, "num_experts", 0) or 0,
             max_tokens_per_rank=min(args.cuda_graph_max_bs, 256),
             top_k=getattr(self.hf_config, "num_experts_per_tok", 1) or 1,
+            deepep_mode=args.deepep_mode,
             dtype=self.dtype,
         )
         self._init_kv_cache()
