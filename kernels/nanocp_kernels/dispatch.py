@@ -23,7 +23,7 @@ def _pack_kernel(
     t = p // K
     e = tl.load(ids_ptr + p)
     dest = e // E_LOCAL
-    row = tl.atomic_add(counts_ptr + dest, 1)
+    row = tl.atomic_add(counts_ptr + dest, tl.full([], 1, tl.int64))  # counts are int64
     flat = dest * CAP + row
     tl.store(pos_ptr + p, flat)
     base = send_ptr + flat * (WORDS + 1)
