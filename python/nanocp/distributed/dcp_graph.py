@@ -86,11 +86,14 @@ class GraphDCP:
         self.peer_base = torch.arange(1, W + 1, **i64)
 
     # ------------------------------------------------------------------ host side, per step
-    def _flat(self, counts: list[int]) -> torch.Tensor:
+    def _flat_host(self, counts: list[int]) -> list[int]:
         """Block positions p * cap + j (j < counts[p]) of rows grouped by peer, in order."""
         if max(counts, default=0) > self.cap:
             raise RuntimeError(f"context-parallel graph step: {max(counts)} rows for one peer > {self.cap}")
-        flat = [p * self.cap + j for p, n in enumerate(counts) for j in range(n)]
+        return [p * self.cap + j for p, n in enumerate(counts) for j in range(n)]
+
+    def _flat(self, counts: list[int] | None = None, flat: list[int] | None = None) -> torch.Tensor:
+        flat = self._flat_host(counts) if flat is None else flat
         return torch.tensor(flat, dtype=torch.int64).to(self.kv_rows.device, non_blocking=True)
 
     def load(self, st: DCPStep) -> None:
@@ -109,16 +112,17 @@ class GraphDCP:
         num_q = sum(st.q_recv_counts)
         if st.f_qo_indptr != list(range(num_q + 1)):
             raise RuntimeError("context-parallel graph step: only decode steps (one query per sequence)")
+        q_slots = self._flat_host(st.q_recv_counts)  # slot of received query i (host list: no sync)
         lens = [0] * (self.world * self.cap)
         f = st.f_kv_indptr
-        for s, i in zip(self._flat(st.q_recv_counts).tolist(), range(num_q)):
+        for i, s in enumerate(q_slots):
             lens[s] = f[i + 1] - f[i]
         ends = torch.tensor(lens, dtype=torch.int64).cumsum(0).to(dev, non_blocking=True)
         self.f_kv_indptr[1:].copy_(ends)
         total = f[-1]
         self.f_kv_indices[:total].copy_(st.f_kv_indices)
         self.f_kv_pos[:total].copy_(st.f_kv_pos)
-        self.f_q_pos.view(-1)[self._flat(st.q_recv_counts)] = st.f_q_pos.to(torch.int32)
+        self.f_q_pos.view(-1)[self._flat(flat=q_slots)] = st.f_q_pos.to(torch.int32)
 
     # ------------------------------------------------------------------ device side, per layer
     def attend(
