@@ -13,7 +13,6 @@ that cannot be captured (all_to_all: host-side splits) are eager only.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
@@ -164,4 +163,4 @@ def plot(result: dict, tag: str) -> None:
 
 
 if __name__ == "__main__":
-    json.dumps(main())
+    main()
