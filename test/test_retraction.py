@@ -49,7 +49,8 @@ def test_server_reports_retractions_in_metrics(moe_model, tmp_path):
 
     from nanocp.testing.server import ServerProcess
 
-    prompts = random_prompts(LENGTHS, vocab=500, seed=11)
+    # twice the Engine test's load: HTTP arrivals spread out, and the pool must still overflow
+    prompts = random_prompts(LENGTHS * 2, vocab=500, seed=11)
     args = ["--model-path", moe_model, "--device", "cpu", "--page-size", "16", "--max-total-tokens", "256"]
     flags = ["--chunked-prefill-size", "64", "--log-level", "debug"]
     with ServerProcess([*args, *flags], log_path=str(tmp_path / "log")) as s:
