@@ -61,3 +61,39 @@ def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {path}")
+
+
+def kernel_profile(fn, reps: int = 5, per_call: int = 1, top: int = 25) -> list[dict[str, Any]]:
+    """GPU kernels of `fn` (e.g. a CUDA-graph replay: its kernels are traced one by one), as
+    [{kernel, us, calls}] per call of the measured unit (reps runs of fn, each holding per_call
+    units), most expensive first; the last row sums the rest and "total" all of them."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    n = reps * per_call
+    rows = []
+    for evt in prof.key_averages():
+        us = getattr(evt, "device_time_total", None)
+        us = evt.cuda_time_total if us is None else us
+        if us > 0:
+            rows.append({"kernel": evt.key[:90], "us": us / n, "calls": evt.count / n})
+    rows.sort(key=lambda r: -r["us"])
+    rest = rows[top:]
+    out = rows[:top]
+    if rest:
+        out.append({"kernel": f"({len(rest)} others)", "us": sum(r["us"] for r in rest),
+                    "calls": sum(r["calls"] for r in rest)})  # fmt: skip
+    out.append({"kernel": "total", "us": sum(r["us"] for r in rows), "calls": sum(r["calls"] for r in rows)})
+    return [{**r, "us": round(r["us"], 2), "calls": round(r["calls"], 2)} for r in out]
+
+
+def print_kernel_profile(title: str, rows: list[dict[str, Any]]) -> None:
+    print(title)
+    for r in rows:
+        print(f"  {r['us']:10.2f} us  {r['calls']:7.2f}x  {r['kernel']}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from benchmark.common import RESULTS, environment, pyplot, write_json
+from benchmark.common import RESULTS, environment, kernel_profile, print_kernel_profile, pyplot, write_json
 from benchmark.simulator.cost import ProfileCost
 from nanocp import ServerArgs
 from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
@@ -115,21 +115,17 @@ def step_bytes(cfg, batch: int, context: int, kv_bytes_per_token: int) -> float:
     return 2 * weights + batch * (context + 1) * kv_bytes_per_token
 
 
-def profile_step(runner: ModelRunner, kv: KVManager, batch: int, context: int) -> None:
-    """Top CUDA kernels (by total time) of one eager decode step: where the roofline gap is."""
-    from torch.profiler import ProfilerActivity, profile
-
+def profile_step(runner: ModelRunner, kv: KVManager, batch: int, context: int) -> dict:
+    """CUDA kernels of one decode step (replayed from its CUDA graph when there is one), per step:
+    where the roofline gap is."""
     fb, reqs = decode_batch(runner, kv, batch, context)
-    time_step(runner, fb, False, 2)
-    saved, runner.graph_runner = runner.graph_runner, None
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        runner.forward(fb)
-        torch.cuda.synchronize()
-    runner.graph_runner = saved
+    time_step(runner, fb, True, 2)
+    rows = kernel_profile(lambda: runner.forward(fb), reps=5)
     for r in reqs:
         kv.release(r)
-    print(f"kernels of one decode step, batch {batch}, context {context}:")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=70))
+    mode = "graph" if runner.graph_runner else "eager"
+    print_kernel_profile(f"kernels of one decode step ({mode}), batch {batch}, context {context}:", rows)
+    return {"batch": batch, "context": context, "mode": mode, "kernels": rows}
 
 
 def fit_profile(rows: list[dict], kv_capacity: int, device: str) -> ProfileCost:
@@ -163,8 +159,9 @@ def main(argv=None) -> dict:
         "--profile",
         type=int,
         nargs=2,
+        action="append",
         metavar=("BATCH", "CONTEXT"),
-        help="print the top CUDA kernels of one step",
+        help="kernel breakdown of one step at BATCH x CONTEXT (repeatable; saved in the result)",
     )
     args = p.parse_args(argv)
     args.device, args.skip_tokenizer_init = "cuda", True
@@ -206,8 +203,7 @@ def main(argv=None) -> dict:
                 json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in rows[-1].items()}),
                 flush=True,
             )
-    if args.profile:
-        profile_step(runner, kv, *args.profile)
+    profiles = [profile_step(runner, kv, *bc) for bc in args.profile or []]
     tag = args.tag or f"{sa.attention_backend}_{torch.cuda.get_device_name().split()[1].lower()}"
     result = {
         "benchmark": "decode_step",
@@ -219,6 +215,7 @@ def main(argv=None) -> dict:
         "copy_bandwidth_Bps": bw,
         "kv_capacity_tokens": runner.max_total_num_tokens,
         "rows": rows,
+        **({"profiles": profiles} if profiles else {}),
     }
     write_json(RESULTS / f"decode_step_{tag}.json", result)
     (RESULTS / f"profile_{tag}.json").write_text(

@@ -7,7 +7,11 @@ top-8, intermediate 768, bf16), 1-256 tokens per rank, uniform random routing.
 - deepep: DeepEP low-latency dispatch/combine, eager and graph (when deep_ep imports);
 - local: every expert on one GPU, no exchange (the compute floor of one rank's tokens).
 
-    python -m benchmark.moe_comm_latency --world 2
+    python -m benchmark.moe_comm_latency --world 2 [--profile 1 64]
+
+--world 1 runs every backend on one GPU (exchanges to itself): the backend's own overhead
+without the link. --profile T...: the kernels of one graph-replayed layer at T tokens per rank,
+per backend (saved in the result).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import json
 import torch
 import torch.distributed as dist
 
-from benchmark.common import RESULTS, environment, pyplot, write_json
+from benchmark.common import RESULTS, environment, kernel_profile, print_kernel_profile, pyplot, write_json
 from benchmark.routing_latency import GRAPH_CALLS, _graph, _time
 from nanocp.testing.multiproc import run_ranks
 
@@ -44,7 +48,7 @@ def _inputs(tokens: int, dev: torch.device, seed: int):
     return x, (w / w.sum(-1, keepdim=True)).to(torch.bfloat16), ids
 
 
-def _bench(rank: int, world: int, iters: int, queue) -> None:
+def _bench(rank: int, world: int, iters: int, profile_tokens: list[int], queue) -> None:
     from nanocp.distributed.moe_comm import create_moe_comm
     from nanocp.distributed.parallel_state import A2AComm, ParallelState
 
@@ -58,8 +62,8 @@ def _bench(rank: int, world: int, iters: int, queue) -> None:
     local = _experts(0, 1, dev) if rank == 0 else None
     kw = dict(hidden_size=HIDDEN, num_experts=EXPERTS, max_tokens_per_rank=max(TOKENS), top_k=TOP_K)
     backends = {
-        "all_to_all": create_moe_comm("all_to_all", state, **kw),
-        "ipc": create_moe_comm("ipc", state, **kw),
+        "all_to_all": create_moe_comm("all_to_all", state, force=True, **kw),
+        "ipc": create_moe_comm("ipc", state, force=True, **kw),
     }
     try:
         backends["deepep"] = create_moe_comm("deepep", state, **kw)
@@ -71,9 +75,10 @@ def _bench(rank: int, world: int, iters: int, queue) -> None:
         rows.append(_measure(backends, experts, local, tokens, world, rank, dev, iters))
         if rank == 0:
             print(json.dumps(rows[-1]), flush=True)
+    profiles = [_profile(backends, experts, local, t, world, rank, dev) for t in profile_tokens]
     dist.barrier()
     if rank == 0:
-        queue.put({"world": world, "rows": rows, "deepep_error": deepep_error})
+        queue.put({"world": world, "rows": rows, "deepep_error": deepep_error, "profiles": profiles})
 
 
 def _measure(backends: dict, experts, local, tokens: int, world: int, rank: int, dev, iters: int) -> dict:
@@ -94,6 +99,26 @@ def _measure(backends: dict, experts, local, tokens: int, world: int, rank: int,
             1e6 * _time(g.replay, max(1, iters // GRAPH_CALLS), sync_ranks=False) / GRAPH_CALLS
         )
     return row
+
+
+def _profile(backends: dict, experts, local, tokens: int, world: int, rank: int, dev) -> dict:
+    """Kernels of one MoE layer per graph-capturable backend (and local), replayed from graphs."""
+    x, w, ids = _inputs(tokens, dev, seed=rank)
+    out: dict = {"tokens_per_rank": tokens}
+    for name, comm in backends.items():
+        if name == "all_to_all":
+            continue
+        g = _graph(lambda comm=comm: comm.forward(x, w, ids, experts, [tokens] * world))
+        dist.barrier()
+        out[name] = kernel_profile(g.replay, reps=3, per_call=GRAPH_CALLS)
+    if local is not None:
+        g = _graph(lambda: local.run_experts(x, w, ids, 0), sync_ranks=False)
+        out["local"] = kernel_profile(g.replay, reps=3, per_call=GRAPH_CALLS)
+    if rank == 0:
+        for name, rows in out.items():
+            if name != "tokens_per_rank":
+                print_kernel_profile(f"{name}, {tokens} tokens per rank, one layer:", rows)
+    return out
 
 
 def plot(result: dict, path) -> None:
@@ -125,13 +150,14 @@ def main(argv=None) -> dict:
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--iters", type=int, default=200)
     p.add_argument("--tag", default=None)
+    p.add_argument("--profile", type=int, nargs="*", default=[], metavar="TOKENS")
     args = p.parse_args(argv)
     if torch.cuda.device_count() < args.world:
         raise SystemExit(f"--world {args.world} needs {args.world} GPUs (found {torch.cuda.device_count()})")
     import torch.multiprocessing as mp
 
     queue = mp.get_context("spawn").SimpleQueue()
-    run_ranks(_bench, args.world, args.iters, queue)
+    run_ranks(_bench, args.world, args.iters, args.profile, queue)
     run = queue.get()
     tag = args.tag or torch.cuda.get_device_name().split()[1].lower() + f"x{args.world}"
     result = {

@@ -54,12 +54,13 @@ def register(name: str):
     return deco
 
 
-def create_moe_comm(name: str, state: ParallelState, **kwargs) -> MoEComm | None:
+def create_moe_comm(name: str, state: ParallelState, force: bool = False, **kwargs) -> MoEComm | None:
     """None when there is no expert parallelism (every expert is local); DeepEP is used even on
-    one rank when asked for (it then dispatches to itself, which is how it is tested on one GPU)."""
+    one rank when asked for (it then dispatches to itself, which is how it is tested on one GPU),
+    and so is any backend with force (benchmarks: its cost on one rank)."""
     if name not in _REGISTRY:
         raise ValueError(f"--moe-a2a-backend must be one of {', '.join(sorted(_REGISTRY))}; got {name!r}")
-    if state.ep_size == 1 and name != "deepep":
+    if state.ep_size == 1 and name != "deepep" and not force:
         return None
     return _REGISTRY[name](state, **kwargs)
 
