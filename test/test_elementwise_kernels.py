@@ -87,6 +87,9 @@ def test_topk_softmax_matches_select_experts(e, k, renorm):
     w, ids = topk_softmax(logits, k, renorm)
     assert torch.equal(ids, want_ids)
     torch.testing.assert_close(w, want_w, rtol=1e-5, atol=1e-6)
+    w16, _ = topk_softmax(logits, k, renorm, out_dtype=torch.bfloat16)  # rounded once, from float32
+    assert w16.dtype == torch.bfloat16  # (the CPU interpreter truncates where the GPU rounds)
+    torch.testing.assert_close(w16, want_w.to(torch.bfloat16), rtol=2**-7, atol=0)
 
 
 def _norm_ref(x, w, eps=1e-6):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanocp_kernels.fused_moe import fused_moe, moe_align
+from nanocp_kernels.fused_moe import fused_moe, moe_align, moe_sum
 from nanocp_kernels.reference import expert_ffn_ref, fused_moe_ref, moe_align_ref
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -99,3 +99,39 @@ def test_expert_rows_strided_input_into_out():
     got = fused_moe(block[:, :40], w13, w2, None, rows[:, None], out=out)
     assert got.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out, expert_ffn_ref(x, w13, w2, rows), rtol=1e-5, atol=1e-5)
+
+
+def test_moe_align_offset_and_repeated_calls_match_reference():
+    """The local expert is id - offset (no separate subtraction launch), and the per-expert
+    counters left zeroed by each call give the same grouping on the next call."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 16, (29, 4), generator=g).to(DEVICE)
+    want_sorted, want_blocks = moe_align_ref(ids - 8, 8, 16)
+    for _ in range(3):
+        got_sorted, got_blocks = moe_align(ids, 8, 16, offset=8)
+        assert torch.equal(got_blocks, want_blocks)
+        for b in range(got_blocks.numel()):  # same pairs per block (order within a run may differ)
+            rows = slice(b * 16, (b + 1) * 16)
+            assert sorted(got_sorted[rows].tolist()) == sorted(want_sorted[rows].tolist())
+
+
+def test_expert_rows_of_a_fixed_capacity_buffer():
+    """As the fixed-capacity EP backends call it: most rows unused (id -1), the grid sized by
+    max_rows, unused rows left untouched (fill_unrouted=False), used rows exact."""
+    x, w13, w2, _, _ = _case(64, 4, 4, 40, 24, 1, torch.float32, DEVICE)
+    rows = torch.full((64,), -1, device=DEVICE)
+    used = torch.tensor([0, 5, 6, 17, 40, 63], device=DEVICE)
+    rows[used] = torch.tensor([2, 0, 2, 3, 1, 2], device=DEVICE)
+    out = torch.full((64, 40), float("nan"), device=DEVICE)
+    fused_moe(x, w13, w2, None, rows[:, None], out=out, max_rows=used.numel(), fill_unrouted=False)
+    ref = expert_ffn_ref(x, w13, w2, rows)
+    torch.testing.assert_close(out[used], ref[used], rtol=1e-5, atol=1e-5)
+    unused = torch.ones(64, dtype=torch.bool, device=DEVICE)
+    unused[used] = False
+    assert out[unused].isnan().all()
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_moe_sum_matches_torch(k):
+    y = torch.randn(5, k, 300, device=DEVICE)
+    torch.testing.assert_close(moe_sum(y), y.sum(dim=1), rtol=1e-6, atol=1e-5)

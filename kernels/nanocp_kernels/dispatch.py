@@ -56,3 +56,53 @@ def pack_pairs(
             BLOCK=min(1024, triton.next_power_of_2(words)),
         )  # fmt: skip
     return pos
+
+
+@triton.jit
+def _combine_kernel(
+    src_ptr, rows_ptr, w_ptr, ids_ptr, out_ptr, H, stride_src, K: tl.constexpr, KP: tl.constexpr,
+    HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < H
+    ks = tl.arange(0, KP)  # K padded to a power of 2; padding lanes rank K or more, never used
+    mk = ks < K
+    ids = tl.load(ids_ptr + t * K + ks, mask=mk, other=2**62)
+    w = tl.load(w_ptr + t * K + ks, mask=mk, other=0.0).to(out_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_ROWS:
+        rows = tl.load(rows_ptr + t * K + ks, mask=mk, other=0)
+    else:
+        rows = (t * K + ks).to(tl.int64)
+    order = tl.sum((ids[None, :] < ids[:, None]).to(tl.int32), axis=1)  # rank of each expert id
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r in tl.static_range(K):
+        sel = order == r
+        row = tl.sum(tl.where(sel, rows, 0), axis=0)  # exactly one pair has rank r
+        wr = tl.sum(tl.where(sel, w, 0.0), axis=0)
+        p = tl.load(src_ptr + row * stride_src + offs, mask=mask, other=0.0).to(tl.float32)
+        term = (p * wr).to(out_ptr.dtype.element_ty).to(tl.float32)  # each product rounded
+        if r == 0:
+            acc = term
+        else:
+            acc = (acc + term).to(out_ptr.dtype.element_ty).to(tl.float32)  # each sum rounded
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def combine_rows(
+    src: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * src[rows[t, j]] (rows default: t * k + j), added in increasing
+    expert id order with every product and every partial sum rounded to src's dtype: the order
+    and roundings of HF transformers' MoE (exact parity in float32), in one launch. Expert ids of
+    a token must be distinct (top-k). src [*, H] with contiguous rows."""
+    t, k = topk_ids.shape
+    h = src.shape[1]
+    out = src.new_empty((t, h))
+    if t:
+        block = min(1024, triton.next_power_of_2(h))
+        _combine_kernel[(t, triton.cdiv(h, block))](
+            src, rows if rows is not None else topk_ids, topk_weights.contiguous(), topk_ids.contiguous(), out,
+            h, src.stride(0), K=k, KP=triton.next_power_of_2(k), HAS_ROWS=rows is not None, BLOCK=block,
+        )  # fmt: skip
+    return out

@@ -235,27 +235,30 @@ def _topk_softmax_kernel(
 ):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
+    ks = tl.arange(0, K)
     x = tl.load(logits_ptr + row * stride_l + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
     p = tl.exp(x - tl.max(x, axis=0))
     p = p / tl.sum(p, axis=0)
-    total = 0.0
+    w = tl.zeros((K,), dtype=tl.float32)
+    ids = tl.zeros((K,), dtype=tl.int64)
     for k in tl.static_range(K):  # k rounds of arg-max, each removing the winner
         best = tl.max(p, axis=0)
         idx = tl.min(tl.where(p == best, offs, BLOCK_E), axis=0)  # lowest index among ties
-        tl.store(w_ptr + row * K + k, best)
-        tl.store(ids_ptr + row * K + k, idx.to(tl.int64))
-        total += best
+        w = tl.where(ks == k, best, w)
+        ids = tl.where(ks == k, idx.to(tl.int64), ids)
         p = tl.where(offs == idx, -1.0, p)
     if RENORM:
-        ks = tl.arange(0, K)
-        w = tl.load(w_ptr + row * K + ks)
-        tl.store(w_ptr + row * K + ks, w / total)
+        w = w / tl.sum(w, axis=0)
+    tl.store(w_ptr + row * K + ks, w.to(w_ptr.dtype.element_ty))  # float32 math, one rounding
+    tl.store(ids_ptr + row * K + ks, ids)
 
 
-def topk_softmax(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router: softmax over experts in float32, the top-k (weights float32 [T, k], ids int64)."""
+def topk_softmax(
+    logits: torch.Tensor, k: int, renormalize: bool, out_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router: softmax over experts in float32, the top-k (weights [T, k] in out_dtype, ids int64)."""
     t, e = logits.shape
-    w = torch.empty((t, k), dtype=torch.float32, device=logits.device)
+    w = torch.empty((t, k), dtype=out_dtype, device=logits.device)
     ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
     if t:
         _topk_softmax_kernel[(t,)](

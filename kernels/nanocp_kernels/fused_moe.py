@@ -5,10 +5,11 @@
 GEMM launches:
   1. pairs are sorted by local expert and each expert's run padded to BLOCK_M rows
      (`moe_align`: no host sync, so it can run inside a CUDA graph);
-  2. gate_up = x[token] @ w13[e]^T for every pair (one program per BLOCK_M x BLOCK_N tile; a
-     tile's rows all belong to one expert, whose weight tile is read once for them);
-  3. act = silu(gate) * up;  4. y = act @ w2[e]^T scaled by the pair's routing weight;
-  5. out[token] = sum over its k pairs (pairs of experts on other EP ranks contribute 0).
+  2. act = silu(x[token] @ gate[e]^T) * (x[token] @ up[e]^T) for every pair (one program per
+     BLOCK_M x BLOCK_N tile; a tile's rows all belong to one expert, whose weight tiles are read
+     once for them; the activation is applied to the float32 accumulators);
+  3. y = act @ w2[e]^T scaled by the pair's routing weight;
+  4. out[token] = sum over its k pairs (pairs of experts on other EP ranks contribute 0).
 Shapes are static for a given token count (the padded pair capacity is T*k + E*(BLOCK_M-1)).
 """
 
@@ -18,13 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from nanocp_kernels.elementwise import silu_and_mul
-
 
 @triton.jit
 def _grouped_gemm_kernel(
     a_ptr,  # [rows, K]: row of pair p is p // A_ROW_DIV
-    b_ptr,  # [E, N, K]
+    b_ptr,  # [E, N, K] ([E, 2N, K] with SILU: gate rows, then up rows)
     c_ptr,  # [pairs, N]
     w_ptr,  # [pairs] routing weights (MUL_WEIGHT)
     sorted_ids_ptr,  # [capacity] pair ids grouped by expert; num_pairs marks padding
@@ -38,6 +37,7 @@ def _grouped_gemm_kernel(
     stride_cm,
     A_ROW_DIV: tl.constexpr,
     MUL_WEIGHT: tl.constexpr,
+    SILU: tl.constexpr,  # c = silu(a @ gate^T) * (a @ up^T): the SwiGLU input of the second GEMM
     IEEE: tl.constexpr,  # fp32 inputs: exact fp32 products, not TF32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -55,6 +55,8 @@ def _grouped_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    b_base = b_ptr + e * stride_be + offs_n[None, :] * stride_bn
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -63,15 +65,20 @@ def _grouped_gemm_kernel(
             mask=mask_m[:, None] & mask_k[None, :],
             other=0.0,
         )
-        b = tl.load(
-            b_ptr + e * stride_be + offs_n[None, :] * stride_bn + offs_k[:, None],
-            mask=mask_n[None, :] & mask_k[:, None],
-            other=0.0,
-        )
+        mask_b = mask_n[None, :] & mask_k[:, None]
+        b = tl.load(b_base + offs_k[:, None], mask=mask_b, other=0.0)
         if IEEE:
             acc += tl.dot(a, b, input_precision="ieee")
         else:
             acc += tl.dot(a, b)
+        if SILU:
+            b_up = tl.load(b_base + N * stride_bn + offs_k[:, None], mask=mask_b, other=0.0)
+            if IEEE:
+                acc_up += tl.dot(a, b_up, input_precision="ieee")
+            else:
+                acc_up += tl.dot(a, b_up)
+    if SILU:
+        acc = acc / (1.0 + tl.exp(-acc)) * acc_up
     if MUL_WEIGHT:
         acc *= tl.load(w_ptr + ids, mask=mask_m, other=0.0).to(tl.float32)[:, None]
     c = c_ptr + ids[:, None] * stride_cm + offs_n[None, :]
@@ -79,10 +86,10 @@ def _grouped_gemm_kernel(
 
 
 @triton.jit
-def _align_count_kernel(ids_ptr, n, E, counts_ptr, rank_ptr, BLOCK: tl.constexpr):
+def _align_count_kernel(ids_ptr, n, E, offset, counts_ptr, rank_ptr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    e = tl.load(ids_ptr + offs, mask=m, other=-1)
+    e = tl.load(ids_ptr + offs, mask=m, other=0) - offset
     valid = m & (e >= 0) & (e < E)
     rank = tl.atomic_add(counts_ptr + tl.where(valid, e, 0), 1, mask=valid)  # old count: rank in the run
     tl.store(rank_ptr + offs, rank, mask=valid)
@@ -90,54 +97,104 @@ def _align_count_kernel(ids_ptr, n, E, counts_ptr, rank_ptr, BLOCK: tl.constexpr
 
 @triton.jit
 def _align_offsets_kernel(
-    counts_ptr, E, starts_ptr, block_expert_ptr, num_blocks, BM: tl.constexpr, BLOCK_E: tl.constexpr
-):
+    counts_ptr, E, starts_ptr, block_expert_ptr, sorted_ptr, num_blocks, n,
+    BM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCKS: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
     offs_e = tl.arange(0, BLOCK_E)
     counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
     padded = (counts + BM - 1) // BM * BM
     ends = tl.cumsum(padded, axis=0)
-    tl.store(starts_ptr + offs_e, ends - padded, mask=offs_e < E)
-    for b0 in range(0, num_blocks, 64):
-        blocks = b0 + tl.arange(0, 64)
-        # a block's expert = how many experts' runs end at or before its first row
-        owner = tl.sum((ends[None, :] <= blocks[:, None] * BM).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + blocks, tl.where(owner < E, owner, -1), mask=blocks < num_blocks)
+    if pid == 0:
+        tl.store(starts_ptr + offs_e, ends - padded, mask=offs_e < E)
+    blocks = pid * BLOCKS + tl.arange(0, BLOCKS)
+    # a block's expert = how many experts' runs end at or before its first row
+    owner = tl.sum((ends[None, :] <= blocks[:, None] * BM).to(tl.int32), axis=1)
+    tl.store(block_expert_ptr + blocks, tl.where(owner < E, owner, -1), mask=blocks < num_blocks)
+    # padding in all of this program's rows; the scatter kernel (the next launch) writes the pairs
+    rows = pid * BLOCKS * BM + tl.arange(0, BLOCKS * BM)
+    tl.store(sorted_ptr + rows, tl.zeros_like(rows).to(tl.int64) + n, mask=rows < num_blocks * BM)
 
 
 @triton.jit
-def _align_scatter_kernel(ids_ptr, rank_ptr, starts_ptr, n, E, sorted_ptr, BLOCK: tl.constexpr):
+def _align_scatter_kernel(
+    ids_ptr, rank_ptr, starts_ptr, n, E, offset, sorted_ptr, counts_ptr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
-    e = tl.load(ids_ptr + offs, mask=m, other=-1)
+    e = tl.load(ids_ptr + offs, mask=m, other=0) - offset
     valid = m & (e >= 0) & (e < E)
     start = tl.load(starts_ptr + tl.where(valid, e, 0), mask=valid, other=0)
     rank = tl.load(rank_ptr + offs, mask=valid, other=0)
     tl.store(sorted_ptr + start + rank, offs.to(tl.int64), mask=valid)
+    if tl.program_id(0) == 0:  # the counts were last read by the offsets launch: zero for the next call
+        offs_e = tl.arange(0, 1024)
+        for e0 in range(0, E, 1024):
+            tl.store(counts_ptr + e0 + offs_e, 0, mask=e0 + offs_e < E)
 
 
-def moe_align(local_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Group pair ids (flattened [T, k]) by expert, each expert's run padded to block_m rows, in
-    three small launches (reference.moe_align_ref is the torch version, ~15 launches). Ids outside
-    [0, num_experts) are dropped. Returns (sorted_ids [capacity] with padding = num_pairs,
-    block_expert [capacity // block_m] with -1 for unused blocks). No host sync. Order within an
-    expert's run follows atomics, which changes no result: each pair's row is computed and stored
-    independently."""
-    flat = local_ids.reshape(-1).contiguous()
+_COUNTS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeroed_counts(num_experts: int, device: torch.device) -> torch.Tensor:
+    """Per-expert counters, all 0 between calls (the scatter launch zeroes them after use), so no
+    call pays a fill launch. One per (device, stream, E): calls on one stream run in order."""
+    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0, num_experts)
+    if key not in _COUNTS:
+        _COUNTS[key] = torch.zeros(num_experts, dtype=torch.int32, device=device)
+    return _COUNTS[key]
+
+
+def moe_align(
+    ids: torch.Tensor, num_experts: int, block_m: int, offset: int = 0, max_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group pair ids (flattened [T, k]) by local expert (id - offset), each expert's run padded to
+    block_m rows, in three launches (reference.moe_align_ref is the torch version, ~15 launches).
+    Ids whose local expert is outside [0, num_experts) are dropped. max_rows: the caller's bound on
+    how many ids are local (sizes the result; default all). Returns (sorted_ids [capacity] with
+    padding = num_pairs, block_expert [capacity // block_m] with -1 for unused blocks). No host
+    sync. Order within an expert's run follows atomics, which changes no result: each pair's row
+    is computed and stored independently."""
+    flat = ids.reshape(-1).contiguous()
     n, dev = flat.numel(), flat.device
-    capacity = -(-(n + num_experts * (block_m - 1)) // block_m) * block_m
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=dev)
+    rows = n if max_rows is None else min(n, max_rows)
+    capacity = -(-(rows + num_experts * (block_m - 1)) // block_m) * block_m
+    counts = _zeroed_counts(num_experts, dev)
     rank = torch.empty(n, dtype=torch.int32, device=dev)
     starts = torch.empty(num_experts, dtype=torch.int32, device=dev)
-    sorted_ids = torch.full((capacity,), n, dtype=torch.int64, device=dev)
-    block_expert = torch.empty(capacity // block_m, dtype=torch.int32, device=dev)
-    grid = (triton.cdiv(n, 256),)
-    _align_count_kernel[grid](flat, n, num_experts, counts, rank, BLOCK=256)
-    _align_offsets_kernel[(1,)](
-        counts, num_experts, starts, block_expert, capacity // block_m, BM=block_m,
-        BLOCK_E=triton.next_power_of_2(num_experts),
+    sorted_ids = torch.empty(capacity, dtype=torch.int64, device=dev)
+    num_blocks = capacity // block_m
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    grid = (max(1, triton.cdiv(n, 256)),)
+    _align_count_kernel[grid](flat, n, num_experts, offset, counts, rank, BLOCK=256)
+    _align_offsets_kernel[(triton.cdiv(num_blocks, 64),)](
+        counts, num_experts, starts, block_expert, sorted_ids, num_blocks, n, BM=block_m,
+        BLOCK_E=triton.next_power_of_2(num_experts), BLOCKS=64,
     )  # fmt: skip
-    _align_scatter_kernel[grid](flat, rank, starts, n, num_experts, sorted_ids, BLOCK=256)
+    _align_scatter_kernel[grid](flat, rank, starts, n, num_experts, offset, sorted_ids, counts, BLOCK=256)
     return sorted_ids, block_expert
+
+
+@triton.jit
+def _moe_sum_kernel(y_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(K):
+        acc += tl.load(y_ptr + (t * K + j) * H + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def moe_sum(y: torch.Tensor) -> torch.Tensor:
+    """y [T, k, H] (contiguous) summed over k in float32: one launch (torch's reduction is ~3x slower
+    at decode sizes)."""
+    t, k, h = y.shape
+    out = y.new_empty((t, h))
+    if t:
+        block = min(1024, triton.next_power_of_2(h))
+        _moe_sum_kernel[(t, triton.cdiv(h, block))](y, out, h, K=k, BLOCK=block)
+    return out
 
 
 # Launch configs by pairs per expert: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).
@@ -164,11 +221,16 @@ def grouped_gemm(
     block: tuple[int, int, int, int, int],
     weights: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    silu: bool = False,
 ) -> torch.Tensor:
-    """c[p] = a[p // a_row_div] @ b[expert(p)]^T (* weights[p]) for every pair p in sorted_ids."""
-    n_out, k = b.shape[1], b.shape[2]
-    c = out if out is not None else a.new_zeros((num_pairs, n_out))
+    """c[p] = a[p // a_row_div] @ b[expert(p)]^T (* weights[p]) for every pair p in sorted_ids;
+    silu: b holds [gate; up] and c[p] = silu(a @ gate^T) * (a @ up^T). Rows of c of pairs not in
+    sorted_ids are not written."""
+    n_out, k = b.shape[1] // (2 if silu else 1), b.shape[2]
+    c = out if out is not None else a.new_empty((num_pairs, n_out))
     bm, bn, bk, warps, stages = block
+    if silu:  # two weight tiles per program: half the columns keeps its registers and bytes alike
+        bn //= 2
     grid = (block_expert.numel(), triton.cdiv(n_out, bn))
     _grouped_gemm_kernel[grid](
         a,
@@ -186,6 +248,7 @@ def grouped_gemm(
         c.stride(0),
         A_ROW_DIV=a_row_div,
         MUL_WEIGHT=weights is not None,
+        SILU=silu,
         IEEE=a.dtype == torch.float32,
         BLOCK_M=bm,
         BLOCK_N=bn,
@@ -205,31 +268,36 @@ def fused_moe(
     expert_offset: int = 0,
     all_local: bool = False,
     out: torch.Tensor | None = None,
+    max_rows: int | None = None,
+    fill_unrouted: bool = True,
 ) -> torch.Tensor:
     """Same contract as reference.fused_moe_ref; topk_weights None means weight 1 (and then
     topk_ids is [rows, 1]: one expert per row, reference.expert_ffn_ref's contract).
     all_local: the caller guarantees every id is a local expert (no expert parallelism), so
     every output row is written and none needs zeroing first.
     out: where to write the result (one expert per row only: [rows, hidden]); x may have any row
-    stride (e.g. rows of a receive block), its last dim must be contiguous."""
+    stride (e.g. rows of a receive block), its last dim must be contiguous.
+    max_rows: at most this many ids are local (fixed-capacity receive buffers: bounds the work
+    grid by the real rows, not the buffer). fill_unrouted=False (one expert per row): rows whose
+    id is not local are left as they were (the caller never reads them) instead of zeroed."""
     num_tokens, k = topk_ids.shape
     num_experts = w13.shape[0]
     num_pairs = num_tokens * k
     if num_pairs == 0:
         return torch.zeros_like(x)
-    block = _block_sizes(num_pairs, num_experts)
-    sorted_ids, block_expert = moe_align(topk_ids - expert_offset, num_experts, block[0])
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     if out is not None and k != 1:
         raise ValueError("fused_moe: out= is for one expert per row (topk_ids [rows, 1])")
+    rows = num_pairs if max_rows is None else min(num_pairs, max_rows)
+    block = _block_sizes(rows, num_experts)
+    sorted_ids, block_expert = moe_align(topk_ids, num_experts, block[0], expert_offset, max_rows)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     # rows of pairs outside sorted_ids stay unwritten here: the second GEMM never reads them
-    gate_up = x.new_empty((num_pairs, w13.shape[1]))
-    grouped_gemm(x, w13, sorted_ids, block_expert, num_pairs, k, block, out=gate_up)
-    act = silu_and_mul(gate_up)
+    act = grouped_gemm(x, w13, sorted_ids, block_expert, num_pairs, k, block, silu=True)
     w = topk_weights.reshape(-1).contiguous() if topk_weights is not None else None
-    y = out if out is not None else x.new_empty((num_pairs, w2.shape[1])) if all_local else None
-    if y is not None and not all_local:
+    every_row = all_local or (k == 1 and not fill_unrouted)
+    y = out if out is not None else x.new_empty((num_pairs, w2.shape[1]))
+    if not every_row:
         y.zero_()  # rows of pairs on other ranks (or padding) read as 0
     y = grouped_gemm(act, w2, sorted_ids, block_expert, num_pairs, 1, block, weights=w, out=y)
-    return y if k == 1 else y.view(num_tokens, k, -1).sum(dim=1)
+    return y if k == 1 else moe_sum(y.view(num_tokens, k, -1))

@@ -129,12 +129,22 @@ class AllToAllMoE(MoEComm):
         return combine_pairs(pairs.view(num_tokens, k, x.shape[1]), topk_weights, topk_ids)
 
 
-def combine_pairs(pairs: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-    """sum_k w_k * pairs[:, k], added in increasing expert order (HF's order: exact fp32 parity)."""
+def combine_pairs(
+    pairs: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """sum_k w_k * pairs[:, k], added in increasing expert order (HF's order: exact fp32 parity).
+    pairs [T, k, H], or with rows: any [*, H] buffer where pair (t, j) is row rows[t, j]."""
+    if pairs.is_cuda:  # one launch (it runs once per MoE layer)
+        from nanocp_kernels.dispatch import combine_rows
+
+        src = pairs if rows is not None else pairs.reshape(-1, pairs.shape[-1])
+        return combine_rows(src, topk_weights, topk_ids, rows)
+    if rows is not None:
+        pairs = pairs[rows]
     num_tokens, k, hidden = pairs.shape
     by_expert = torch.argsort(topk_ids, dim=1)
     # every product rounded on its own, then added one expert after the other (no fused
-    # multiply-add, no tree reduction), as HF does; few launches: this runs once per MoE layer
+    # multiply-add, no tree reduction), as HF does
     w = topk_weights.gather(1, by_expert).to(pairs.dtype)
     terms = pairs.gather(1, by_expert[..., None].expand(num_tokens, k, hidden)) * w[..., None]
     out = terms[:, 0]
@@ -223,11 +233,14 @@ class IpcMoE(FixedCapacityMoE):
             valid = (slot[None, :] < self.recv_counts[:, None]).reshape(-1)
             local_ids = torch.where(valid, rows[:, words].to(torch.int64), -1)
             xr = rows[:, :words].view(self.out.dtype)  # strided rows, read in place by the GEMM
-            experts.run_expert_rows(xr, local_ids, out=self.out.view(n * cap, -1))
+            # rows past a source's count are never sent back: left as they are
+            experts.run_expert_rows(xr, local_ids, out=self.out.view(n * cap, -1), fill_unused=False)
         with trace_section("moe_comm"):  # combine: results return to the same block positions
             self.comm.exchange(self.out, self.recv_counts, self.back, self.back_counts)
-        pairs = self.back.view(n * cap, -1)[pos].view(num_tokens, k, self.back.shape[-1])  # may be 0 tokens
-        return combine_pairs(pairs, topk_weights, topk_ids).to(x.dtype)
+        # pair (t, j)'s result is row pos[t, j] of the returned blocks (may be 0 tokens)
+        return combine_pairs(self.back.view(n * cap, -1), topk_weights, topk_ids, pos.view(num_tokens, k)).to(
+            x.dtype
+        )
 
 
 @register("deepep")
@@ -270,6 +283,7 @@ class DeepEPMoE(FixedCapacityMoE):
             )
         n = state.ep_size
         self.num_experts = num_experts
+        self._index: tuple[torch.Tensor, torch.Tensor] | None = None
         rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(
             max_tokens_per_rank, hidden_size, n, num_experts
         )
@@ -282,6 +296,14 @@ class DeepEPMoE(FixedCapacityMoE):
             return self.big_steps.forward(x, topk_weights, topk_ids, experts, global_num_tokens)
         return super().forward(x, topk_weights, topk_ids, experts, global_num_tokens)
 
+    def _packed_index(self, num_local: int, cap: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot, local expert) of every row of the packed receive layout, built once."""
+        if self._index is None or self._index[0].shape != (num_local, cap):
+            slot = torch.arange(cap, device=device)[None, :].expand(num_local, cap)
+            expert = torch.arange(num_local, device=device)[:, None].expand(num_local, cap)
+            self._index = (slot.contiguous(), expert.contiguous())
+        return self._index
+
     def _run(self, x, topk_weights, topk_ids, experts):
         ids = topk_ids.to(torch.int64)
         with trace_section("moe_comm"):
@@ -289,12 +311,15 @@ class DeepEPMoE(FixedCapacityMoE):
                 x.to(torch.bfloat16).contiguous(), ids, self.max_tokens, self.num_experts, use_fp8=False
             )
         with trace_section("moe_compute"):
-            # packed layout: expert e's tokens are rows [0, recv_count[e]) of recv_x[e]
+            # packed layout: expert e's tokens are rows [0, recv_count[e]) of recv_x[e]; at most
+            # ranks * max_tokens * min(k, local experts) rows are used, and combine reads only those
             num_local, cap, hidden = recv_x.shape
-            slot = torch.arange(cap, device=recv_x.device)
-            row_expert = torch.arange(num_local, device=recv_x.device)[:, None].expand(num_local, cap)
-            row_expert = torch.where(slot[None, :] < recv_count[:, None], row_expert, -1).reshape(-1)
-            y = experts.run_expert_rows(recv_x.view(-1, hidden), row_expert).view(num_local, cap, hidden)
+            slot, expert = self._packed_index(num_local, cap, recv_x.device)
+            row_expert = torch.where(slot < recv_count[:, None], expert, -1).view(-1)
+            max_rows = self.state.ep_size * self.max_tokens * min(topk_ids.shape[1], num_local)
+            y = experts.run_expert_rows(
+                recv_x.view(-1, hidden), row_expert, max_rows=max_rows, fill_unused=False
+            ).view(num_local, cap, hidden)
         with trace_section("moe_comm"):
             out, _, _ = self.buffer.low_latency_combine(y, ids, topk_weights.float(), handle)
         return out.to(x.dtype)

@@ -21,8 +21,7 @@ def select_experts(
     if router_logits.is_cuda and top_k & (top_k - 1) == 0:  # one fused launch (power-of-2 k)
         from nanocp_kernels.elementwise import topk_softmax
 
-        weights, ids = topk_softmax(router_logits, top_k, renormalize)
-        return weights.to(dtype), ids
+        return topk_softmax(router_logits, top_k, renormalize, out_dtype=dtype)
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
@@ -70,14 +69,24 @@ class FusedMoE(nn.Module):
         return fused_moe_ref(x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_offset)
 
     def run_expert_rows(
-        self, x: torch.Tensor, local_ids: torch.Tensor, out: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        local_ids: torch.Tensor,
+        out: torch.Tensor | None = None,
+        max_rows: int | None = None,
+        fill_unused: bool = True,
     ) -> torch.Tensor:
         """Row r through local expert local_ids[r], unweighted (rows dispatched to this rank);
-        rows with id -1 give 0. out: write the result there (same shape as x)."""
+        rows with id -1 give 0, or are left undefined with fill_unused=False (the caller never
+        reads them). out: write the result there (same shape as x). max_rows: at most this many
+        ids are not -1 (fixed-capacity receive buffers: the work is sized by it)."""
         if self.runner_backend == "triton":
             from nanocp_kernels.fused_moe import fused_moe
 
-            return fused_moe(x, self.w13_weight, self.w2_weight, None, local_ids[:, None], out=out)
+            return fused_moe(
+                x, self.w13_weight, self.w2_weight, None, local_ids[:, None], out=out, max_rows=max_rows,
+                fill_unrouted=fill_unused,
+            )  # fmt: skip
         y = expert_ffn_ref(x, self.w13_weight, self.w2_weight, local_ids)
         return y if out is None else out.copy_(y)
 

@@ -130,16 +130,28 @@ class FlashInferAttnBackend(AttentionBackend):
             kv_data_type=self.dtype,
         )
 
-    def forward_with_lse(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, q: torch.Tensor, k, v, layer: Attention, batch: ForwardBatch, return_lse: bool):
         batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
-        if self.empty:
-            return q.new_zeros(q.shape), torch.full(q.shape[:2], float("-inf"), device=q.device)
         _, hkv, d = self.heads
         kc = batch.kv_pool.k_buffer[layer.layer_id].view(-1, self.page_size, hkv, d)
         vc = batch.kv_pool.v_buffer[layer.layer_id].view(-1, self.page_size, hkv, d)
         # plan() used FlashInfer's default scale 1/sqrt(head_dim), which is the models' scaling
         wrapper = self.active_decode or self.wrapper
-        o, lse2 = wrapper.run(q.contiguous(), (kc, vc), return_lse=True)
+        return wrapper.run(q.contiguous(), (kc, vc), return_lse=return_lse)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
+    ) -> torch.Tensor:
+        if self.empty:
+            batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+            return q.new_zeros(q.shape)
+        return self._run(q, k, v, layer, batch, return_lse=False)  # no LSE to write or rescale
+
+    def forward_with_lse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.empty:
+            batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+            return q.new_zeros(q.shape), torch.full(q.shape[:2], float("-inf"), device=q.device)
+        o, lse2 = self._run(q, k, v, layer, batch, return_lse=True)
         return o, lse2.float() * math.log(2)  # FlashInfer's LSE is base 2
