@@ -23,9 +23,19 @@ def _case(t, e_global, e_local, h, inter, k, dtype, device, seed=0):
     return x, w13, w2, w.to(device, dtype), ids.to(device)
 
 
+@pytest.fixture(params=["one_launch", "three_launches"])
+def align_path(request, monkeypatch):
+    """moe_align's single-program path (decode sizes) and its multi-program path."""
+    import nanocp_kernels.fused_moe as fm
+
+    if request.param == "three_launches":
+        monkeypatch.setattr(fm, "SMALL_ALIGN", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("align", [moe_align_ref, moe_align])
 @pytest.mark.parametrize("num_experts, block_m", [(4, 16), (16, 16), (3, 32), (128, 16)])
-def test_moe_align_groups_every_local_pair_once(num_experts, block_m, align):
+def test_moe_align_groups_every_local_pair_once(num_experts, block_m, align, align_path):
     g = torch.Generator().manual_seed(num_experts)
     ids = torch.randint(-2, num_experts + 2, (37, 3), generator=g).to(DEVICE)  # some not local
     sorted_ids, block_expert = align(ids, num_experts, block_m)
@@ -101,7 +111,7 @@ def test_expert_rows_strided_input_into_out():
     torch.testing.assert_close(out, expert_ffn_ref(x, w13, w2, rows), rtol=1e-5, atol=1e-5)
 
 
-def test_moe_align_offset_and_repeated_calls_match_reference():
+def test_moe_align_offset_and_repeated_calls_match_reference(align_path):
     """The local expert is id - offset (no separate subtraction launch), and the per-expert
     counters left zeroed by each call give the same grouping on the next call."""
     g = torch.Generator().manual_seed(3)

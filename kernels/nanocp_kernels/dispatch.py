@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 
 @triton.jit
@@ -61,7 +62,7 @@ def pack_pairs(
 @triton.jit
 def _combine_kernel(
     src_ptr, rows_ptr, w_ptr, ids_ptr, out_ptr, H, stride_src, K: tl.constexpr, KP: tl.constexpr,
-    HAS_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_ROWS: tl.constexpr, NO_FMA: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -81,7 +82,11 @@ def _combine_kernel(
         row = tl.sum(tl.where(sel, rows, 0), axis=0)  # exactly one pair has rank r
         wr = tl.sum(tl.where(sel, w, 0.0), axis=0)
         p = tl.load(src_ptr + row * stride_src + offs, mask=mask, other=0.0).to(tl.float32)
-        term = (p * wr).to(out_ptr.dtype.element_ty).to(tl.float32)  # each product rounded
+        if NO_FMA:  # mul.rn: the compiler may not contract it with the add below into an FMA
+            term = libdevice.mul_rn(p, wr)
+        else:  # the CPU interpreter (no FMA contraction there; it has no libdevice)
+            term = p * wr
+        term = term.to(out_ptr.dtype.element_ty).to(tl.float32)  # each product rounded
         if r == 0:
             acc = term
         else:
@@ -103,6 +108,7 @@ def combine_rows(
         block = min(1024, triton.next_power_of_2(h))
         _combine_kernel[(t, triton.cdiv(h, block))](
             src, rows if rows is not None else topk_ids, topk_weights.contiguous(), topk_ids.contiguous(), out,
-            h, src.stride(0), K=k, KP=triton.next_power_of_2(k), HAS_ROWS=rows is not None, BLOCK=block,
+            h, src.stride(0), K=k, KP=triton.next_power_of_2(k), HAS_ROWS=rows is not None,
+            NO_FMA=src.is_cuda, BLOCK=block,
         )  # fmt: skip
     return out

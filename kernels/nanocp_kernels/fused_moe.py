@@ -133,6 +133,38 @@ def _align_scatter_kernel(
             tl.store(counts_ptr + e0 + offs_e, 0, mask=e0 + offs_e < E)
 
 
+@triton.jit
+def _align_small_kernel(
+    ids_ptr, n, E, offset, counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, num_blocks,
+    BM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
+    """All of moe_align in one program (decode sizes: n <= BLOCK): the three launches' steps,
+    separated by CTA barriers (global writes before a barrier are visible to the CTA after it)."""
+    offs = tl.arange(0, BLOCK)
+    m = offs < n
+    e = tl.load(ids_ptr + offs, mask=m, other=0) - offset
+    valid = m & (e >= 0) & (e < E)
+    rank = tl.atomic_add(counts_ptr + tl.where(valid, e, 0), 1, mask=valid)
+    tl.debug_barrier()
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0, cache_modifier=".cg")
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    tl.store(starts_ptr + offs_e, ends - padded, mask=offs_e < E)
+    for b0 in range(0, num_blocks, 64):
+        blocks = b0 + tl.arange(0, 64)
+        owner = tl.sum((ends[None, :] <= blocks[:, None] * BM).to(tl.int32), axis=1)
+        tl.store(block_expert_ptr + blocks, tl.where(owner < E, owner, -1), mask=blocks < num_blocks)
+        rows = b0 * BM + tl.arange(0, 64 * BM)
+        tl.store(sorted_ptr + rows, tl.zeros_like(rows).to(tl.int64) + n, mask=rows < num_blocks * BM)
+    tl.store(counts_ptr + offs_e, 0, mask=offs_e < E)  # zeroed for the next call (read above)
+    tl.debug_barrier()
+    start = tl.load(starts_ptr + tl.where(valid, e, 0), mask=valid, other=0, cache_modifier=".cg")
+    tl.store(sorted_ptr + start + rank, offs.to(tl.int64), mask=valid)
+
+
+SMALL_ALIGN = 1024  # up to this many pairs (decode batches), moe_align is one launch
+
 _COUNTS: dict[tuple, torch.Tensor] = {}
 
 
@@ -149,7 +181,7 @@ def moe_align(
     ids: torch.Tensor, num_experts: int, block_m: int, offset: int = 0, max_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group pair ids (flattened [T, k]) by local expert (id - offset), each expert's run padded to
-    block_m rows, in three launches (reference.moe_align_ref is the torch version, ~15 launches).
+    block_m rows, in one launch up to SMALL_ALIGN ids, else three (reference.moe_align_ref is the torch version, ~15 launches).
     Ids whose local expert is outside [0, num_experts) are dropped. max_rows: the caller's bound on
     how many ids are local (sizes the result; default all). Returns (sorted_ids [capacity] with
     padding = num_pairs, block_expert [capacity // block_m] with -1 for unused blocks). No host
@@ -165,6 +197,12 @@ def moe_align(
     sorted_ids = torch.empty(capacity, dtype=torch.int64, device=dev)
     num_blocks = capacity // block_m
     block_expert = torch.empty(num_blocks, dtype=torch.int32, device=dev)
+    if n <= SMALL_ALIGN:
+        _align_small_kernel[(1,)](
+            flat, n, num_experts, offset, counts, starts, block_expert, sorted_ids, num_blocks, BM=block_m,
+            BLOCK=max(16, triton.next_power_of_2(n)), BLOCK_E=triton.next_power_of_2(num_experts),
+        )  # fmt: skip
+        return sorted_ids, block_expert
     grid = (max(1, triton.cdiv(n, 256)),)
     _align_count_kernel[grid](flat, n, num_experts, offset, counts, rank, BLOCK=256)
     _align_offsets_kernel[(triton.cdiv(num_blocks, 64),)](

@@ -33,3 +33,10 @@ def startup_timeout_s() -> float:
 def routing_buffer_bytes() -> int:
     """Receive buffer per source rank of the CUDA-IPC routing backend (instances sharing GPUs)."""
     return int(float(_get("NANOCP_ROUTING_BUFFER_MB", "64")) * 2**20)
+
+
+def flashinfer_decode_tensor_cores() -> bool | None:
+    """FlashInfer decode on its tensor-core kernels: "1"/"0" force it, unset decides from the GQA
+    group size (4+ query heads per KV head: tensor cores, as SGLang does)."""
+    value = _get("NANOCP_FLASHINFER_DECODE_TENSOR_CORES", "")
+    return None if value == "" else value not in ("0", "false", "False")

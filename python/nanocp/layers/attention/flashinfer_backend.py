@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nanocp import envs
 from nanocp.layers.attention.base import AttentionBackend, ragged_index, register_attention_backend
 
 if TYPE_CHECKING:
@@ -55,7 +56,8 @@ class FlashInferAttnBackend(AttentionBackend):
         self.active_decode = None  # the decode wrapper of this step (graph replay), else None
         self.device = device
         # GQA groups of 4+ run faster on the tensor-core (prefill) kernels, as SGLang does
-        self.use_tensor_cores = num_qo_heads // num_kv_heads >= 4
+        forced = envs.flashinfer_decode_tensor_cores()
+        self.use_tensor_cores = num_qo_heads // num_kv_heads >= 4 if forced is None else forced
 
     supports_cuda_graph = True
 
