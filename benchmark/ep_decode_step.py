@@ -37,7 +37,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, backend: s
     from nanocp.model_executor.model_runner import ModelRunner
 
     device = instance_device(rank, args.device)
-    parallel = init_parallel_state(rank, world, world, device, port)
+    parallel = init_parallel_state(rank, world, world, device, port, force_group=True)  # barriers below
     sa = ServerArgs(
         model_path=args.model_path,
         load_format=args.load_format,

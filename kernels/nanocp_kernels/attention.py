@@ -2,9 +2,11 @@
 
 Same contract as `paged_attention_ref`: sequence i pairs query rows
 qo_indptr[i]:qo_indptr[i+1] with KV slots kv_indices[kv_indptr[i]:kv_indptr[i+1]] whose absolute
-positions are kv_pos; a key is visible to a query iff kv_pos <= q_pos. One program per (query
-row, head) streams its sequence's keys in blocks with an online softmax (flash-decoding style,
-no split-K yet). Runs on CPU under TRITON_INTERPRET=1 for tests.
+positions are kv_pos; a key is visible to a query iff kv_pos <= q_pos. `paged_attention`
+(decode-style rows): one program per (query row, KV head, KV split) runs the KV head's query
+heads together with an online softmax over its split of the keys, a second launch merges the
+splits by LSE (flash-decoding). `paged_prefill_attention`: blocks of query rows. Runs on CPU
+under TRITON_INTERPRET=1 for tests.
 """
 
 from __future__ import annotations
@@ -21,66 +23,103 @@ if triton is not None:
 
     @triton.jit
     def _paged_attention_kernel(
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        o_ptr,
-        lse_ptr,
-        q_seq_ptr,
-        q_pos_ptr,
-        kv_indptr_ptr,
-        kv_indices_ptr,
-        kv_pos_ptr,
-        sm_scale,
-        D,
-        GROUP,
-        stride_qt,
-        stride_qh,
-        stride_ks,
-        stride_kh,
-        stride_ot,
-        stride_oh,
-        BLOCK_N: tl.constexpr,
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_seq_ptr, q_pos_ptr, kv_indptr_ptr, kv_indices_ptr,
+        kv_pos_ptr, sm_scale, D, GROUP, stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh,
+        SPLITS: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
-    ):
+    ):  # fmt: skip
+        """Program (query row t, KV head, split s): the GROUP query heads sharing the KV head
+        (one read of each key for all of them, tensor-core dots) over split s of the row's keys.
+        SPLITS == 1: writes o / lse; else the split's normalized o (float32) and lse at
+        [t, head, s] for _merge_splits_kernel."""
         t = tl.program_id(0)
-        h = tl.program_id(1)
-        kvh = h // GROUP
+        kvh = tl.program_id(1)
+        sp = tl.program_id(2)
         seq = tl.load(q_seq_ptr + t)
         qpos = tl.load(q_pos_ptr + t)
         start = tl.load(kv_indptr_ptr + seq)
         end = tl.load(kv_indptr_ptr + seq + 1)
+        chunk = tl.cdiv(tl.cdiv(end - start, SPLITS), BLOCK_N) * BLOCK_N
+        lo = start + sp * chunk
+        hi = tl.minimum(end, lo + chunk)
+        offs_h = tl.arange(0, BLOCK_H)
+        hmask = offs_h < GROUP
+        heads = kvh * GROUP + offs_h
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        q = tl.load(q_ptr + t * stride_qt + h * stride_qh + offs_d, mask=dmask, other=0.0).to(tl.float32)
-        m = tl.full([], float("-inf"), tl.float32)
-        denom = tl.full([], 0.0, tl.float32)
-
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-        for n0 in range(start, end, BLOCK_N):
+        q = tl.load(
+            q_ptr + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=hmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        m = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        denom = tl.zeros([BLOCK_H], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
-            nmask = offs_n < end
+            nmask = offs_n < hi
             slot = tl.load(kv_indices_ptr + offs_n, mask=nmask, other=0)
             kpos = tl.load(kv_pos_ptr + offs_n, mask=nmask, other=0)
             visible = nmask & (kpos <= qpos)
-            kv_off = slot[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+            kv_off = slot[:, None].to(tl.int64) * stride_ks + kvh * stride_kh + offs_d[None, :]
             kmask = visible[:, None] & dmask[None, :]
-            k = tl.load(k_ptr + kv_off, mask=kmask, other=0.0).to(tl.float32)
-            s = tl.sum(k * q[None, :], axis=1) * sm_scale
-            s = tl.where(visible, s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=0))
+            k = tl.load(k_ptr + kv_off, mask=kmask, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(visible[None, :], s * sm_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
             m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-            p = tl.where(visible, tl.exp(s - m_safe), 0.0)
+            p = tl.where(visible[None, :], tl.exp(s - m_safe[:, None]), 0.0)
             alpha = tl.where(m > float("-inf"), tl.exp(m - m_safe), 0.0)
-            v = tl.load(v_ptr + kv_off, mask=kmask, other=0.0).to(tl.float32)
-            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-            denom = denom * alpha + tl.sum(p, axis=0)
+            v = tl.load(v_ptr + kv_off, mask=kmask, other=0.0)
+            if IEEE:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
         safe = tl.where(denom > 0, denom, 1.0)
-        o = tl.where(denom > 0, acc / safe, 0.0)
+        o = tl.where(denom[:, None] > 0, acc / safe[:, None], 0.0)
         lse = tl.where(denom > 0, m + tl.log(safe), float("-inf"))
+        omask = hmask[:, None] & dmask[None, :]
+        if SPLITS == 1:
+            o_off = t * stride_ot + heads[:, None] * stride_oh + offs_d[None, :]
+            tl.store(o_ptr + o_off, o.to(o_ptr.dtype.element_ty), mask=omask)
+            tl.store(lse_ptr + t * GROUP * tl.num_programs(1) + heads, lse, mask=hmask)
+        else:  # scratch [T, Hq, SPLITS, D] and [T, Hq, SPLITS]
+            row = (t * GROUP * tl.num_programs(1) + heads) * SPLITS + sp
+            tl.store(o_ptr + row[:, None] * D + offs_d[None, :], o, mask=omask)
+            tl.store(lse_ptr + row, lse, mask=hmask)
+
+    @triton.jit
+    def _merge_splits_kernel(
+        part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, D, stride_ot, stride_oh,
+        SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        """o, lse of (query row t, head h) from its SPLITS partial results (empty ones: -inf)."""
+        t = tl.program_id(0)
+        h = tl.program_id(1)
+        row = t * tl.num_programs(1) + h
+        offs_s = tl.arange(0, SPLITS)
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        lse = tl.load(part_lse_ptr + row * SPLITS + offs_s)
+        m = tl.max(lse, axis=0)
+        m_safe = tl.where(m > float("-inf"), m, 0.0)
+        w = tl.where(lse > float("-inf"), tl.exp(lse - m_safe), 0.0)
+        total = tl.sum(w, axis=0)
+        parts = tl.load(
+            part_o_ptr + (row * SPLITS + offs_s)[:, None] * D + offs_d[None, :],
+            mask=dmask[None, :],
+            other=0.0,
+        )
+        safe = tl.where(total > 0, total, 1.0)
+        o = tl.where(total > 0, tl.sum(parts * w[:, None], axis=0) / safe, 0.0)
         tl.store(o_ptr + t * stride_ot + h * stride_oh + offs_d, o.to(o_ptr.dtype.element_ty), mask=dmask)
-        tl.store(lse_ptr + t * tl.num_programs(1) + h, lse)
+        tl.store(lse_ptr + row, tl.where(total > 0, m_safe + tl.log(safe), float("-inf")))
 
 
 if triton is not None:
@@ -196,6 +235,13 @@ def paged_prefill_attention(
     return o, lse
 
 
+def _num_splits(rows: int, kv_heads: int, device: torch.device) -> int:
+    """KV splits per (query row, KV head): enough programs for about two waves of the GPU. It
+    depends only on the shapes, so a captured graph keeps it for any context length."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    return min(32, triton.next_power_of_2(max(1, -(-2 * sms // (rows * kv_heads)))))
+
+
 def paged_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -206,40 +252,38 @@ def paged_attention(
     q_pos: torch.Tensor,
     kv_pos: torch.Tensor,
     sm_scale: float,
-    block_n: int = 32,
+    block_n: int = 64,
+    num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [Tq, Hq, D]; k/v_cache: [S, Hkv, D]; q_seq: [Tq] sequence of each query row;
     kv_indptr: [num_seqs + 1]; kv_indices / kv_pos: [Tk]; q_pos: [Tq]. Returns o [Tq, Hq, D]
-    (q.dtype) and lse [Tq, Hq] (float32, natural log; -inf where no key is visible)."""
+    (q.dtype) and lse [Tq, Hq] (float32, natural log; -inf where no key is visible).
+    Flash-decoding: each row's keys are cut into num_splits (default: from the shapes) parts
+    computed in parallel, then merged by LSE in a second launch."""
     if triton is None:
         raise RuntimeError("the triton attention backend needs the triton package")
     tq, hq, d = q.shape
+    hkv = k_cache.shape[1]
     o = torch.empty_like(q)
     lse = torch.empty((tq, hq), dtype=torch.float32, device=q.device)
     if tq == 0:
         return o, lse
-    group = hq // k_cache.shape[1]
-    _paged_attention_kernel[(tq, hq)](
-        q,
-        k_cache,
-        v_cache,
-        o,
-        lse,
-        q_seq,
-        q_pos,
-        kv_indptr,
-        kv_indices,
-        kv_pos,
-        sm_scale,
-        d,
-        group,
-        q.stride(0),
-        q.stride(1),
-        k_cache.stride(0),
-        k_cache.stride(1),
-        o.stride(0),
-        o.stride(1),
-        BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(d),
-    )
+    group = hq // hkv
+    splits = num_splits or _num_splits(tq, hkv, q.device)
+    block_d = triton.next_power_of_2(d)
+    if splits > 1:
+        part_o = torch.empty((tq, hq, splits, d), dtype=torch.float32, device=q.device)
+        part_lse = torch.empty((tq, hq, splits), dtype=torch.float32, device=q.device)
+    else:
+        part_o, part_lse = o, lse
+    _paged_attention_kernel[(tq, hkv, splits)](
+        q, k_cache, v_cache, part_o, part_lse, q_seq, q_pos, kv_indptr, kv_indices, kv_pos, sm_scale,
+        d, group, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), o.stride(0), o.stride(1),
+        SPLITS=splits, IEEE=q.dtype == torch.float32, BLOCK_H=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, BLOCK_D=block_d,
+    )  # fmt: skip
+    if splits > 1:
+        _merge_splits_kernel[(tq, hq)](
+            part_o, part_lse, o, lse, d, o.stride(0), o.stride(1), SPLITS=splits, BLOCK_D=block_d
+        )
     return o, lse
