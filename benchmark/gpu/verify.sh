@@ -27,4 +27,6 @@ case "$PART" in
     cp benchmark/results/decode_step_flashinfer_fused.* "$OUT/" 2>/dev/null ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
-echo "$PART rc=$?: $(tail -1 "$OUT"/*"$PART"*.log 2>/dev/null | tail -1)"
+RC=$?
+LOG=$(ls -t "$OUT"/pytest_"$PART".log "$OUT"/decode_step.log 2>/dev/null | head -1)
+echo "$PART rc=$RC: $(tail -1 "$LOG" 2>/dev/null)"
