@@ -93,3 +93,53 @@ def test_deepep_engine_greedy_tokens(model, deepep_engine):
             r["output_ids"] for r in local.generate(input_ids=prompts, sampling_params=greedy_params(12))
         ]
     assert got == expected
+
+
+def _normal_mode_rank(rank: int, world: int) -> None:
+    """One EP rank: DeepEP auto mode on 2 GPUs, a step larger than the low-latency buffer (normal
+    kernels), then small ones (low-latency kernels, after the buffer clean), each against the
+    reference with every expert."""
+    import torch.distributed as dist
+
+    from nanocp.distributed.moe_comm import create_moe_comm
+    from nanocp.distributed.parallel_state import A2AComm, ParallelState
+    from nanocp.layers.moe import FusedMoE
+
+    dev = torch.device(f"cuda:{rank}")
+    torch.cuda.set_device(dev)
+    nccl = dist.new_group(backend="nccl")
+    state = ParallelState(
+        rank, world, rank, world, nccl, dist.group.WORLD, dev, A2AComm(nccl, dist.group.WORLD)
+    )
+    hidden, experts, k = 2048, 16, 4
+    full = FusedMoE(experts, k, hidden, 256, True).to(dev, torch.bfloat16)
+    g = torch.Generator(device=dev).manual_seed(0)  # the same weights on every rank
+    full.w13_weight.data.normal_(std=0.02, generator=g)
+    full.w2_weight.data.normal_(std=0.02, generator=g)
+    local = FusedMoE(experts, k, hidden, 256, True, ep_rank=rank, ep_size=world).to(dev, torch.bfloat16)
+    sl = slice(rank * experts // world, (rank + 1) * experts // world)
+    local.w13_weight.data.copy_(full.w13_weight.data[sl])
+    local.w2_weight.data.copy_(full.w2_weight.data[sl])
+    local.runner_backend = "triton"
+    comm = create_moe_comm(
+        "deepep", state, hidden_size=hidden, num_experts=experts, max_tokens_per_rank=32, deepep_mode="auto"
+    )
+    assert comm.normal and comm.low_latency
+    g = torch.Generator(device=dev).manual_seed(1 + rank)
+    for counts in ([300, 170], [5, 9], [200, 0], [1, 32]):  # big: normal kernels; small: low-latency
+        t = counts[rank]
+        x = torch.randn(t, hidden, device=dev, generator=g).bfloat16()
+        w, ids = select_experts(torch.randn(t, experts, device=dev, generator=g), k, True, torch.bfloat16)
+        ref = fused_moe_ref(x.float(), full.w13_weight.float(), full.w2_weight.float(), w.float(), ids)
+        out = comm.forward(x, w, ids, local, counts)
+        assert out.shape == (t, hidden)
+        if t:
+            torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2 * ref.abs().max().item())
+    dist.barrier()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DeepEP's normal kernels need 2+ GPUs")
+def test_deepep_normal_mode_for_big_steps_two_gpus():
+    from nanocp.testing.multiproc import run_ranks
+
+    run_ranks(_normal_mode_rank, 2)

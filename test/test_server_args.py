@@ -100,8 +100,9 @@ def test_triton_backend_on_cpu_needs_cuda(moe_model):
 
 def test_deepep_mode_choices():
     assert ServerArgs(device="cpu", deepep_mode="low_latency").deepep_mode == "low_latency"
-    with pytest.raises(ServerArgsError, match="--deepep-mode normal"):
-        ServerArgs(device="cpu", deepep_mode="normal")
+    assert ServerArgs(device="cpu", deepep_mode="normal").deepep_mode == "normal"  # (no DeepEP: unused)
+    with pytest.raises(ServerArgsError, match="--deepep-mode normal: .* 2, 4 or 8 EP ranks"):
+        ServerArgs(device="cpu", moe_a2a_backend="deepep", deepep_mode="normal")  # one rank
     with pytest.raises(ServerArgsError, match="deepep_mode|--deepep-mode"):
         ServerArgs(device="cpu", deepep_mode="fast")
 

@@ -113,11 +113,14 @@ class ServerArgs:
         self._check_choice("moe_a2a_backend", MOE_A2A_BACKENDS)
         self._check_choice("moe_runner_backend", MOE_RUNNER_BACKENDS)
         self._check_choice("deepep_mode", DEEPEP_MODES)
-        if self.deepep_mode == "normal":
+        if (
+            self.moe_a2a_backend == "deepep"
+            and self.deepep_mode == "normal"
+            and self.ep_size not in (2, 4, 8)
+        ):
             raise ServerArgsError(
-                "--deepep-mode normal (DeepEP's high-throughput kernels) is not implemented yet; use "
-                "low_latency (low-latency kernels for every step, big steps chunked to the buffer) or auto "
-                "(low-latency kernels for decode, NCCL all_to_all for steps larger than the buffer)"
+                f"--deepep-mode normal: DeepEP's normal kernels need 2, 4 or 8 EP ranks on one node, got "
+                f"--ep-size {self.ep_size}; use --deepep-mode low_latency or auto"
             )
         if self.moe_a2a_backend == "deepep" and importlib.util.find_spec("deep_ep") is None:
             raise ServerArgsError(
@@ -299,8 +302,9 @@ class ServerArgs:
             type=str,
             default=ServerArgs.deepep_mode,
             choices=DEEPEP_MODES,
-            help="With --moe-a2a-backend deepep: low_latency kernels (decode and chunked prefill) or auto "
-            "(the same for now); normal is not implemented yet.",
+            help="With --moe-a2a-backend deepep: auto (low-latency kernels for decode, inside CUDA graphs; "
+            "normal kernels for steps larger than the low-latency buffer), low_latency (every step, big ones "
+            "chunked), normal (high-throughput kernels every step, no CUDA graphs; 2, 4 or 8 EP ranks).",
         )
         a(
             "--moe-runner-backend",

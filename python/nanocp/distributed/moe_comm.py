@@ -31,6 +31,10 @@ class MoEComm(ABC):
     def __init__(self, state: ParallelState, **_: object) -> None:
         self.state = state
 
+    def prepare_replay(self) -> None:
+        """Called before a CUDA graph with this backend inside replays (no Python runs then)."""
+        return None  # most backends keep no state between calls
+
     @abstractmethod
     def forward(
         self,
@@ -245,15 +249,23 @@ class IpcMoE(FixedCapacityMoE):
 
 @register("deepep")
 class DeepEPMoE(FixedCapacityMoE):
-    """DeepEP low-latency dispatch/combine (NVSHMEM). Tokens go to their experts' ranks packed
-    per local expert ([E_local, max_tokens * ranks, hidden], valid rows given by recv_count);
-    experts run on the packed rows; combine reduces with the routing weights on the home rank.
-    --deepep-mode auto: a step in which some rank has more tokens than the buffer holds (prefill)
-    goes through NCCL all_to_all instead (exact sizes, one exchange per layer, where the chunked
-    low-latency path would run many padded ones); low_latency: chunked low-latency every step.
-    Every rank decides alike from the step's global token counts."""
+    """DeepEP on one Buffer (NVSHMEM + NVLink).
+
+    Low-latency kernels (decode, graph-capturable): tokens go to their experts' ranks packed per
+    local expert ([E_local, max_tokens * ranks, hidden], valid rows given by recv_count); experts
+    run on the packed rows; combine reduces with the routing weights on the home rank.
+    Normal (high-throughput, intranode) kernels: each token goes once to every rank holding one of
+    its experts, with its top-k ids made local (-1 elsewhere) and weights; the rank applies its
+    experts with the weights (fused MoE), combine sums the ranks' partial results. Exact sizes,
+    host-synchronised (eager only); DeepEP supports them on 2, 4 or 8 ranks per node.
+    --deepep-mode auto: normal kernels for a step in which some rank has more tokens than the
+    low-latency buffer holds (prefill), low-latency otherwise; low_latency: chunked low-latency
+    every step; normal: normal kernels every step (no CUDA graphs). Every rank decides alike from
+    the step's global token counts. After a normal step the low-latency buffer is cleaned before
+    its next use (eager call or graph replay: `prepare_replay`), as DeepEP requires."""
 
     SUPPORTED_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+    NORMAL_RANKS = (2, 4, 8)
 
     def __init__(
         self,
@@ -265,8 +277,6 @@ class DeepEPMoE(FixedCapacityMoE):
         **_: object,
     ) -> None:
         super().__init__(state, max_tokens_per_rank)
-        # big steps (prefill) through NCCL all_to_all in auto mode; one rank has nothing to exchange
-        self.big_steps = AllToAllMoE(state) if deepep_mode == "auto" and state.ep_size > 1 else None
         try:
             import deep_ep
         except ImportError as e:
@@ -276,25 +286,77 @@ class DeepEPMoE(FixedCapacityMoE):
             ) from e
         if not torch.cuda.is_available() or state.group is None:
             raise RuntimeError("--moe-a2a-backend deepep needs CUDA devices and a NCCL process group")
-        if hidden_size not in self.SUPPORTED_HIDDEN:
+        n = state.ep_size
+        self.low_latency = deepep_mode in ("auto", "low_latency")
+        # auto on one rank: nothing to exchange, big steps run the low-latency kernels in chunks
+        self.normal = deepep_mode == "normal" or (deepep_mode == "auto" and n > 1)
+        if self.low_latency and hidden_size not in self.SUPPORTED_HIDDEN:
             raise RuntimeError(
                 f"--moe-a2a-backend deepep: hidden size {hidden_size} is not supported by DeepEP's low-latency "
-                f"kernels (supported: {', '.join(map(str, self.SUPPORTED_HIDDEN))})"
+                f"kernels (supported: {', '.join(map(str, self.SUPPORTED_HIDDEN))}); try --deepep-mode normal"
             )
-        n = state.ep_size
-        self.num_experts = num_experts
-        self._index: tuple[torch.Tensor, torch.Tensor] | None = None
-        rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(
-            max_tokens_per_rank, hidden_size, n, num_experts
-        )
+        if self.normal and n not in self.NORMAL_RANKS:
+            raise RuntimeError(
+                f"--deepep-mode {deepep_mode}: DeepEP's normal kernels need {', '.join(map(str, self.NORMAL_RANKS))} "
+                f"EP ranks on one node, got --ep-size {n}; use --deepep-mode low_latency"
+            )
+        self.graph_capturable = self.low_latency
+        self.num_experts, self.hidden_size = num_experts, hidden_size
+        nvl_bytes = rdma_bytes = 0
+        if self.normal:
+            configs = (deep_ep.Buffer.get_dispatch_config(n), deep_ep.Buffer.get_combine_config(n))
+            nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_size * 2, n) for c in configs)
+        if self.low_latency:
+            rdma_bytes = deep_ep.Buffer.get_low_latency_rdma_size_hint(
+                max_tokens_per_rank, hidden_size, n, num_experts
+            )
         self.buffer = deep_ep.Buffer(
-            state.group, num_rdma_bytes=rdma_bytes, low_latency_mode=True, num_qps_per_rank=num_experts // n
+            state.group,
+            num_nvl_bytes=nvl_bytes,
+            num_rdma_bytes=rdma_bytes,
+            low_latency_mode=self.low_latency,
+            num_qps_per_rank=num_experts // n if self.low_latency else 1,
         )
+        self._index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._dirty = False  # a normal step ran since the low-latency buffer was last clean
 
     def forward(self, x, topk_weights, topk_ids, experts, global_num_tokens):
-        if self.big_steps is not None and max(global_num_tokens or [x.shape[0]]) > self.max_tokens:
-            return self.big_steps.forward(x, topk_weights, topk_ids, experts, global_num_tokens)
+        big = max(global_num_tokens or [x.shape[0]]) > self.max_tokens
+        if self.normal and (big or not self.low_latency):
+            return self._run_normal(x, topk_weights, topk_ids, experts)
+        self.prepare_replay()
         return super().forward(x, topk_weights, topk_ids, experts, global_num_tokens)
+
+    def prepare_replay(self) -> None:
+        """Called before low-latency use (also before a CUDA-graph replay, where no Python runs)."""
+        if self._dirty:
+            self.buffer.clean_low_latency_buffer(self.max_tokens, self.hidden_size, self.num_experts)
+            self._dirty = False
+
+    def _run_normal(self, x, topk_weights, topk_ids, experts):
+        num_tokens = x.shape[0]
+        ids = topk_ids.to(torch.int64)
+        if num_tokens == 0:  # an idle rank still joins the exchange: one token that selects no expert
+            x = x.new_zeros((1, x.shape[1]))
+            ids = ids.new_full((1, ids.shape[1]), -1)
+            topk_weights = topk_weights.new_zeros((1, ids.shape[1]))
+        with trace_section("moe_comm"):
+            per_rank, _, per_expert, in_rank, _ = self.buffer.get_dispatch_layout(ids, self.num_experts)
+            recv_x, recv_ids, recv_w, _, handle, _ = self.buffer.dispatch(
+                x.to(torch.bfloat16).contiguous(),
+                num_tokens_per_rank=per_rank,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert,
+                topk_idx=ids,
+                topk_weights=topk_weights.float(),
+            )
+        self._dirty = self.low_latency
+        with trace_section("moe_compute"):
+            # recv_ids are local expert ids, -1 for experts on other ranks (their pairs give 0)
+            y = experts.run_experts(recv_x, recv_w, recv_ids, 0) if recv_x.shape[0] else recv_x
+        with trace_section("moe_comm"):
+            out, _, _ = self.buffer.combine(y.to(torch.bfloat16).contiguous(), handle)
+        return out[:num_tokens].to(x.dtype)
 
     def _packed_index(self, num_local: int, cap: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot, local expert) of every row of the packed receive layout, built once."""

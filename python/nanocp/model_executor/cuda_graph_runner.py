@@ -166,6 +166,8 @@ class CudaGraphRunner:
             if not self._dcp_replayed:
                 self._dcp_replayed = True
                 logger.info("Context-parallel decode steps replay from CUDA graphs")
+        if self.moe_comm is not None:
+            self.moe_comm.prepare_replay()
         self.graphs[dcp, bucket].replay()
         batch.cuda_graph = True
         return self.outputs[dcp, bucket][:bs]

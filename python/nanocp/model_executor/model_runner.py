@@ -95,7 +95,7 @@ class ModelRunner:
             elif self.moe_comm is not None and not self.moe_comm.graph_capturable:
                 logger.info(
                     "CUDA graphs off: --moe-a2a-backend %s synchronises with the host every layer "
-                    "(ipc or deepep run inside graphs)",
+                    "(ipc, or deepep with --deepep-mode auto or low_latency, run inside graphs)",
                     args.moe_a2a_backend,
                 )
             else:
