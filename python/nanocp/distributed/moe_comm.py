@@ -265,6 +265,7 @@ class DeepEPMoE(FixedCapacityMoE):
     its next use (eager call or graph replay: `prepare_replay`), as DeepEP requires."""
 
     SUPPORTED_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
+    MAX_TOP_K = 11  # the low-latency kernels' limit
     NORMAL_RANKS = (2, 4, 8)
 
     def __init__(
@@ -274,6 +275,7 @@ class DeepEPMoE(FixedCapacityMoE):
         num_experts: int = 0,
         max_tokens_per_rank: int = 128,
         deepep_mode: str = "auto",
+        top_k: int = 8,
         **_: object,
     ) -> None:
         super().__init__(state, max_tokens_per_rank)
@@ -294,6 +296,11 @@ class DeepEPMoE(FixedCapacityMoE):
             raise RuntimeError(
                 f"--moe-a2a-backend deepep: hidden size {hidden_size} is not supported by DeepEP's low-latency "
                 f"kernels (supported: {', '.join(map(str, self.SUPPORTED_HIDDEN))}); try --deepep-mode normal"
+            )
+        if self.low_latency and top_k > self.MAX_TOP_K:
+            raise RuntimeError(
+                f"--moe-a2a-backend deepep: {top_k} experts per token exceed the low-latency kernels' "
+                f"{self.MAX_TOP_K}; try --deepep-mode normal"
             )
         if self.normal and n not in self.NORMAL_RANKS:
             raise RuntimeError(
