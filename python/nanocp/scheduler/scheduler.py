@@ -61,6 +61,7 @@ class Scheduler:
         self.running: list[Req] = []  # admission order; the newest is retracted first
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
+        self.num_paused = 0  # running requests that could not run this step (plan not grown yet)
         self.forward_ct = 0
         # forward steps by how they ran: "eager", "graph", "graph_dcp" (CUDA graphs with DCP routing)
         self.step_kinds: dict[str, int] = {"eager": 0, "graph": 0, "graph_dcp": 0}
@@ -141,7 +142,9 @@ class Scheduler:
     def run_batch(self, batch: ForwardBatch, sampling: list[Req]) -> list[ReqOutput]:
         logits = self.runner.forward(batch)
         if self.tracer is not None:
-            self.tracer.end_step(self._trace_info(batch))
+            self.tracer.end_step(
+                {**self._trace_info(batch), "paused": self.num_paused, "waiting": len(self.waiting)}
+            )
 
         next_ids, logprobs = self.runner.sampler(logits, sampling) if sampling else ([], [])
         self.forward_ct += 1
@@ -199,11 +202,13 @@ class Scheduler:
     def _schedule(self) -> list[tuple[Req, int]]:
         budget = self.chunked_prefill_size
         work: list[tuple[Req, int]] = []
+        self.num_paused = 0
         # 1. running requests: every decode, and continued prefill chunks within the budget
         for req in self.running:
             self._ask_growth(req)
             runnable = req.num_runnable
             if runnable <= 0:
+                self.num_paused += 1
                 continue  # paused: its next positions are not placed yet
             if req.num_pending == 1:
                 work.append((req, 1))
