@@ -40,6 +40,9 @@ def prompt_ids(req: Request, index: int, vocab: int) -> list[int]:
 async def _one(client: httpx.AsyncClient, req: Request, index: int, vocab: int, t0: float) -> dict:
     await asyncio.sleep(max(0.0, req.arrival_s - (time.perf_counter() - t0)))
     body = {
+        # the request id names the workload request, so the server's step traces can be joined
+        # with it (unique per run: the server refuses ids in use)
+        "rid": f"bench{int(t0 * 1000) % 10**9}-{index}",
         "input_ids": prompt_ids(req, index, vocab),
         "sampling_params": {"max_new_tokens": req.output_len, "temperature": 0.0, "ignore_eos": True},
         "stream": True,

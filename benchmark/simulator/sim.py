@@ -82,6 +82,9 @@ class Simulator:
         self.n = cost.num_instances
         self.capacity = capacity_tokens or cost.kv_capacity_tokens()
         self.max_running = max_running
+        # per step (start time, [(rid, home, tokens)]), kept when set to a list: joins with the
+        # real server's step traces (their "work" field) request by request
+        self.step_log: list[tuple[float, list[tuple[int, int, int]]]] | None = None
 
     def _pages(self, tokens: int) -> int:
         return -(-tokens // self.page)
@@ -125,19 +128,24 @@ class Simulator:
             step, kv, batch = self._step_cost(running)
             kv_imb.append(max(kv) / (sum(kv) / self.n) if sum(kv) else 1.0)
             bs_imb.append(max(batch) / (sum(batch) / self.n) if sum(batch) else 1.0)
+            start = t
             t += step
             steps += 1
             budget = [self.chunk] * self.n
+            work = []
             for sr in list(running):
                 home = sr.plan.home
                 if sr.prefilled < sr.req.input_len:
                     take = min(budget[home], sr.req.input_len - sr.prefilled)
                     budget[home] -= take
+                    if take:
+                        work.append((sr.rid, home, take))
                     sr.prefilled += take
                     if sr.prefilled == sr.req.input_len:
                         sr.generated, sr.first_token_s = 1, t
                 else:
                     sr.generated += 1
+                    work.append((sr.rid, home, 1))
                 if sr.prefilled == sr.req.input_len and sr.generated >= sr.req.output_len:
                     sr.finished_s = t
                     running.remove(sr)
@@ -145,6 +153,8 @@ class Simulator:
                     for inst in state.instances:
                         inst.free_pages += self._pages(sr.plan.tokens_on(inst.instance))
                     state.instances[home].running -= 1
+            if self.step_log is not None:
+                self.step_log.append((start, work))
             if steps >= max_steps:
                 raise RuntimeError("simulation did not finish")
         metrics = []

@@ -62,6 +62,7 @@ class Scheduler:
         self.new_token_ratio = INIT_NEW_TOKEN_RATIO
         self.num_retractions = 0
         self.num_paused = 0  # running requests that could not run this step (plan not grown yet)
+        self._traced_work: list[list] = []  # the step's [rid, tokens], for the step trace
         self.forward_ct = 0
         # forward steps by how they ran: "eager", "graph", "graph_dcp" (CUDA graphs with DCP routing)
         self.step_kinds: dict[str, int] = {"eager": 0, "graph": 0, "graph_dcp": 0}
@@ -131,19 +132,27 @@ class Scheduler:
         if self.tracer is not None:
             self.tracer.begin_step()
         work = self._schedule()
+        if self.tracer is not None:
+            self._traced_work = [[req.rid, n] for req, n in work]
         return self._build_batch(work) if work else None
 
     def idle_batch(self) -> ForwardBatch:
         """A batch of no tokens: lets an instance without work take part in the step's collectives."""
         if self.tracer is not None:
             self.tracer.begin_step()
+            self._traced_work = []
         return self._build_batch([])[0]
 
     def run_batch(self, batch: ForwardBatch, sampling: list[Req]) -> list[ReqOutput]:
         logits = self.runner.forward(batch)
         if self.tracer is not None:
             self.tracer.end_step(
-                {**self._trace_info(batch), "paused": self.num_paused, "waiting": len(self.waiting)}
+                {
+                    **self._trace_info(batch),
+                    "paused": self.num_paused,
+                    "waiting": len(self.waiting),
+                    "work": self._traced_work,  # [rid, tokens] run by this instance's own requests
+                }
             )
 
         next_ids, logprobs = self.runner.sampler(logits, sampling) if sampling else ([], [])
