@@ -96,24 +96,40 @@ def _align_count_kernel(ids_ptr, n, E, offset, counts_ptr, rank_ptr, BLOCK: tl.c
 
 
 @triton.jit
+def _run_bounds(counts_ptr, E, BM: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(start, end) rows of each expert's run, runs padded to BM rows, in expert order."""
+    offs_e = tl.arange(0, BLOCK_E)
+    counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0, cache_modifier=".cg")
+    padded = (counts + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)
+    return ends - padded, ends
+
+
+@triton.jit
+def _write_blocks(
+    ends, E, block_expert_ptr, sorted_ptr, b0, num_blocks, n, BM: tl.constexpr, BLOCKS: tl.constexpr
+):
+    """Blocks b0 .. b0 + BLOCKS: their expert, and padding in all their rows of sorted_ids (the
+    pairs are written over it afterwards)."""
+    blocks = b0 + tl.arange(0, BLOCKS)
+    # a block's expert = how many experts' runs end at or before its first row
+    owner = tl.sum((ends[None, :] <= blocks[:, None] * BM).to(tl.int32), axis=1)
+    tl.store(block_expert_ptr + blocks, tl.where(owner < E, owner, -1), mask=blocks < num_blocks)
+    rows = b0 * BM + tl.arange(0, BLOCKS * BM)
+    tl.store(sorted_ptr + rows, tl.zeros_like(rows).to(tl.int64) + n, mask=rows < num_blocks * BM)
+
+
+@triton.jit
 def _align_offsets_kernel(
     counts_ptr, E, starts_ptr, block_expert_ptr, sorted_ptr, num_blocks, n,
     BM: tl.constexpr, BLOCK_E: tl.constexpr, BLOCKS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    starts, ends = _run_bounds(counts_ptr, E, BM, BLOCK_E)
     offs_e = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0)
-    padded = (counts + BM - 1) // BM * BM
-    ends = tl.cumsum(padded, axis=0)
     if pid == 0:
-        tl.store(starts_ptr + offs_e, ends - padded, mask=offs_e < E)
-    blocks = pid * BLOCKS + tl.arange(0, BLOCKS)
-    # a block's expert = how many experts' runs end at or before its first row
-    owner = tl.sum((ends[None, :] <= blocks[:, None] * BM).to(tl.int32), axis=1)
-    tl.store(block_expert_ptr + blocks, tl.where(owner < E, owner, -1), mask=blocks < num_blocks)
-    # padding in all of this program's rows; the scatter kernel (the next launch) writes the pairs
-    rows = pid * BLOCKS * BM + tl.arange(0, BLOCKS * BM)
-    tl.store(sorted_ptr + rows, tl.zeros_like(rows).to(tl.int64) + n, mask=rows < num_blocks * BM)
+        tl.store(starts_ptr + offs_e, starts, mask=offs_e < E)
+    _write_blocks(ends, E, block_expert_ptr, sorted_ptr, pid * BLOCKS, num_blocks, n, BM, BLOCKS)
 
 
 @triton.jit
@@ -146,17 +162,11 @@ def _align_small_kernel(
     valid = m & (e >= 0) & (e < E)
     rank = tl.atomic_add(counts_ptr + tl.where(valid, e, 0), 1, mask=valid)
     tl.debug_barrier()
+    starts, ends = _run_bounds(counts_ptr, E, BM, BLOCK_E)
     offs_e = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + offs_e, mask=offs_e < E, other=0, cache_modifier=".cg")
-    padded = (counts + BM - 1) // BM * BM
-    ends = tl.cumsum(padded, axis=0)
-    tl.store(starts_ptr + offs_e, ends - padded, mask=offs_e < E)
+    tl.store(starts_ptr + offs_e, starts, mask=offs_e < E)
     for b0 in range(0, num_blocks, 64):
-        blocks = b0 + tl.arange(0, 64)
-        owner = tl.sum((ends[None, :] <= blocks[:, None] * BM).to(tl.int32), axis=1)
-        tl.store(block_expert_ptr + blocks, tl.where(owner < E, owner, -1), mask=blocks < num_blocks)
-        rows = b0 * BM + tl.arange(0, 64 * BM)
-        tl.store(sorted_ptr + rows, tl.zeros_like(rows).to(tl.int64) + n, mask=rows < num_blocks * BM)
+        _write_blocks(ends, E, block_expert_ptr, sorted_ptr, b0, num_blocks, n, BM, 64)
     tl.store(counts_ptr + offs_e, 0, mask=offs_e < E)  # zeroed for the next call (read above)
     tl.debug_barrier()
     start = tl.load(starts_ptr + tl.where(valid, e, 0), mask=valid, other=0, cache_modifier=".cg")
@@ -181,7 +191,8 @@ def moe_align(
     ids: torch.Tensor, num_experts: int, block_m: int, offset: int = 0, max_rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Group pair ids (flattened [T, k]) by local expert (id - offset), each expert's run padded to
-    block_m rows, in one launch up to SMALL_ALIGN ids, else three (reference.moe_align_ref is the torch version, ~15 launches).
+    block_m rows, in one launch up to SMALL_ALIGN ids, else three (reference.moe_align_ref is the
+    torch version, ~15 launches).
     Ids whose local expert is outside [0, num_experts) are dropped. max_rows: the caller's bound on
     how many ids are local (sizes the result; default all). Returns (sorted_ids [capacity] with
     padding = num_pairs, block_expert [capacity // block_m] with -1 for unused blocks). No host
@@ -192,7 +203,6 @@ def moe_align(
     rows = n if max_rows is None else min(n, max_rows)
     capacity = -(-(rows + num_experts * (block_m - 1)) // block_m) * block_m
     counts = _zeroed_counts(num_experts, dev)
-    rank = torch.empty(n, dtype=torch.int32, device=dev)
     starts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     sorted_ids = torch.empty(capacity, dtype=torch.int64, device=dev)
     num_blocks = capacity // block_m
@@ -203,6 +213,7 @@ def moe_align(
             BLOCK=max(16, triton.next_power_of_2(n)), BLOCK_E=triton.next_power_of_2(num_experts),
         )  # fmt: skip
         return sorted_ids, block_expert
+    rank = torch.empty(n, dtype=torch.int32, device=dev)  # each pair's row within its expert's run
     grid = (max(1, triton.cdiv(n, 256)),)
     _align_count_kernel[grid](flat, n, num_experts, offset, counts, rank, BLOCK=256)
     _align_offsets_kernel[(triton.cdiv(num_blocks, 64),)](
