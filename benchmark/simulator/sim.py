@@ -132,20 +132,22 @@ class Simulator:
             t += step
             steps += 1
             budget = [self.chunk] * self.n
+            log = self.step_log is not None
             work = []
             for sr in list(running):
                 home = sr.plan.home
                 if sr.prefilled < sr.req.input_len:
                     take = min(budget[home], sr.req.input_len - sr.prefilled)
                     budget[home] -= take
-                    if take:
+                    if log and take:
                         work.append((sr.rid, home, take))
                     sr.prefilled += take
                     if sr.prefilled == sr.req.input_len:
                         sr.generated, sr.first_token_s = 1, t
                 else:
                     sr.generated += 1
-                    work.append((sr.rid, home, 1))
+                    if log:
+                        work.append((sr.rid, home, 1))
                 if sr.prefilled == sr.req.input_len and sr.generated >= sr.req.output_len:
                     sr.finished_s = t
                     running.remove(sr)
@@ -153,7 +155,7 @@ class Simulator:
                     for inst in state.instances:
                         inst.free_pages += self._pages(sr.plan.tokens_on(inst.instance))
                     state.instances[home].running -= 1
-            if self.step_log is not None:
+            if log:
                 self.step_log.append((start, work))
             if steps >= max_steps:
                 raise RuntimeError("simulation did not finish")

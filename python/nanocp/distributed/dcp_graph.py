@@ -92,8 +92,10 @@ class GraphDCP:
             raise RuntimeError(f"context-parallel graph step: {max(counts)} rows for one peer > {self.cap}")
         return [p * self.cap + j for p, n in enumerate(counts) for j in range(n)]
 
-    def _flat(self, counts: list[int] | None = None, flat: list[int] | None = None) -> torch.Tensor:
-        flat = self._flat_host(counts) if flat is None else flat
+    def _flat(self, counts: list[int]) -> torch.Tensor:
+        return self._on_device(self._flat_host(counts))
+
+    def _on_device(self, flat: list[int]) -> torch.Tensor:
         return torch.tensor(flat, dtype=torch.int64).to(self.kv_rows.device, non_blocking=True)
 
     def load(self, st: DCPStep) -> None:
@@ -122,7 +124,7 @@ class GraphDCP:
         total = f[-1]
         self.f_kv_indices[:total].copy_(st.f_kv_indices)
         self.f_kv_pos[:total].copy_(st.f_kv_pos)
-        self.f_q_pos.view(-1)[self._flat(flat=q_slots)] = st.f_q_pos.to(torch.int32)
+        self.f_q_pos.view(-1)[self._on_device(q_slots)] = st.f_q_pos.to(torch.int32)
 
     # ------------------------------------------------------------------ device side, per layer
     def attend(

@@ -133,7 +133,10 @@ class FlashInferAttnBackend(AttentionBackend):
         )
 
     def _run(self, q: torch.Tensor, k, v, layer: Attention, batch: ForwardBatch, return_lse: bool):
+        """Store the new K/V, then attend; None for an empty batch (nothing to attend)."""
         batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        if self.empty:
+            return None
         _, hkv, d = self.heads
         kc = batch.kv_pool.k_buffer[layer.layer_id].view(-1, self.page_size, hkv, d)
         vc = batch.kv_pool.v_buffer[layer.layer_id].view(-1, self.page_size, hkv, d)
@@ -144,16 +147,14 @@ class FlashInferAttnBackend(AttentionBackend):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
     ) -> torch.Tensor:
-        if self.empty:
-            batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
-            return q.new_zeros(q.shape)
-        return self._run(q, k, v, layer, batch, return_lse=False)  # no LSE to write or rescale
+        o = self._run(q, k, v, layer, batch, return_lse=False)  # no LSE to write or rescale
+        return q.new_zeros(q.shape) if o is None else o
 
     def forward_with_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.empty:
-            batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        res = self._run(q, k, v, layer, batch, return_lse=True)
+        if res is None:
             return q.new_zeros(q.shape), torch.full(q.shape[:2], float("-inf"), device=q.device)
-        o, lse2 = self._run(q, k, v, layer, batch, return_lse=True)
+        o, lse2 = res
         return o, lse2.float() * math.log(2)  # FlashInfer's LSE is base 2
