@@ -38,12 +38,12 @@ def expected(moe_model, prompts, hf_oracle):
     return hf
 
 
-def _post_all(url: str, prompts, ranks) -> list[list[int]]:
-    """Send every prompt concurrently, pinned to the given instances."""
+def _post_all(url: str, prompts, ranks, new: int = NEW) -> list[list[int]]:
+    """Send every prompt concurrently, pinned to the given instances; `new` greedy tokens each."""
     import asyncio
 
     async def one(c, ids, rank):
-        body = {"input_ids": ids, "sampling_params": greedy_params(NEW)}
+        body = {"input_ids": ids, "sampling_params": greedy_params(new)}
         if rank is not None:
             body["data_parallel_rank"] = rank
         r = await c.post("/generate", json=body)

@@ -45,17 +45,18 @@ def test_server_reports_retractions_in_metrics(moe_model, tmp_path):
     """Retractions and forward steps by kind show up in /metrics (per instance); with
     --log-level debug the router and schedulers log placements and admissions."""
     import httpx
-    from test_dp_ep import NEW, _post_all
+    from test_dp_ep import _post_all
 
     from nanocp.testing.server import ServerProcess
 
-    # twice the Engine test's load: HTTP arrivals spread out, and the pool must still overflow
+    # twice the Engine test's load, and admission reserves nothing for future outputs: however the
+    # HTTP arrivals spread out, the pool fills with prompts and the first decodes overflow it
     prompts = random_prompts(LENGTHS * 2, vocab=500, seed=11)
     args = ["--model-path", moe_model, "--device", "cpu", "--page-size", "16", "--max-total-tokens", "256"]
-    flags = ["--chunked-prefill-size", "64", "--log-level", "debug"]
+    flags = ["--chunked-prefill-size", "64", "--schedule-conservativeness", "0", "--log-level", "debug"]
     with ServerProcess([*args, *flags], log_path=str(tmp_path / "log")) as s:
-        got = _post_all(s.url, prompts, [None] * len(prompts))
-        assert all(len(ids) == NEW for ids in got)
+        got = _post_all(s.url, prompts, [None] * len(prompts), new=NEW_TOKENS)
+        assert all(len(ids) == NEW_TOKENS for ids in got)
         text = ""
         for _ in range(50):  # load reports reach the metrics within a second or two
             text = httpx.get(f"{s.url}/metrics").text

@@ -40,6 +40,7 @@ def test_defaults_and_cli_roundtrip(moe_model):
         ({"mem_fraction_static": 1.5}, "--mem-fraction-static"),
         ({"chunked_prefill_size": -1}, "--chunked-prefill-size"),
         ({"max_running_requests": 0}, "--max-running-requests"),
+        ({"schedule_conservativeness": -0.5}, "--schedule-conservativeness"),
         ({"max_total_tokens": 0}, "--max-total-tokens"),
         ({"max_total_tokens": 8, "page_size": 16}, "--max-total-tokens"),
         ({"context_length": 0}, "--context-length"),

@@ -50,6 +50,9 @@ class ServerArgs:
     mem_fraction_static: float = 0.85
     chunked_prefill_size: int = 8192
     max_running_requests: int = 256
+    # scales the KV reserved for running requests' future outputs at admission (SGLang's flag):
+    # < 1 admits more (and retracts more often), > 1 admits fewer
+    schedule_conservativeness: float = 1.0
     random_seed: int = 0
     # Kernels
     attention_backend: str = "auto"  # cuda: flashinfer (installed, no CP) or triton; cpu: torch
@@ -173,6 +176,14 @@ class ServerArgs:
         self._check_choice("load_balance_method", LOAD_BALANCE_METHODS)
         self._check_int("max_total_tokens", minimum=1, optional=True)
         self._check_int("context_length", minimum=1, optional=True)
+        if (
+            isinstance(self.schedule_conservativeness, bool)
+            or not isinstance(self.schedule_conservativeness, (int, float))
+            or self.schedule_conservativeness < 0
+        ):
+            raise ServerArgsError(
+                f"--schedule-conservativeness must be a number >= 0, got {self.schedule_conservativeness!r}"
+            )
         if not isinstance(self.mem_fraction_static, (int, float)) or not 0 < self.mem_fraction_static < 1:
             raise ServerArgsError(
                 f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static!r}"
@@ -255,6 +266,13 @@ class ServerArgs:
             help="Max tokens of one forward step (prefill chunks + decodes).",
         )
         a("--max-running-requests", type=int, default=ServerArgs.max_running_requests)
+        a(
+            "--schedule-conservativeness",
+            type=float,
+            default=ServerArgs.schedule_conservativeness,
+            help="Scales the KV reserved for running requests' future outputs when admitting (lower: more "
+            "requests admitted, more retractions).",
+        )
         a("--random-seed", type=int, default=ServerArgs.random_seed)
         a("--attention-backend", type=str, default=ServerArgs.attention_backend, choices=ATTENTION_BACKENDS)
         a("--disable-cuda-graph", action="store_true")

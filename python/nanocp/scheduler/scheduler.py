@@ -59,7 +59,10 @@ class Scheduler:
         self.max_running_requests = args.max_running_requests
         self.waiting: list[Req] = []  # sorted by arrival (retracted requests go back in order)
         self.running: list[Req] = []  # admission order; the newest is retracted first
-        self.new_token_ratio = INIT_NEW_TOKEN_RATIO
+        # --schedule-conservativeness scales the reserve (SGLang's init/min new token ratios)
+        self.init_new_token_ratio = min(INIT_NEW_TOKEN_RATIO * args.schedule_conservativeness, 1.0)
+        self.min_new_token_ratio = min(MIN_NEW_TOKEN_RATIO * args.schedule_conservativeness, 1.0)
+        self.new_token_ratio = self.init_new_token_ratio
         self.num_retractions = 0
         self.num_paused = 0  # running requests that could not run this step (plan not grown yet)
         self._traced_work: list[list] = []  # the step's [rid, tokens], for the step trace
@@ -181,7 +184,7 @@ class Scheduler:
             if req.finished:
                 self.running.remove(req)
                 self.kv.release(req)
-        self.new_token_ratio = max(MIN_NEW_TOKEN_RATIO, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
         return outputs
 
     @staticmethod
