@@ -126,3 +126,20 @@ def test_request_growing_10x_its_prompt_is_replanned_and_stays_balanced(moe_mode
             info = c.get("/server_info").json()
             assert info["cp_growth_segments"]["moved"] >= 3, info["cp_growth_segments"]
             assert "nanocp:cp_growth_segments" in c.get("/metrics").text
+
+
+def test_foreign_sequence_stops_at_the_queries_last_position():
+    """A holder attends received queries only over the reserved positions they can see: the
+    positions at or beyond the step's last query are not written yet (they would only be masked)."""
+    import torch
+
+    from nanocp.distributed.dcp import ForeignKV
+    from nanocp.kvcache.pool import PageAllocator
+
+    fk = ForeignKV(PageAllocator(32, 16), torch.device("cpu"))
+    assert fk.reserve(7, 0, 40) and fk.reserve(7, 100, 140)
+    slots, pos = fk.sequence(7, 120)
+    assert pos.tolist() == [*range(40), *range(100, 120)]
+    assert torch.equal(slots, fk.slots(7, pos))
+    assert fk.sequence(7, 10)[1].tolist() == list(range(10))
+    assert fk.sequence(7, 1000)[1].tolist() == [*range(40), *range(100, 140)]

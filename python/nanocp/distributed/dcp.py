@@ -79,11 +79,13 @@ class ForeignKV:
             out[m] = seg.slots[positions[m] - seg.start]
         return out
 
-    def sequence(self, key: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slots, positions) of every position held here for the request (its attention keys)."""
-        segs = self._segments(key, torch.empty(0, dtype=torch.int64))
-        slots = torch.cat([seg.slots for seg in segs])
-        pos = torch.cat([torch.arange(seg.start, seg.end, device=self.device) for seg in segs])
+    def sequence(self, key: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, positions) of the positions below `upto` held here for the request: the keys
+        queries at positions < upto can see (reserved positions beyond are not written yet and
+        would only be masked out, at full cost)."""
+        segs = [seg for seg in self._segments(key, torch.empty(0, dtype=torch.int64)) if seg.start < upto]
+        slots = torch.cat([seg.slots[: min(seg.end, upto) - seg.start] for seg in segs])
+        pos = torch.cat([torch.arange(seg.start, min(seg.end, upto), device=self.device) for seg in segs])
         return slots, pos
 
 
@@ -195,8 +197,9 @@ def build_dcp_step(
             kv_slots.append(foreign.slots(key, kv_pos))
             n_kv_total += n_kv
             n_q_total += n_q
-            if n_q:  # one attention sequence: these queries over all of the request's keys here
-                slots, pos = foreign.sequence(key)
+            if n_q:  # one attention sequence: these queries over the request's keys here they can see
+                last_q = max(blk[i - n_q : i])  # host ints: no device sync
+                slots, pos = foreign.sequence(key, last_q + 1)
                 f_qo.append(f_qo[-1] + n_q)
                 f_kv.append(f_kv[-1] + len(pos))
                 f_kv_idx.append(slots)
