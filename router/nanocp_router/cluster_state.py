@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+# Instances send a load report at most this often (and when they go idle with finished requests);
+# between reports the router counts what it dispatched itself (pending_*).
+REPORT_INTERVAL_S = 0.5
+
 
 @dataclass
 class InstanceLoad:

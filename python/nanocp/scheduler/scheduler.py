@@ -19,21 +19,13 @@ from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
 from nanocp.engine.step_trace import StepTracer
 from nanocp.kvcache.manager import KVManager, local_ranges
 from nanocp.model_executor.model_runner import ModelRunner
+from nanocp.scheduler.admission import GROWTH_AHEAD_TOKENS, NewTokenRatio
 from nanocp.scheduler.request import Req, ReqStatus, validate_input
 from nanocp.utils import get_logger
 from nanocp_router.planner import causal_pairs
 
 logger = get_logger(__name__)
 
-# Admission reserves this fraction of each running request's remaining output budget
-# (SGLang's "new token ratio"): optimistic, decays each step, reset after a retraction.
-INIT_NEW_TOKEN_RATIO = 0.7
-MIN_NEW_TOKEN_RATIO = 0.1
-NEW_TOKEN_RATIO_DECAY = 0.001
-RESERVE_CLIP = 4096  # a request reserves at most this many future output tokens
-# A context-parallel request asks for its next tail quota this many tokens before its plan ends,
-# so the router's answer usually arrives before the request would have to pause.
-GROWTH_AHEAD_TOKENS = 8
 
 
 @dataclass
@@ -59,10 +51,7 @@ class Scheduler:
         self.max_running_requests = args.max_running_requests
         self.waiting: list[Req] = []  # sorted by arrival (retracted requests go back in order)
         self.running: list[Req] = []  # admission order; the newest is retracted first
-        # --schedule-conservativeness scales the reserve (SGLang's init/min new token ratios)
-        self.init_new_token_ratio = min(INIT_NEW_TOKEN_RATIO * args.schedule_conservativeness, 1.0)
-        self.min_new_token_ratio = min(MIN_NEW_TOKEN_RATIO * args.schedule_conservativeness, 1.0)
-        self.new_token_ratio = self.init_new_token_ratio
+        self.new_token_ratio = NewTokenRatio(args.schedule_conservativeness)
         self.num_retractions = 0
         self.num_paused = 0  # running requests that could not run this step (plan not grown yet)
         self._traced_work: list[list] = []  # the step's [rid, tokens], for the step trace
@@ -184,7 +173,7 @@ class Scheduler:
             if req.finished:
                 self.running.remove(req)
                 self.kv.release(req)
-        self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - NEW_TOKEN_RATIO_DECAY)
+        self.new_token_ratio.step()
         return outputs
 
     @staticmethod
@@ -252,13 +241,13 @@ class Scheduler:
     def _future_tokens(self, req: Req, scheduled: int) -> float:
         """KV tokens a request may still need after this step's `scheduled` tokens."""
         remaining_out = req.sampling_params.max_new_tokens - len(req.output_ids)
-        return req.num_pending - scheduled + min(remaining_out, RESERVE_CLIP) * self.new_token_ratio
+        return self.new_token_ratio.future_tokens(req.num_pending - scheduled, remaining_out)
 
     def _can_admit(self, req: Req, n: int) -> bool:
-        page = self.kv.page_size
-        reserved = sum(self._future_tokens(r, 0) for r in self.running) / page
-        need = self.kv.pages_needed(req, n) + self._future_tokens(req, n) / page
-        return need + reserved <= self.kv.allocator.num_free_pages
+        future = self._future_tokens(req, n) + sum(self._future_tokens(r, 0) for r in self.running)
+        return self.new_token_ratio.fits(
+            self.kv.pages_needed(req, n), future, self.kv.page_size, self.kv.allocator.num_free_pages
+        )
 
     def _fit_or_retract(self, work: list[tuple[Req, int]]) -> list[tuple[Req, int]]:
         while sum(self.kv.pages_needed(r, r.kv_len + n) for r, n in work) > self.kv.allocator.num_free_pages:
@@ -278,7 +267,7 @@ class Scheduler:
         victim.num_retractions += 1
         self.num_retractions += 1
         self._enqueue(victim)
-        self.new_token_ratio = 1.0
+        self.new_token_ratio.on_retract()
 
     def _enqueue(self, req: Req) -> None:
         keys = [r.arrival for r in self.waiting]

@@ -25,11 +25,11 @@ from nanocp.scheduler.request import Req, RequestFactory
 from nanocp.scheduler.scheduler import ReqOutput, Scheduler
 from nanocp.server_args import ServerArgs
 from nanocp.tokenizer.detokenizer import eos_token_ids, load_tokenizer
+from nanocp_router.cluster_state import REPORT_INTERVAL_S
 from nanocp_router.ipc import PortArgs, drain, dumps, pull, push
 from nanocp_router.process import child_process_setup
 
 logger = logging.getLogger("nanocp.worker")
-REPORT_INTERVAL_S = 0.5
 # Lockstep instances run one (possibly empty) step per loop turn, so an idle cluster still meets
 # in a small all-gather every poll: every 20 ms right after work, every 200 ms once idle for a
 # second (the router's "wake" broadcast cuts the wait short when a request arrives).

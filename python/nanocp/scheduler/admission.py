@@ -1,0 +1,43 @@
+"""Admission rule of the scheduler (SGLang's "new token ratio") and its growth request timing,
+without torch: the cluster simulator imports them so that it schedules as the instances do.
+
+A waiting request is admitted when the pages of its first chunk, plus the KV every running
+request (and it) may still need, fit in the free pages. "May still need" counts its unprocessed
+tokens and a fraction (the ratio) of its remaining output budget: optimistic at first, decaying
+each step, reset to 1 after a retraction (which shows the optimism was wrong).
+"""
+
+from __future__ import annotations
+
+INIT_NEW_TOKEN_RATIO = 0.7
+MIN_NEW_TOKEN_RATIO = 0.1
+NEW_TOKEN_RATIO_DECAY = 0.001
+RESERVE_CLIP = 4096  # a request reserves at most this many future output tokens
+# A context-parallel request asks for its next tail quota this many tokens before its plan ends,
+# so the router's answer usually arrives before the request would have to pause.
+GROWTH_AHEAD_TOKENS = 8
+
+
+class NewTokenRatio:
+    def __init__(self, conservativeness: float = 1.0) -> None:
+        # --schedule-conservativeness scales the reserve (SGLang's init/min new token ratios)
+        self.init = min(INIT_NEW_TOKEN_RATIO * conservativeness, 1.0)
+        self.min = min(MIN_NEW_TOKEN_RATIO * conservativeness, 1.0)
+        self.value = self.init
+
+    def step(self) -> None:
+        self.value = max(self.min, self.value - NEW_TOKEN_RATIO_DECAY)
+
+    def on_retract(self) -> None:
+        self.value = 1.0
+
+    def future_tokens(self, pending_after: int, remaining_output: int) -> float:
+        """KV tokens a request may still need: its `pending_after` tokens not yet scheduled and
+        the ratio's share of its remaining output budget."""
+        return pending_after + min(remaining_output, RESERVE_CLIP) * self.value
+
+    @staticmethod
+    def fits(new_pages: int, future_tokens: float, page_size: int, free_pages: int) -> bool:
+        """The first chunk's pages plus everyone's possible growth (`future_tokens`, summed over
+        the running requests and the candidate) fit in the free pages."""
+        return new_pages + future_tokens / page_size <= free_pages
