@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,11 +27,11 @@ import numpy as np
 from benchmark.common import RESULTS, pyplot, write_json
 from benchmark.compare import scored, workload
 from benchmark.goodput import attainment, goodput_search, percentiles
+from benchmark.server_runs import server_flags
 from benchmark.simulator.cost import ProfileCost
 from benchmark.simulator.sim import Simulator
+from nanocp.server_args import ServerArgs
 from nanocp_router.planner import PlannerConfig, create_cp_policy
-
-POLICY_OF = {"static DP": "none", "DCP": "dynamic"}  # any other mode name: uniform
 
 
 def load_traces(compare: dict, trace_dir: Path | None = None) -> list[list[dict]]:
@@ -124,18 +125,40 @@ def fit_profile(compare: dict, steps: list[list[dict]], combine: str = "shared")
     }
 
 
+def server_args(compare: dict, mode: str) -> argparse.Namespace:
+    """The mode's server flags as the server parsed them (the simulator takes the same values)."""
+    s = compare["settings"]
+    flags = server_flags(
+        "model",
+        compare["dp_size"],
+        "cpu",
+        int(s["max_total_tokens"]),
+        *compare["modes"][mode]["flags"],
+        *shlex.split(s.get("server_args") or ""),
+        chunked_prefill=int(s["chunked_prefill_size"]),
+    )
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    return parser.parse_args(flags)
+
+
 def simulate(profile: ProfileCost, compare: dict, mode: str, rate: float) -> list[dict]:
     s = compare["settings"]
     args = SimpleNamespace(
         mix=s["mix"], duration=float(s["duration"]), min_requests=int(s["min_requests"]), seed=int(s["seed"])
     )
-    dp = compare["dp_size"]
-    cfg = PlannerConfig(
-        cp_size=dp, cp_max_degree=min(8, dp), cp_min_shard_tokens=int(s["cp_min_shard_tokens"])
+    a = server_args(compare, mode)
+    cfg = PlannerConfig(cp_size=a.cp_size, cp_max_degree=a.cp_max_degree, cp_min_shard_tokens=a.cp_min_shard_tokens)
+    sim = Simulator(
+        profile,
+        create_cp_policy(a.cp_policy, cfg),
+        page_size=a.page_size,
+        chunk=a.chunked_prefill_size,
+        capacity_tokens=a.max_total_tokens,
+        max_running=a.max_running_requests,
+        load_balance_method=a.load_balance_method,
+        schedule_conservativeness=a.schedule_conservativeness,
     )
-    policy = create_cp_policy(POLICY_OF.get(mode, "uniform"), cfg)
-    chunk = int(s["chunked_prefill_size"])
-    sim = Simulator(profile, policy, page_size=16, chunk=chunk, capacity_tokens=profile.kv_capacity)
     return sim.run(workload(args, rate)).metrics
 
 

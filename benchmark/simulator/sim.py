@@ -1,14 +1,19 @@
-"""Discrete-event simulation of N lockstep instances under a context-parallel policy.
+"""Discrete-event simulation of N lockstep instances serving a workload as NanoCP does.
 
-Each step, every instance runs: decode attention over the KV it holds for running requests
-(own and foreign segments), dense + expert layers for the requests it is home to, and prefill
-chunks (at most `chunk` tokens per instance per step); then the MoE all-to-all. All instances
-wait for the slowest:
+Scheduling follows the real server, reusing its code where it is torch-free:
+- router: with a context-parallel policy, a FCFS queue placed by the real planner
+  (nanocp_router.planner) against a ClusterState kept like the router's: the instances' load
+  reports (at most every REPORT_INTERVAL_S, and when one goes idle after finishing) plus what was
+  placed since; holders reserve their segments at placement; a request whose plan runs out gets
+  its next tail quota from the policy's plan_growth. With --cp-policy none, the real
+  load-balancing policy (round robin by default) sends each request to an instance at once.
+- instances: FCFS queues, chunked prefill, new-token-ratio admission and retraction as the
+  scheduler does them (simulator.instance).
+Step cost: every instance runs its work (decode attention over the KV it holds, own and foreign
+segments; dense + expert layers for its own tokens; prefill chunks) and all wait for the slowest:
     step = max_i(attention(KV_i, shards_i) + dense(B_i) + prefill(P_i) + routing(Q_i)) + moe_comm(max_i B_i)
+(on a shared CPU host the instances' work adds up instead, see ProfileCost.combine).
 With `disaggregated=True` prompts arrive prefilled (PD disaggregation): only decode is simulated.
-Requests are placed by the router's real planner (nanocp_router.planner): it sees the same
-ClusterState the server's router sees. A placement reserves the request's final length
-(prompt + output); a request that does not fit waits in the router queue (FCFS).
 """
 
 from __future__ import annotations
@@ -19,29 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from benchmark.simulator.cost import CostModel
+from benchmark.simulator.instance import SimInstance, SimRequest
 from benchmark.workloads import Request
-from nanocp_router.cluster_state import ClusterState
-from nanocp_router.planner import CPPolicy, Plan, causal_pairs
-
-
-@dataclass
-class SimRequest:
-    req: Request
-    rid: int
-    plan: Plan | None = None
-    prefilled: int = 0
-    generated: int = 0
-    admitted_s: float = 0.0
-    first_token_s: float | None = None
-    finished_s: float | None = None
-
-    @property
-    def length(self) -> int:
-        return self.req.input_len + self.req.output_len
-
-    @property
-    def kv_len(self) -> int:
-        return self.prefilled + self.generated
+from nanocp.scheduler.admission import NewTokenRatio
+from nanocp_router.cluster_state import REPORT_INTERVAL_S, ClusterState
+from nanocp_router.planner import CPPolicy, NoCP, apply_growth, apply_plan, causal_pairs
+from nanocp_router.policy import create_policy
 
 
 @dataclass
@@ -51,6 +39,7 @@ class SimResult:
     makespan_s: float
     kv_imbalance: list[float] = field(default_factory=list)  # per step: max_i KV_i / mean
     batch_imbalance: list[float] = field(default_factory=list)  # per step: max_i B_i / mean
+    retractions: int = 0
 
     def summary(self) -> dict:
         return {
@@ -58,6 +47,7 @@ class SimResult:
             "makespan_s": self.makespan_s,
             "kv_imbalance_mean": float(np.mean(self.kv_imbalance)) if self.kv_imbalance else 1.0,
             "batch_imbalance_mean": float(np.mean(self.batch_imbalance)) if self.batch_imbalance else 1.0,
+            "retractions": self.retractions,
         }
 
 
@@ -71,10 +61,13 @@ class Simulator:
         capacity_tokens: int | None = None,
         max_running: int = 256,
         disaggregated: bool = False,
+        load_balance_method: str = "round_robin",
+        schedule_conservativeness: float = 1.0,
     ) -> None:
         """disaggregated: prompts are prefilled elsewhere (PD disaggregation) and arrive with their
-        KV; only decode runs here, so TPOT reflects decode balance alone (the case DCP targets)."""
-        self.disaggregated = disaggregated
+        KV; only decode runs here, so TPOT reflects decode balance alone (the case DCP targets).
+        The other arguments are the server's flags of the same names (capacity_tokens:
+        --max-total-tokens per instance; chunk: --chunked-prefill-size)."""
         self.cost = cost
         self.policy = policy
         self.page = page_size
@@ -82,132 +75,196 @@ class Simulator:
         self.n = cost.num_instances
         self.capacity = capacity_tokens or cost.kv_capacity_tokens()
         self.max_running = max_running
+        self.disaggregated = disaggregated
+        self.load_balance_method = load_balance_method
+        self.conservativeness = schedule_conservativeness
         # per step (start time, [(rid, home, tokens)]), kept when set to a list: joins with the
         # real server's step traces (their "work" field) request by request
         self.step_log: list[tuple[float, list[tuple[int, int, int]]]] | None = None
 
-    def _pages(self, tokens: int) -> int:
-        return -(-tokens // self.page)
-
     def run(self, workload: list[Request], max_steps: int = 10_000_000) -> SimResult:
-        state = ClusterState.create(self.n)
-        for inst in state.instances:
-            inst.total_pages = inst.free_pages = self.capacity // self.page
-            inst.page_size = self.page
+        self.insts = [
+            SimInstance(i, self.capacity // self.page, self.page, self.chunk, self.max_running)
+            for i in range(self.n)
+        ]
+        for inst in self.insts:
+            inst.ratio = NewTokenRatio(self.conservativeness)
+        self.state = ClusterState.create(self.n)
+        self.queue: list[SimRequest] = []  # router queue (context-parallel policies)
+        self.lb = create_policy(self.load_balance_method) if isinstance(self.policy, NoCP) else None
         arrivals = [(r.arrival_s, i, SimRequest(r, i)) for i, r in enumerate(workload)]
         heapq.heapify(arrivals)
-        queue: list[SimRequest] = []
-        running: list[SimRequest] = []
         done: list[SimRequest] = []
         t, steps = 0.0, 0
         kv_imb, bs_imb = [], []
-        while arrivals or queue or running:
+        for inst in self.insts:
+            self._report(inst, t)
+        while arrivals or self.queue or any(i.has_work() for i in self.insts):
             while arrivals and arrivals[0][0] <= t:
-                queue.append(heapq.heappop(arrivals)[2])
-            while queue:  # FCFS admission through the planner
-                home_counts = [i.running for i in state.instances]
-                if min(home_counts) >= self.max_running:
-                    break
-                sr = queue[0]
-                plan = self.policy.plan(sr.length, state)
-                if plan is None:
-                    break
-                queue.pop(0)
-                sr.plan, sr.admitted_s = plan, t
-                if self.disaggregated:
-                    sr.prefilled, sr.generated, sr.first_token_s = sr.req.input_len, 1, t
-                for inst in state.instances:
-                    inst.free_pages -= self._pages(plan.tokens_on(inst.instance))
-                state.instances[plan.home].running += 1
-                running.append(sr)
-            if not running:
+                self._route(heapq.heappop(arrivals)[2], t)
+            self._place(t)
+            asks: list[SimRequest] = []
+            works = [inst.schedule(t, asks) for inst in self.insts]
+            if not any(works):
+                if asks:  # every running request waits for its growth: the router answers first
+                    self._grow_all(asks)
+                    continue
                 if not arrivals:
-                    raise RuntimeError("requests can never be placed (larger than the cluster's KV)")
+                    raise RuntimeError(
+                        "simulation stalled: queued requests can never run (larger than the cluster's KV?)"
+                    )
                 t = max(t, arrivals[0][0])
                 continue
-            step, kv, batch = self._step_cost(running)
+            step, kv, batch = self._step_cost(works)
             kv_imb.append(max(kv) / (sum(kv) / self.n) if sum(kv) else 1.0)
             bs_imb.append(max(batch) / (sum(batch) / self.n) if sum(batch) else 1.0)
-            start = t
-            t += step
+            start, t = t, t + step
             steps += 1
-            budget = [self.chunk] * self.n
-            log = self.step_log is not None
-            work = []
-            for sr in list(running):
-                home = sr.plan.home
-                if sr.prefilled < sr.req.input_len:
-                    take = min(budget[home], sr.req.input_len - sr.prefilled)
-                    budget[home] -= take
-                    if log and take:
-                        work.append((sr.rid, home, take))
-                    sr.prefilled += take
-                    if sr.prefilled == sr.req.input_len:
-                        sr.generated, sr.first_token_s = 1, t
-                else:
-                    sr.generated += 1
-                    if log:
-                        work.append((sr.rid, home, 1))
-                if sr.prefilled == sr.req.input_len and sr.generated >= sr.req.output_len:
-                    sr.finished_s = t
-                    running.remove(sr)
-                    done.append(sr)
-                    for inst in state.instances:
-                        inst.free_pages += self._pages(sr.plan.tokens_on(inst.instance))
-                    state.instances[home].running -= 1
-            if log:
-                self.step_log.append((start, work))
+            if self.step_log is not None:
+                self.step_log.append((start, [(sr.rid, sr.home, n) for w in works for sr, n in w]))
+            finished = [False] * self.n
+            for inst, work in zip(self.insts, works):
+                inst.ratio.step()
+                for sr, n in work:
+                    if self._advance(sr, n, t):
+                        finished[inst.index] = True
+                        done.append(sr)
+            self._grow_all(asks)
+            for inst in self.insts:
+                if t - inst.last_report_s >= REPORT_INTERVAL_S or (finished[inst.index] and not inst.has_work()):
+                    self._report(inst, t)
             if steps >= max_steps:
                 raise RuntimeError("simulation did not finish")
-        metrics = []
-        for sr in sorted(done, key=lambda s: s.rid):
-            ttft = sr.first_token_s - sr.req.arrival_s
-            e2e = sr.finished_s - sr.req.arrival_s
-            tpot = (
-                (sr.finished_s - sr.first_token_s) / (sr.req.output_len - 1) if sr.req.output_len > 1 else 0.0
-            )
-            metrics.append(
-                {
-                    "rid": sr.rid,
-                    "ttft": ttft,
-                    "tpot": tpot,
-                    "e2e": e2e,
-                    "degree": sr.plan.degree,
-                    "input_len": sr.req.input_len,
-                    "output_len": sr.req.output_len,
-                }
-            )
-        return SimResult(metrics, steps, t, kv_imb, bs_imb)
+        metrics = [self._metrics(sr) for sr in sorted(done, key=lambda s: s.rid)]
+        retractions = sum(i.retractions for i in self.insts)
+        return SimResult(metrics, steps, t, kv_imb, bs_imb, retractions)
 
-    def _step_cost(self, running: list[SimRequest]) -> tuple[float, list[int], list[int]]:
+    # ------------------------------------------------------------------ router
+    def _route(self, sr: SimRequest, t: float) -> None:
+        if self.disaggregated:  # the prompt's KV (and first token) arrive with it; admitted = first token
+            sr.computed, sr.generated = sr.req.input_len, 1
+        if self.lb is None:
+            self.queue.append(sr)
+            return
+        budget = sr.req.input_len + sr.req.output_len
+        home = self.lb.select(self.state, budget)
+        self.state.on_dispatch(home, budget)
+        sr.home, sr.placed_s = home, t
+        self.insts[home].enqueue(sr)
+
+    def _place(self, t: float) -> None:
+        """Router.place: FCFS; a request that does not fit waits, and so do those behind it."""
+        while self.queue:
+            sr = self.queue[0]
+            plan = self.policy.plan(sr.req.input_len + self.policy.tail_quota(sr.req.output_len), self.state)
+            if plan is None:
+                return
+            apply_plan(self.state, plan)
+            sr.home = plan.home
+            sr.segments = [(s.instance, s.start, s.end) for s in plan.segments]
+            holders = [s for s in plan.segments if s.instance != plan.home]
+            reserved = [s for s in holders if self.insts[s.instance].reserve_foreign(sr, s.start, s.end)]
+            if len(reserved) < len(holders):  # a holder had no room after all: plan again later
+                for s in reserved:
+                    self.insts[s.instance].release_foreign(sr)
+                return
+            self.queue.pop(0)
+            sr.placed_s = t
+            self.insts[plan.home].enqueue(sr)
+
+    def _grow_all(self, asks: list[SimRequest]) -> None:
+        for sr in asks:
+            if sr.finished_s is None:
+                self._grow(sr)
+
+    def _grow(self, sr: SimRequest) -> None:
+        """Router.on_grow: the next tail quota, on the home or reserved on another instance."""
+        end = sr.planned_end
+        tokens = self.policy.tail_quota(sr.req.input_len + sr.req.output_len - end)
+        holders = {s[0] for s in sr.segments} - {sr.home}
+        inst = self.policy.plan_growth(sr.home, holders, tokens, self.state)
+        apply_growth(self.state, inst, tokens)
+        if inst != sr.home and not self.insts[inst].reserve_foreign(sr, end, end + tokens):
+            inst = sr.home  # no room there after all: the home grows on demand
+        sr.add_segment(inst, end, end + tokens)
+
+    def _report(self, inst: SimInstance, t: float) -> None:
+        self.state.on_report(
+            {
+                "instance": inst.index,
+                "total_pages": inst.total_pages,
+                "free_pages": inst.free_pages,
+                "page_size": inst.page_size,
+                "running": len(inst.running),
+                "waiting": len(inst.waiting),
+                "kv_tokens": sum(r.computed for r in inst.running),
+            }
+        )
+        inst.last_report_s = t
+
+    # ---------------------------------------------------------------- requests
+    def _advance(self, sr: SimRequest, n: int, t: float) -> bool:
+        """The step ran n tokens of sr; True when it finished."""
+        sr.computed += n
+        if sr.pending > 0:
+            return False
+        sr.generated += 1  # the step ends with a sample
+        if sr.first_token_s is None:
+            sr.first_token_s = t
+        if sr.generated < sr.req.output_len:
+            return False
+        sr.finished_s = t
+        home = self.insts[sr.home]
+        home.running.remove(sr)
+        home.release(sr)
+        for inst in self.insts:
+            inst.release_foreign(sr)
+        return True
+
+    def _metrics(self, sr: SimRequest) -> dict:
+        r = sr.req
+        return {
+            "rid": sr.rid,
+            "ttft": sr.first_token_s - r.arrival_s,
+            "tpot": (sr.finished_s - sr.first_token_s) / (r.output_len - 1) if r.output_len > 1 else 0.0,
+            "e2e": sr.finished_s - r.arrival_s,
+            "degree": sr.degree,
+            "input_len": r.input_len,
+            "output_len": r.output_len,
+            "retractions": sr.retractions,
+        }
+
+    # -------------------------------------------------------------------- cost
+    def _step_cost(self, works: list[list[tuple[SimRequest, int]]]) -> tuple[float, list[int], list[int]]:
         n = self.n
         kv, shards, batch, prefill, foreign_q = [0] * n, [0] * n, [0] * n, [0] * n, [0] * n
-        pairs = [0] * n  # query-key pairs of prefill chunks
-        budget = [self.chunk] * n
-        for sr in running:
-            home = sr.plan.home
-            decoding = sr.prefilled >= sr.req.input_len
-            if decoding:
-                batch[home] += 1
-                cur = sr.kv_len
-                for seg in sr.plan.segments:
-                    held = max(0, min(seg.end, cur) - seg.start)
-                    if held:
-                        kv[seg.instance] += held
-                        shards[seg.instance] += 1
-                        foreign_q[seg.instance] += seg.instance != home
-                continue
-            take = min(budget[home], sr.req.input_len - sr.prefilled)
-            budget[home] -= take
-            prefill[home] += take
-            q0, q1 = sr.prefilled, sr.prefilled + take
-            for seg in sr.plan.segments:
-                p = causal_pairs(q0, q1, seg.start, seg.end)
-                if p:
-                    pairs[seg.instance] += p
-                    shards[seg.instance] += 1
-                    if seg.instance != home:
-                        foreign_q[seg.instance] += q1 - max(q0, seg.start)
+        # query-key pairs of prefill chunks, as the server computes them: causal on the home, all
+        # held keys below the chunk's end for the queries a holder receives (masked, not skipped)
+        pairs = [0] * n
+        for home, work in enumerate(works):
+            for sr, tokens in work:
+                q0, q1 = sr.computed, sr.computed + tokens
+                segments = sr.segments or [(home, 0, q1)]
+                if tokens == 1 and sr.generated > 0 and sr.pending == 1:  # decode: reads the KV
+                    batch[home] += 1
+                    for inst, s, e in segments:
+                        held = max(0, min(e, q1) - s)
+                        if held:
+                            kv[inst] += held
+                            shards[inst] += 1
+                            foreign_q[inst] += inst != home
+                    continue
+                prefill[home] += tokens
+                for inst, s, e in segments:
+                    if inst == home:
+                        p = causal_pairs(q0, q1, s, e)
+                    else:  # a holder attends the queries that see its keys over all it holds below q1
+                        seen = max(0, q1 - max(q0, s))
+                        p = seen * (min(e, q1) - s) if seen else 0
+                        foreign_q[inst] += seen
+                    if p:
+                        pairs[inst] += p
+                        shards[inst] += 1
         c = self.cost
         cluster_tokens = sum(batch) + sum(prefill)
         routed = c.routing_step() if any(foreign_q) else 0.0  # lockstep exchange on every instance
@@ -221,7 +278,7 @@ class Simulator:
             for i in range(n)
         ]
         if c.combine == "shared":  # instances share a few CPU cores, each uses one at most
-            work = max(c.cores * max(per_instance), sum(per_instance))
+            step = max(c.cores * max(per_instance), sum(per_instance))
         else:
-            work = max(per_instance)
-        return work + c.moe_comm(max(batch[i] + prefill[i] for i in range(n))), kv, batch
+            step = max(per_instance)
+        return step + c.moe_comm(max(batch[i] + prefill[i] for i in range(n))), kv, batch
