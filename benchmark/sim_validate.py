@@ -148,7 +148,9 @@ def simulate(profile: ProfileCost, compare: dict, mode: str, rate: float) -> lis
         mix=s["mix"], duration=float(s["duration"]), min_requests=int(s["min_requests"]), seed=int(s["seed"])
     )
     a = server_args(compare, mode)
-    cfg = PlannerConfig(cp_size=a.cp_size, cp_max_degree=a.cp_max_degree, cp_min_shard_tokens=a.cp_min_shard_tokens)
+    cfg = PlannerConfig(
+        cp_size=a.cp_size, cp_max_degree=a.cp_max_degree, cp_min_shard_tokens=a.cp_min_shard_tokens
+    )
     sim = Simulator(
         profile,
         create_cp_policy(a.cp_policy, cfg),

@@ -91,6 +91,53 @@ def test_single_instance_is_sequential_execution():
         assert m["degree"] == 1
 
 
+def test_static_dp_uses_the_load_balancing_policy():
+    """--cp-policy none: requests go to instances by the router's load-balancing policy at once."""
+    cost = CostModel(QWEN3_235B, H200, 4)
+    work = [Request(arrival_s=0.01 * i, input_len=100, output_len=50) for i in range(8)]
+    sim = Simulator(cost, create_cp_policy("none"), capacity_tokens=10_000, load_balance_method="round_robin")
+    sim.step_log = []
+    sim.run(work)
+    homes = {}
+    for _, step in sim.step_log:
+        for rid, home, _ in step:
+            homes.setdefault(rid, home)
+    assert [homes[i] for i in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("policy", ["none", "dynamic"])
+def test_tiny_pool_retracts_and_still_finishes_everything(policy):
+    """Admission is optimistic (new token ratio): outputs outgrow a small pool, the newest
+    requests are retracted and recomputed; every request finishes with all its tokens."""
+    cost = CostModel(QWEN3_235B, H200, 2)
+    work = [Request(arrival_s=0.0, input_len=200 + 10 * i, output_len=400) for i in range(12)]
+    sim = Simulator(cost, create_cp_policy(policy, PlannerConfig(cp_min_shard_tokens=256)), page_size=16,
+                    chunk=512, capacity_tokens=2048)  # fmt: skip
+    res = sim.run(work)
+    assert res.retractions > 0
+    assert sorted(m["rid"] for m in res.metrics) == list(range(12))
+    assert sum(m["retractions"] for m in res.metrics) == res.retractions
+    for inst in sim.insts:  # every page back
+        assert inst.free_pages == inst.total_pages and not inst.foreign
+
+
+def test_dcp_requests_grow_past_their_first_plan():
+    """A tail quota shorter than the output: the request asks for growth before its plan runs out
+    and the router places it (on another instance when the home is fuller)."""
+    cost = CostModel(QWEN3_235B, H200, 4)
+    cfg = PlannerConfig(cp_max_degree=4, cp_min_shard_tokens=512)
+    work = [Request(arrival_s=0.0, input_len=4000, output_len=3000)]
+    work += [Request(arrival_s=0.0, input_len=300, output_len=10) for _ in range(3)]
+    sim = Simulator(cost, create_cp_policy("dynamic", cfg), page_size=16, capacity_tokens=100_000)
+    res = sim.run(work)
+    assert sorted(m["rid"] for m in res.metrics) == list(range(4))
+    long = res.metrics[0]
+    # a 512-token tail quota per growth: the plan covered the prompt and 512 outputs
+    assert long["growths"] == -(-(3000 - 512) // 512) and long["degree"] >= 2
+    assert all(m["growths"] == 0 for m in res.metrics[1:])
+    assert all(inst.free_pages == inst.total_pages for inst in sim.insts)
+
+
 def test_dcp_balances_kv_in_simulation():
     cost = CostModel(QWEN3_235B, H200, 8)
     work = make_workload("chat-docs", 400, rate=4.0, seed=0)

@@ -28,6 +28,7 @@ class SimRequest:
     generated: int = 0  # output tokens sampled
     pages: int = 0  # pages held on the home
     growth_asked: bool = False
+    growths: int = 0  # tail quotas placed after the first plan
     retractions: int = 0
     placed_s: float | None = None
     first_token_s: float | None = None
@@ -72,6 +73,7 @@ class SimRequest:
         else:
             segs.append((inst, start, end))
         self.growth_asked = False
+        self.growths += 1
 
 
 @dataclass

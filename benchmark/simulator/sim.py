@@ -10,8 +10,9 @@ Scheduling follows the real server, reusing its code where it is torch-free:
 - instances: FCFS queues, chunked prefill, new-token-ratio admission and retraction as the
   scheduler does them (simulator.instance).
 Step cost: every instance runs its work (decode attention over the KV it holds, own and foreign
-segments; dense + expert layers for its own tokens; prefill chunks) and all wait for the slowest:
-    step = max_i(attention(KV_i, shards_i) + dense(B_i) + prefill(P_i) + routing(Q_i)) + moe_comm(max_i B_i)
+segments; R_i own requests; dense + expert layers for its B_i decode and P_i prefill tokens;
+Q_i queries served for other homes) and all wait for the slowest:
+    step = max_i(attention(KV_i, R_i) + dense(B_i) + prefill(P_i) + routing(Q_i)) + moe_comm(max_i B_i)
 (on a shared CPU host the instances' work adds up instead, see ProfileCost.combine).
 With `disaggregated=True` prompts arrive prefilled (PD disaggregation): only decode is simulated.
 """
@@ -91,6 +92,9 @@ class Simulator:
             inst.ratio = NewTokenRatio(self.conservativeness)
         self.state = ClusterState.create(self.n)
         self.queue: list[SimRequest] = []  # router queue (context-parallel policies)
+        # placed, sharded requests whose holders reserve between this step and the next: their
+        # home (which drained its inbox before the holders acked) starts them a step later
+        self.in_flight: list[SimRequest] = []
         self.lb = create_policy(self.load_balance_method) if isinstance(self.policy, NoCP) else None
         arrivals = [(r.arrival_s, i, SimRequest(r, i)) for i, r in enumerate(workload)]
         heapq.heapify(arrivals)
@@ -99,12 +103,16 @@ class Simulator:
         kv_imb, bs_imb = [], []
         for inst in self.insts:
             self._report(inst, t)
-        while arrivals or self.queue or any(i.has_work() for i in self.insts):
+        while arrivals or self.queue or self.in_flight or any(i.has_work() for i in self.insts):
             while arrivals and arrivals[0][0] <= t:
                 self._route(heapq.heappop(arrivals)[2], t)
             self._place(t)
             asks: list[SimRequest] = []
             works = [inst.schedule(t, asks) for inst in self.insts]
+            if not any(works) and self.in_flight:  # an idle cluster: delivered at once
+                self._deliver()
+                continue
+            self._deliver()
             if not any(works):
                 if asks:  # every running request waits for its growth: the router answers first
                     self._grow_all(asks)
@@ -131,7 +139,9 @@ class Simulator:
                         done.append(sr)
             self._grow_all(asks)
             for inst in self.insts:
-                if t - inst.last_report_s >= REPORT_INTERVAL_S or (finished[inst.index] and not inst.has_work()):
+                if t - inst.last_report_s >= REPORT_INTERVAL_S or (
+                    finished[inst.index] and not inst.has_work()
+                ):
                     self._report(inst, t)
             if steps >= max_steps:
                 raise RuntimeError("simulation did not finish")
@@ -170,7 +180,15 @@ class Simulator:
                 return
             self.queue.pop(0)
             sr.placed_s = t
-            self.insts[plan.home].enqueue(sr)
+            if holders:  # the home gets it once the holders have reserved: after their next drain
+                self.in_flight.append(sr)
+            else:
+                self.insts[plan.home].enqueue(sr)
+
+    def _deliver(self) -> None:
+        for sr in self.in_flight:
+            self.insts[sr.home].enqueue(sr)
+        self.in_flight = []
 
     def _grow_all(self, asks: list[SimRequest]) -> None:
         for sr in asks:
@@ -232,44 +250,42 @@ class Simulator:
             "input_len": r.input_len,
             "output_len": r.output_len,
             "retractions": sr.retractions,
+            "growths": sr.growths,
         }
 
     # -------------------------------------------------------------------- cost
     def _step_cost(self, works: list[list[tuple[SimRequest, int]]]) -> tuple[float, list[int], list[int]]:
+        """Per instance, the features the server's step traces record (and sim_validate fits):
+        KV tokens read by decodes, query-key pairs of prefill chunks (causal on the home; a holder
+        attends the queries that see its keys over all it holds below the chunk's end, masked,
+        not skipped), own requests, own tokens, queries served for other homes."""
         n = self.n
-        kv, shards, batch, prefill, foreign_q = [0] * n, [0] * n, [0] * n, [0] * n, [0] * n
-        # query-key pairs of prefill chunks, as the server computes them: causal on the home, all
-        # held keys below the chunk's end for the queries a holder receives (masked, not skipped)
-        pairs = [0] * n
+        kv, reqs, batch, prefill, foreign_q, pairs = [0] * n, [0] * n, [0] * n, [0] * n, [0] * n, [0] * n
         for home, work in enumerate(works):
             for sr, tokens in work:
                 q0, q1 = sr.computed, sr.computed + tokens
                 segments = sr.segments or [(home, 0, q1)]
+                reqs[home] += 1
                 if tokens == 1 and sr.generated > 0 and sr.pending == 1:  # decode: reads the KV
                     batch[home] += 1
                     for inst, s, e in segments:
                         held = max(0, min(e, q1) - s)
-                        if held:
-                            kv[inst] += held
-                            shards[inst] += 1
-                            foreign_q[inst] += inst != home
+                        kv[inst] += held
+                        foreign_q[inst] += inst != home and held > 0
                     continue
                 prefill[home] += tokens
                 for inst, s, e in segments:
                     if inst == home:
-                        p = causal_pairs(q0, q1, s, e)
-                    else:  # a holder attends the queries that see its keys over all it holds below q1
+                        pairs[inst] += causal_pairs(q0, q1, s, e)
+                    else:
                         seen = max(0, q1 - max(q0, s))
-                        p = seen * (min(e, q1) - s) if seen else 0
+                        pairs[inst] += seen * (min(e, q1) - s) if seen else 0
                         foreign_q[inst] += seen
-                    if p:
-                        pairs[inst] += p
-                        shards[inst] += 1
         c = self.cost
         cluster_tokens = sum(batch) + sum(prefill)
         routed = c.routing_step() if any(foreign_q) else 0.0  # lockstep exchange on every instance
         per_instance = [
-            c.attention(kv[i], shards[i])
+            c.attention(kv[i], reqs[i])
             + c.prefill_attention(pairs[i])
             + c.dense(batch[i] + prefill[i], cluster_tokens)
             + c.prefill(prefill[i])

@@ -27,7 +27,6 @@ from nanocp_router.planner import causal_pairs
 logger = get_logger(__name__)
 
 
-
 @dataclass
 class ReqOutput:
     rid: str
