@@ -35,12 +35,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cp-size", type=int, default=8, help="uniform CP group size")
     p.add_argument("--cp-max-degree", type=int, default=8)
     p.add_argument("--cp-min-shard-tokens", type=int, default=4096)
+    p.add_argument(
+        "--load-balance-method",
+        default="total_requests",
+        help="static DP's router policy (benchmark.compare runs static DP with total_requests)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="sim")
     return p.parse_args(argv)
 
 
-def run_point(args, model: str, n: int, policy: str) -> dict:
+def measurer(args, model: str, n: int, policy: str):
+    """rate -> per-request metrics of one simulated run of `policy` on n instances."""
     cost = CostModel(MODELS[model], H200, n)
     cfg = PlannerConfig(
         cp_size=min(args.cp_size, n),
@@ -51,8 +57,19 @@ def run_point(args, model: str, n: int, policy: str) -> dict:
     def measure(rate: float) -> list[dict]:
         # enough requests to reach steady state: the rate applied for `duration` seconds
         work = make_workload(args.mix, max(50, int(rate * args.duration)), rate=rate, seed=args.seed)
-        return Simulator(cost, create_cp_policy(policy, cfg), disaggregated=True).run(work).metrics
+        sim = Simulator(
+            cost,
+            create_cp_policy(policy, cfg),
+            disaggregated=True,
+            load_balance_method=args.load_balance_method,
+        )
+        return sim.run(work).metrics
 
+    return measure
+
+
+def run_point(args, model: str, n: int, policy: str) -> dict:
+    measure = measurer(args, model, n, policy)
     res = goodput_search(
         measure,
         tpot_slo=args.tpot_slo_ms / 1e3,
@@ -62,15 +79,13 @@ def run_point(args, model: str, n: int, policy: str) -> dict:
         hi=1.0 * n,
         rel_tol=0.03,
     )
-    at_goodput = measure(res.goodput) if res.goodput else []
+    at_goodput = [p for p in res.points if res.goodput and abs(p["rate"] - res.goodput) < 1e-9]
     return {
         "model": model,
         "instances": n,
         "policy": policy,
         "goodput_rps": res.goodput,
-        "p99_tpot_ms_at_goodput": 1e3 * percentiles([m["tpot"] for m in at_goodput])["p99"]
-        if at_goodput
-        else None,
+        "p99_tpot_ms_at_goodput": 1e3 * at_goodput[0]["tpot"]["p99"] if at_goodput else None,
         "points": res.points,
     }
 
@@ -100,20 +115,7 @@ def main(argv=None) -> dict:
                 if r["model"] == model and r["instances"] == n:
                     pts = [p for p in r["points"] if abs(p["rate"] - rate) < 1e-9]
                     if not pts:
-                        cost = CostModel(MODELS[model], H200, n)
-                        cfg = PlannerConfig(
-                            cp_size=min(args.cp_size, n),
-                            cp_max_degree=min(args.cp_max_degree, n),
-                            cp_min_shard_tokens=args.cp_min_shard_tokens,
-                        )
-                        work = make_workload(
-                            args.mix, max(50, int(rate * args.duration)), rate=rate, seed=args.seed
-                        )
-                        ms = (
-                            Simulator(cost, create_cp_policy(r["policy"], cfg), disaggregated=True)
-                            .run(work)
-                            .metrics
-                        )
+                        ms = measurer(args, model, n, r["policy"])(rate)
                         r["p99_tpot_ms_at_dp_goodput"] = 1e3 * percentiles([m["tpot"] for m in ms])["p99"]
                     else:
                         r["p99_tpot_ms_at_dp_goodput"] = 1e3 * pts[0]["tpot"]["p99"]

@@ -156,17 +156,18 @@ class SimInstance:
             work = [(sr, n) for sr, n in work if sr is not victim]
         for sr, n in work:
             self._allocate(sr, n)
+        # what the running requests may still need (Scheduler._can_admit sums it per candidate)
+        reserved = sum(self.ratio.future_tokens(r.pending, r.remaining_output) for r in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             sr = self.waiting[0]
             n = min(sr.runnable, budget)
             if n <= 0:
                 break
             need = self.pages_needed(sr, sr.computed + n)
-            future = self.ratio.future_tokens(sr.pending - n, sr.remaining_output) + sum(
-                self.ratio.future_tokens(r.pending, r.remaining_output) for r in self.running
-            )
+            future = self.ratio.future_tokens(sr.pending - n, sr.remaining_output) + reserved
             if need > self.free_pages or not self.ratio.fits(need, future, self.page_size, self.free_pages):
                 break
+            reserved += self.ratio.future_tokens(sr.pending, sr.remaining_output)
             self.waiting.pop(0)
             self.running.append(sr)
             if sr.generated and sr.first_token_s is None:  # prefilled elsewhere (disaggregated)
