@@ -72,17 +72,27 @@ def fit_profile(compare: dict, steps: list[list[dict]], combine: str = "shared")
     def pairs(r: dict) -> float:
         return r["attn_pairs"] + r.get("foreign_pairs", 0)
 
-    def features(r: dict) -> list[float]:
+    def foreign_seqs(r: dict, decode_step: bool) -> float:
+        # traces before 2026-11-24 lack the count: in an all-decode step each foreign query is
+        # one request's; elsewhere prefill chunks dominate and the per-sequence cost is noise
+        if "foreign_seqs" in r:
+            return r["foreign_seqs"]
+        return r.get("foreign_queries", 0) if decode_step else 0
+
+    def features(r: dict, decode_step: bool) -> list[float]:
         return [
             pairs(r) * (r["mode"] == "DECODE"),  # KV tokens read by decodes
             pairs(r) * (r["mode"] != "DECODE"),  # query-key pairs of prefill (or mixed) steps
-            r["batch_size"],
+            r["batch_size"] + foreign_seqs(r, decode_step),  # attention sequences: own + served
             r["num_tokens"],
             r.get("foreign_queries", 0),
             float("foreign_queries" in r) / n,  # the step ran DCP exchanges (charged per instance)
         ]
 
-    per = np.array([[features(r) for r in s] for s in steps])  # [steps, instances, features]
+    def decode_step(s: list[dict]) -> bool:
+        return all(r["mode"] in ("DECODE", "IDLE") for r in s)
+
+    per = np.array([[features(r, decode_step(s)) for r in s] for s in steps])  # [steps, instances, features]
     y = np.array([max(r["step_s"] for r in s) for s in steps])
     cores = 1 if combine == "max" else os.cpu_count() or 1
     # shared: step = max(cores * max_i w_i, sum_i w_i) + const, w_i = a . features_i: fit the sum first,

@@ -176,11 +176,12 @@ def test_sim_calibration_recovers_a_known_shared_host_profile(monkeypatch):
             }
             if routed:
                 rec["foreign_queries"], rec["foreign_pairs"] = int(rng.integers(0, 20)), 0
+                rec["foreign_seqs"] = int(rng.integers(0, 5))
             recs.append(rec)
         w = [
             true["kv"] * r["attn_pairs"] * (r["mode"] == "DECODE")
             + true["pp"] * r["attn_pairs"] * (r["mode"] != "DECODE")
-            + true["req"] * r["batch_size"]
+            + true["req"] * (r["batch_size"] + r.get("foreign_seqs", 0))  # sequences attended
             + true["tok"] * r["num_tokens"]
             + true["fq"] * r.get("foreign_queries", 0)
             + true["routed"] / 4 * routed
@@ -211,3 +212,20 @@ def test_sim_calibration_recovers_a_known_shared_host_profile(monkeypatch):
     for k, v in true.items():
         assert got[k] == pytest.approx(v, rel=0.02), k
     assert isinstance(profile, ProfileCost) and profile.combine == "shared" and profile.cores == 2
+
+
+def test_instance_retracts_its_last_request_when_foreign_segments_took_the_pages():
+    """Segments reserved for other homes can take the pages a lone running request grows into:
+    it is retracted (and waits for them), as the scheduler does, instead of failing."""
+    from benchmark.simulator.instance import SimInstance, SimRequest
+
+    inst = SimInstance(0, total_pages=6, page_size=16, chunk=64, max_running=8)
+    own = SimRequest(Request(0.0, input_len=32, output_len=20), rid=0, home=0)
+    inst.enqueue(own)
+    assert inst.schedule(0.0, []) == [(own, 32)] and inst.free_pages == 4
+    own.computed, own.generated = 32, 1  # prefilled; its next token needs a third page
+    other = SimRequest(Request(0.0, input_len=100, output_len=1), rid=1, home=1)
+    assert inst.reserve_foreign(other, 0, 64) and inst.free_pages == 0
+    assert inst.schedule(0.1, []) == [] and inst.waiting == [own] and own.retractions == 1
+    inst.release_foreign(other)
+    assert inst.schedule(0.2, []) == [(own, 33)]  # recomputed: prompt + its sampled token

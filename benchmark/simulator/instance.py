@@ -149,7 +149,7 @@ class SimInstance:
                 budget -= n
                 work.append((sr, n))
         while sum(self.pages_needed(sr, sr.computed + n) for sr, n in work) > self.free_pages:
-            if len(self.running) <= 1:
+            if len(self.running) <= 1 and not self.foreign:  # as Scheduler._fit_or_retract
                 raise RuntimeError(f"instance {self.index}: its KV cannot hold a single request")
             victim = self.running[-1]
             self.retract(victim)

@@ -10,7 +10,7 @@ Scheduling follows the real server, reusing its code where it is torch-free:
 - instances: FCFS queues, chunked prefill, new-token-ratio admission and retraction as the
   scheduler does them (simulator.instance).
 Step cost: every instance runs its work (decode attention over the KV it holds, own and foreign
-segments; R_i own requests; dense + expert layers for its B_i decode and P_i prefill tokens;
+segments; R_i attention sequences, own and served; dense + expert layers for its B_i decode and P_i prefill tokens;
 Q_i queries served for other homes) and all wait for the slowest:
     step = max_i(attention(KV_i, R_i) + dense(B_i) + prefill(P_i) + routing(Q_i)) + moe_comm(max_i B_i)
 (on a shared CPU host the instances' work adds up instead, see ProfileCost.combine).
@@ -258,7 +258,8 @@ class Simulator:
         """Per instance, the features the server's step traces record (and sim_validate fits):
         KV tokens read by decodes, query-key pairs of prefill chunks (causal on the home; a holder
         attends the queries that see its keys over all it holds below the chunk's end, masked,
-        not skipped), own requests, own tokens, queries served for other homes."""
+        not skipped), attention sequences (own requests + one per request served for another
+        home, as build_dcp_step groups them), own tokens, queries served for other homes."""
         n = self.n
         kv, reqs, batch, prefill, foreign_q, pairs = [0] * n, [0] * n, [0] * n, [0] * n, [0] * n, [0] * n
         for home, work in enumerate(works):
@@ -268,18 +269,22 @@ class Simulator:
                 reqs[home] += 1
                 if tokens == 1 and sr.generated > 0 and sr.pending == 1:  # decode: reads the KV
                     batch[home] += 1
-                    for inst, s, e in segments:
-                        held = max(0, min(e, q1) - s)
-                        kv[inst] += held
-                        foreign_q[inst] += inst != home and held > 0
+                    for inst in {inst for inst, _, _ in segments} - {home}:  # one sequence per holder
+                        held = sum(max(0, min(e, q1) - s) for i, s, e in segments if i == inst)
+                        if held:
+                            kv[inst] += held
+                            reqs[inst] += 1
+                            foreign_q[inst] += 1
+                    kv[home] += sum(max(0, min(e, q1) - s) for i, s, e in segments if i == home)
                     continue
                 prefill[home] += tokens
-                for inst, s, e in segments:
-                    if inst == home:
-                        pairs[inst] += causal_pairs(q0, q1, s, e)
-                    else:
-                        seen = max(0, q1 - max(q0, s))
-                        pairs[inst] += seen * (min(e, q1) - s) if seen else 0
+                pairs[home] += sum(causal_pairs(q0, q1, s, e) for i, s, e in segments if i == home)
+                for inst in {inst for inst, _, _ in segments} - {home}:  # one sequence per holder
+                    first = min(s for i, s, _ in segments if i == inst)
+                    seen = max(0, q1 - max(q0, first))  # queries that see some of its keys
+                    if seen:
+                        pairs[inst] += seen * sum(max(0, min(e, q1) - s) for i, s, e in segments if i == inst)
+                        reqs[inst] += 1
                         foreign_q[inst] += seen
         c = self.cost
         cluster_tokens = sum(batch) + sum(prefill)

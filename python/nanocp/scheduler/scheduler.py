@@ -193,6 +193,7 @@ class Scheduler:
         st = batch.dcp
         if st is not None:  # context-parallel work served for other homes
             info["foreign_queries"] = sum(st.q_recv_counts)
+            info["foreign_seqs"] = len(st.f_qo_indptr) - 1  # requests whose queries attend here
             info["foreign_pairs"] = sum(
                 (st.f_qo_indptr[i + 1] - st.f_qo_indptr[i]) * (st.f_kv_indptr[i + 1] - st.f_kv_indptr[i])
                 for i in range(len(st.f_qo_indptr) - 1)
@@ -250,7 +251,9 @@ class Scheduler:
 
     def _fit_or_retract(self, work: list[tuple[Req, int]]) -> list[tuple[Req, int]]:
         while sum(self.kv.pages_needed(r, r.kv_len + n) for r, n in work) > self.kv.allocator.num_free_pages:
-            if len(self.running) <= 1:
+            # the last running request goes too when segments held for other homes took its
+            # pages (it waits until they are released); without them admission was wrong
+            if len(self.running) <= 1 and not self.foreign.segments:
                 raise RuntimeError("KV cache cannot hold a single request; this is a bug in admission")
             victim = self.running[-1]
             self._retract(victim)
