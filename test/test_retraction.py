@@ -77,3 +77,25 @@ def test_server_reports_retractions_in_metrics(moe_model, tmp_path):
         # --log-level reaches every process's loggers (router placements, scheduler admissions)
         log = (tmp_path / "log").read_text()  # whole: s.log() is only its tail
         assert "router] request" in log and "admitted" in log, log[-3000:]
+
+
+def test_lone_request_is_retracted_when_foreign_segments_take_its_pages(moe_model, hf_oracle):
+    """Segments reserved for other homes' context-parallel requests can take the pages the only
+    running request grows into: it is retracted, waits for them, and then finishes with the
+    same tokens (this used to fail the step as an admission bug)."""
+    prompt = random_prompts([30], vocab=500, seed=5)[0]
+    expected = hf_oracle(moe_model).greedy(prompt, 12)
+    with Engine(model_path=moe_model, page_size=16, max_total_tokens=96, chunked_prefill_size=64) as engine:
+        s = engine.scheduler
+        (req,), _ = engine._make_requests(None, prompt, greedy_params(12))
+        s.add_request(req)
+        while req.kv_len < 32:  # prompt + 2 tokens: its 2 pages are full
+            s.step()
+        free = s.kv.allocator.num_free_pages
+        assert s.foreign.reserve(7, 1000, 1000 + 16 * free) and s.kv.allocator.num_free_pages == 0
+        assert s.step() == [] and s.waiting == [req] and s.num_retractions == 1
+        s.release_foreign(7)
+        while not req.finished:
+            s.step()
+        assert req.output_ids == expected
+        assert_pool_free(engine)
