@@ -7,6 +7,7 @@ from nanocp import Engine
 
 LENGTHS = [40, 3, 90, 17, 60, 120, 8, 75, 33, 100, 5, 64]
 NEW_TOKENS = 40
+SERVER_NEW_TOKENS = 24
 
 
 def test_tiny_pool_completes_everything_with_same_tokens(moe_model, hf_oracle):
@@ -49,14 +50,14 @@ def test_server_reports_retractions_in_metrics(moe_model, tmp_path):
 
     from nanocp.testing.server import ServerProcess
 
-    # twice the Engine test's load, and admission reserves nothing for future outputs: however the
-    # HTTP arrivals spread out, the pool fills with prompts and the first decodes overflow it
-    prompts = random_prompts(LENGTHS * 2, vocab=500, seed=11)
+    # the Engine test's load (~3.5x the pool), and admission reserves nothing for future outputs:
+    # however the HTTP arrivals spread out, the pool fills with prompts and decodes overflow it
+    prompts = random_prompts(LENGTHS, vocab=500, seed=11)
     args = ["--model-path", moe_model, "--device", "cpu", "--page-size", "16", "--max-total-tokens", "256"]
     flags = ["--chunked-prefill-size", "64", "--schedule-conservativeness", "0", "--log-level", "debug"]
     with ServerProcess([*args, *flags], log_path=str(tmp_path / "log")) as s:
-        got = _post_all(s.url, prompts, [None] * len(prompts), new=NEW_TOKENS)
-        assert all(len(ids) == NEW_TOKENS for ids in got)
+        got = _post_all(s.url, prompts, [None] * len(prompts), new=SERVER_NEW_TOKENS)
+        assert all(len(ids) == SERVER_NEW_TOKENS for ids in got)
         text = ""
         for _ in range(50):  # load reports reach the metrics within a second or two
             text = httpx.get(f"{s.url}/metrics").text
