@@ -93,10 +93,11 @@ def fit_profile(compare: dict, steps: list[list[dict]], combine: str = "shared")
             float("foreign_queries" in r) / n,  # the step ran DCP exchanges (charged per instance)
         ]
 
-    def decode_step(s: list[dict]) -> bool:
-        return all(r["mode"] in ("DECODE", "IDLE") for r in s)
+    def step_features(s: list[dict]) -> list[list[float]]:
+        decode_step = all(r["mode"] in ("DECODE", "IDLE") for r in s)
+        return [features(r, decode_step) for r in s]
 
-    per = np.array([[features(r, decode_step(s)) for r in s] for s in steps])  # [steps, instances, features]
+    per = np.array([step_features(s) for s in steps])  # [steps, instances, features]
     y = np.array([max(r["step_s"] for r in s) for s in steps])
     cores = 1 if combine == "max" else os.cpu_count() or 1
     # shared: step = max(cores * max_i w_i, sum_i w_i) + const, w_i = a . features_i: fit the sum first,
@@ -188,8 +189,11 @@ def simulate(
         load_balance_method=a.load_balance_method,
         schedule_conservativeness=a.schedule_conservativeness,
     )
-    metrics = sim.run(work).metrics
-    return metrics
+    return sim.run(work).metrics
+
+
+def p99_tpot(metrics: list[dict]) -> float:
+    return percentiles([m["tpot"] for m in metrics])["p99"]
 
 
 def main(argv=None) -> dict:
@@ -219,10 +223,9 @@ def main(argv=None) -> dict:
         for run in r["runs"]:
             sim = simulate(profile, compare, mode, run["rate"])
             real_p99 = run["summary"]["tpot"]["p99"]
-            sim_p99 = percentiles([m["tpot"] for m in sim])["p99"]
+            sim_p99 = p99_tpot(sim)
             jittered = [
-                percentiles([m["tpot"] for m in simulate(profile, compare, mode, run["rate"], seed)])["p99"]
-                for seed in range(JITTER_RUNS)
+                p99_tpot(simulate(profile, compare, mode, run["rate"], seed)) for seed in range(JITTER_RUNS)
             ]
             points.append(
                 {

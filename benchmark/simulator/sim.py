@@ -85,11 +85,16 @@ class Simulator:
 
     def run(self, workload: list[Request], max_steps: int = 10_000_000) -> SimResult:
         self.insts = [
-            SimInstance(i, self.capacity // self.page, self.page, self.chunk, self.max_running)
+            SimInstance(
+                i,
+                self.capacity // self.page,
+                self.page,
+                self.chunk,
+                self.max_running,
+                NewTokenRatio(self.conservativeness),
+            )
             for i in range(self.n)
         ]
-        for inst in self.insts:
-            inst.ratio = NewTokenRatio(self.conservativeness)
         self.state = ClusterState.create(self.n)
         self.queue: list[SimRequest] = []  # router queue (context-parallel policies)
         # placed, sharded requests whose holders reserve between this step and the next: their
