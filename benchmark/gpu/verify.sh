@@ -12,7 +12,7 @@ case "$PART" in
   kernels)  # fused kernels, fused MoE, dispatch packing, Triton backend + graphs vs HF (fp32)
     timeout 560 python -m pytest -q -p no:cacheprovider test/test_elementwise_kernels.py \
       test/test_fused_moe.py test/test_dispatch_kernel.py test/test_triton_attention.py \
-      test/test_cuda_graph.py > "$OUT/pytest_kernels.log" 2>&1 ;;
+      test/test_cuda_graph.py test/test_flashinfer_attention.py > "$OUT/pytest_kernels.log" 2>&1 ;;
   multi)  # instances sharing the GPU: IPC MoE layer, DCP + EP servers (graphs) vs HF
     timeout 560 python -m pytest -q -p no:cacheprovider test/test_ipc_moe.py \
       test/test_multi_instance_gpu.py > "$OUT/pytest_multi.log" 2>&1 ;;
