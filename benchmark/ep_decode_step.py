@@ -13,6 +13,7 @@ that cannot be captured (all_to_all: host-side splits) are eager only.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -121,7 +122,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "ep_decode_step",
         **environment(),
-        "command": "python -m benchmark.ep_decode_step " + " ".join(argv or __import__("sys").argv[1:]),
+        "command": "python -m benchmark.ep_decode_step " + " ".join(sys.argv[1:] if argv is None else argv),
         "world": args.world,
         "model": args.model_path,
         "backends": {},

@@ -5,6 +5,7 @@ top-8, intermediate 768, bf16), 1-256 tokens per rank, uniform random routing.
 - all_to_all: NCCL all_to_all_single with host-side counts (eager only: it syncs with the host);
 - ipc: the CUDA-IPC routing backend (device counts), eager and replayed from a CUDA graph;
 - deepep: DeepEP low-latency dispatch/combine, eager and graph (when deep_ep imports);
+- deepep_fp8: the same with --deepep-fp8-dispatch (FP8 tokens, dequantized on arrival);
 - local: every expert on one GPU, no exchange (the compute floor of one rank's tokens).
 
     python -m benchmark.moe_comm_latency --world 2 [--profile 1 64]
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import torch
 import torch.distributed as dist
@@ -48,6 +50,21 @@ def _inputs(tokens: int, dev: torch.device, seed: int):
     return x, (w / w.sum(-1, keepdim=True)).to(torch.bfloat16), ids
 
 
+class _Fp8Dispatch:
+    """The DeepEP backend with FP8 dispatch for the calls made through it (graphs keep the path
+    they were captured with)."""
+
+    def __init__(self, comm) -> None:
+        self.comm = comm
+
+    def forward(self, *args):
+        self.comm.use_fp8 = True
+        try:
+            return self.comm.forward(*args)
+        finally:
+            self.comm.use_fp8 = False
+
+
 def _bench(rank: int, world: int, iters: int, profile_tokens: list[int], queue) -> None:
     from nanocp.distributed.moe_comm import create_moe_comm
     from nanocp.distributed.parallel_state import A2AComm, ParallelState
@@ -67,6 +84,7 @@ def _bench(rank: int, world: int, iters: int, profile_tokens: list[int], queue) 
     }
     try:
         backends["deepep"] = create_moe_comm("deepep", state, **kw)
+        backends["deepep_fp8"] = _Fp8Dispatch(backends["deepep"])  # one DeepEP buffer per process
         deepep_error = None
     except Exception as e:  # recorded in the result: why DeepEP did not run
         deepep_error = f"{type(e).__name__}: {e}"
@@ -163,7 +181,7 @@ def main(argv=None) -> dict:
     result = {
         "benchmark": "moe_comm_latency",
         **environment("cuda"),
-        "command": "python -m benchmark.moe_comm_latency " + " ".join(argv or []),
+        "command": "python -m benchmark.moe_comm_latency " + " ".join(sys.argv[1:] if argv is None else argv),
         "shape": {
             "hidden": HIDDEN,
             "experts": EXPERTS,

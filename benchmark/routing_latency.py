@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
@@ -145,7 +146,7 @@ def main(argv=None) -> dict:
         "benchmark": "routing_latency",
         **environment("cuda"),
         "gpus": gpus,
-        "command": "python -m benchmark.routing_latency " + " ".join(argv or []),
+        "command": "python -m benchmark.routing_latency " + " ".join(sys.argv[1:] if argv is None else argv),
         "graph_calls_per_replay": GRAPH_CALLS,
         "runs": runs,
     }

@@ -60,3 +60,25 @@ def test_combine_rows_is_hf_order_exact_fp32(k, with_rows):
     else:
         got = combine_rows(pairs.reshape(-1, hidden).to(DEVICE), w.to(DEVICE), ids.to(DEVICE))
     assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("hidden", [128, 512])
+def test_dequant_packed_fp8_writes_received_rows_exactly(hidden):
+    """DeepEP's FP8 receive layout (column-major scales, one per 128 channels) back to float:
+    rows below each expert's count equal fp8 * scale exactly; rows past it are not touched."""
+    from nanocp_kernels.dispatch import dequant_packed_fp8
+
+    g = torch.Generator().manual_seed(hidden)
+    experts, cap = 3, 20
+    x = torch.randn(experts, cap, hidden // 128, 128, generator=g)
+    scale = x.abs().amax(-1).clamp(min=1e-4) / 448.0
+    xq = (x / scale[..., None]).to(torch.float8_e4m3fn).view(experts, cap, hidden)
+    scales = scale.transpose(1, 2).contiguous().transpose(1, 2)  # DeepEP's strides
+    counts = torch.tensor([5, 0, cap], dtype=torch.int32)
+    out = torch.full((experts, cap, hidden), -3.0, device=DEVICE)
+    dequant_packed_fp8(xq.to(DEVICE), scales.to(DEVICE), counts.to(DEVICE), out)
+    want = (xq.float().view(experts, cap, -1, 128) * scale[..., None]).view(experts, cap, hidden)
+    out = out.cpu()
+    for e, n in enumerate(counts.tolist()):
+        assert torch.equal(out[e, :n], want[e, :n])
+        assert (out[e, n:] == -3.0).all()

@@ -99,6 +99,21 @@ def test_triton_backend_on_cpu_needs_cuda(moe_model):
     assert proc.returncode != 0 and "--attention-backend triton needs a CUDA device" in proc.stderr
 
 
+def test_deepep_fp8_dispatch_needs_deepep_low_latency(moe_model):
+    with pytest.raises(ServerArgsError, match="--deepep-fp8-dispatch .* --moe-a2a-backend deepep"):
+        ServerArgs(device="cpu", deepep_fp8_dispatch=True)  # all_to_all
+    with pytest.raises(ServerArgsError, match="--deepep-fp8-dispatch .* --deepep-mode normal"):
+        ServerArgs(
+            device="cpu",
+            moe_a2a_backend="deepep",
+            deepep_mode="normal",
+            dp_size=2,
+            ep_size=2,
+            deepep_fp8_dispatch=True,
+        )
+    assert ServerArgs.parse(["--model-path", moe_model, "--device", "cpu"]).deepep_fp8_dispatch is False
+
+
 def test_deepep_mode_choices():
     assert ServerArgs(device="cpu", deepep_mode="low_latency").deepep_mode == "low_latency"
     assert ServerArgs(device="cpu", deepep_mode="normal").deepep_mode == "normal"  # (no DeepEP: unused)

@@ -112,3 +112,64 @@ def combine_rows(
             NO_FMA=src.is_cuda, BLOCK=block,
         )  # fmt: skip
     return out
+
+
+@triton.jit
+def _dequant_fp8_kernel(
+    q_ptr,
+    s_ptr,
+    count_ptr,
+    out_ptr,
+    CAP,
+    s_e,
+    s_r,
+    s_g,
+    GROUPS: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    e = tl.program_id(0)
+    r0 = tl.program_id(1) * BLOCK_R
+    n = tl.load(count_ptr + e)
+    if r0 < n:  # programs past the expert's received rows do nothing
+        rows = r0 + tl.arange(0, BLOCK_R)
+        m = rows < n
+        cols = tl.arange(0, GROUP)
+        base = (e * CAP + rows)[:, None] * (GROUPS * GROUP) + cols[None, :]
+        for g in range(GROUPS):
+            scale = tl.load(s_ptr + e * s_e + rows * s_r + g * s_g, mask=m, other=0.0)
+            q = tl.load(q_ptr + base + g * GROUP, mask=m[:, None], other=0.0).to(tl.float32)
+            tl.store(
+                out_ptr + base + g * GROUP, (q * scale[:, None]).to(out_ptr.dtype.element_ty), mask=m[:, None]
+            )
+
+
+def dequant_packed_fp8(
+    xq: torch.Tensor, scales: torch.Tensor, recv_count: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """DeepEP's FP8 low-latency receive layout back to `out`'s dtype: xq [experts, cap, hidden]
+    float8_e4m3fn with one float scale per 128 channels, scales [experts, cap, hidden // 128]
+    (any strides; DeepEP's are column-major in the last two dims). Only rows below each expert's
+    recv_count are written, so the cost follows the tokens received, not the buffer's capacity.
+    No host sync: capturable in CUDA graphs."""
+    num_local, cap, hidden = xq.shape
+    group = hidden // scales.shape[2]
+    assert (
+        group * scales.shape[2] == hidden
+        and out.shape == xq.shape
+        and xq.is_contiguous()
+        and out.is_contiguous()
+    )
+    block_r = 16
+    _dequant_fp8_kernel[(num_local, triton.cdiv(cap, block_r))](
+        xq,
+        scales,
+        recv_count,
+        out,
+        cap,
+        *scales.stride(),
+        GROUPS=hidden // group,
+        GROUP=group,
+        BLOCK_R=block_r,
+    )
+    return out

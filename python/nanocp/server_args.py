@@ -70,6 +70,7 @@ class ServerArgs:
     moe_a2a_backend: str = "all_to_all"
     moe_runner_backend: str = "auto"  # expert GEMMs: auto = triton on CUDA, torch elsewhere
     deepep_mode: str = "auto"  # --moe-a2a-backend deepep: which DeepEP kernels
+    deepep_fp8_dispatch: bool = False  # low-latency dispatch sends FP8 (+ scales), experts stay bf16
     load_balance_method: str = "round_robin"
     step_trace_file: str | None = None
     # Context parallelism (router planner): none = static DP, uniform = every request over
@@ -124,6 +125,12 @@ class ServerArgs:
             raise ServerArgsError(
                 f"--deepep-mode normal: DeepEP's normal kernels need 2, 4 or 8 EP ranks on one node, got "
                 f"--ep-size {self.ep_size}; use --deepep-mode low_latency or auto"
+            )
+        if self.deepep_fp8_dispatch and (self.moe_a2a_backend != "deepep" or self.deepep_mode == "normal"):
+            raise ServerArgsError(
+                "--deepep-fp8-dispatch applies to DeepEP's low-latency dispatch: it needs --moe-a2a-backend deepep "
+                f"with --deepep-mode auto or low_latency (got --moe-a2a-backend {self.moe_a2a_backend}, "
+                f"--deepep-mode {self.deepep_mode})"
             )
         if self.moe_a2a_backend == "deepep" and importlib.util.find_spec("deep_ep") is None:
             raise ServerArgsError(
@@ -323,6 +330,12 @@ class ServerArgs:
             help="With --moe-a2a-backend deepep: auto (low-latency kernels for decode, inside CUDA graphs; "
             "normal kernels for steps larger than the low-latency buffer), low_latency (every step, big ones "
             "chunked), normal (high-throughput kernels every step, no CUDA graphs; 2, 4 or 8 EP ranks).",
+        )
+        a(
+            "--deepep-fp8-dispatch",
+            action="store_true",
+            help="DeepEP low-latency dispatch sends tokens as FP8 with a scale per 128 channels (half the bytes); "
+            "they are dequantized to bf16 on arrival for the experts. Combine stays bf16.",
         )
         a(
             "--moe-runner-backend",

@@ -276,6 +276,7 @@ class DeepEPMoE(FixedCapacityMoE):
         max_tokens_per_rank: int = 128,
         deepep_mode: str = "auto",
         top_k: int = 8,
+        deepep_fp8_dispatch: bool = False,
         **_: object,
     ) -> None:
         super().__init__(state, max_tokens_per_rank)
@@ -324,6 +325,8 @@ class DeepEPMoE(FixedCapacityMoE):
             low_latency_mode=self.low_latency,
             num_qps_per_rank=num_experts // n if self.low_latency else 1,
         )
+        self.use_fp8 = deepep_fp8_dispatch
+        self._dequant: torch.Tensor | None = None  # bf16 copy of the FP8 receive layout, built once
         self._index: tuple[torch.Tensor, torch.Tensor] | None = None
         self._dirty = False  # a normal step ran since the low-latency buffer was last clean
 
@@ -373,13 +376,27 @@ class DeepEPMoE(FixedCapacityMoE):
             self._index = (slot.contiguous(), expert.contiguous())
         return self._index
 
+    def _dequantize(self, xq: torch.Tensor, scales: torch.Tensor, recv_count: torch.Tensor) -> torch.Tensor:
+        """Received FP8 rows (below each expert's count) to bf16, into a buffer kept across calls."""
+        from nanocp_kernels.dispatch import dequant_packed_fp8
+
+        if self._dequant is None or self._dequant.shape != xq.shape:
+            self._dequant = torch.empty(xq.shape, dtype=torch.bfloat16, device=xq.device)
+        return dequant_packed_fp8(xq, scales, recv_count, self._dequant)
+
     def _run(self, x, topk_weights, topk_ids, experts):
         ids = topk_ids.to(torch.int64)
         with trace_section("moe_comm"):
             recv_x, recv_count, handle, _, _ = self.buffer.low_latency_dispatch(
-                x.to(torch.bfloat16).contiguous(), ids, self.max_tokens, self.num_experts, use_fp8=False
+                x.to(torch.bfloat16).contiguous(),
+                ids,
+                self.max_tokens,
+                self.num_experts,
+                use_fp8=self.use_fp8,
             )
         with trace_section("moe_compute"):
+            if self.use_fp8:
+                recv_x = self._dequantize(*recv_x, recv_count)
             # packed layout: expert e's tokens are rows [0, recv_count[e]) of recv_x[e]; at most
             # ranks * max_tokens * min(k, local experts) rows are used, and combine reads only those
             num_local, cap, hidden = recv_x.shape

@@ -71,6 +71,7 @@ class ModelRunner:
             max_tokens_per_rank=min(args.cuda_graph_max_bs, 256),
             top_k=getattr(self.hf_config, "num_experts_per_tok", 1) or 1,
             deepep_mode=args.deepep_mode,
+            deepep_fp8_dispatch=args.deepep_fp8_dispatch,
             dtype=self.dtype,
         )
         self._init_kv_cache()
