@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import math
 import re
@@ -31,7 +30,7 @@ from benchmark.common import RESULTS, bench_model_path, environment, pyplot, wri
 from benchmark.goodput import attainment, goodput_search
 from benchmark.serve_bench import run_workload, server_vocab, summarize
 from benchmark.server_runs import ClusterSampler, modes, plot_timelines, server_flags, wait_idle
-from benchmark.workloads import Request, make_workload, summary
+from benchmark.workloads import Request, nested_workload, summary
 from nanocp.testing.server import ServerProcess
 
 
@@ -74,9 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def workload(args, rate: float) -> list[Request]:
     """The first max(min_requests, rate * duration) requests of one seeded pool, arrivals scaled
     to the rate: every rate replays a prefix of the same request sequence (steady load)."""
-    n = max(args.min_requests, int(rate * args.duration))
-    pool = make_workload(args.mix, max(n, 2000), rate=1.0, seed=args.seed)
-    return [dataclasses.replace(r, arrival_s=r.arrival_s / rate) for r in pool[:n]]
+    return nested_workload(args.mix, max(args.min_requests, int(rate * args.duration)), rate, args.seed)
 
 
 def slug(mode: str) -> str:

@@ -39,6 +39,9 @@ class GoodputResult:
     points: list[dict] = field(default_factory=list)  # every measured rate, in order
 
 
+MAX_BRACKET_GROWTH = 16  # the search may raise `hi` up to this factor while the SLO still holds
+
+
 def goodput_search(
     measure: Callable[[float], list[dict]],
     tpot_slo: float,
@@ -67,7 +70,7 @@ def goodput_search(
 
     if not probe(lo):
         return GoodputResult(0.0, points)
-    cap = hi * 16
+    cap = hi * MAX_BRACKET_GROWTH
     while probe(hi):  # grow the bracket until it fails
         lo, hi = hi, hi * 2
         if hi > cap:

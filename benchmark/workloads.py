@@ -14,9 +14,10 @@ Arrivals: Poisson (exponential gaps) or bursty Gamma gaps with coefficient of va
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,22 @@ def make_workload(
         outs[idx] = comp.output_len(rng, len(idx))
     times = arrivals(rng, num_requests, rate, arrival, cv)
     return [Request(float(t), int(i), int(o), comps[k].kind) for t, i, o, k in zip(times, ins, outs, which)]
+
+
+@functools.lru_cache(maxsize=8)
+def _pool(mix: str, size: int, seed: int) -> tuple[Request, ...]:
+    return tuple(make_workload(mix, size, rate=1.0, seed=seed))
+
+
+def nested_workload(
+    mix: str, num_requests: int, rate: float, seed: int = 0, pool_size: int = 2000
+) -> list[Request]:
+    """The first num_requests requests of one seeded pool (at least pool_size long), arrivals
+    scaled to `rate`: every rate replays a prefix of the same request sequence, so runs at
+    different rates differ only in load (a goodput search over them is not confounded by a new
+    draw of lengths per rate). Callers that compare rates must keep pool_size fixed."""
+    pool = _pool(mix, max(num_requests, pool_size), seed)
+    return [replace(r, arrival_s=r.arrival_s / rate) for r in pool[:num_requests]]
 
 
 def summary(reqs: list[Request]) -> dict[str, Any]:

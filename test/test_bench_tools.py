@@ -8,7 +8,7 @@ import pytest
 from benchmark.goodput import attainment, goodput_search
 from benchmark.simulator.cost import H200, QWEN3_235B, CostModel
 from benchmark.simulator.sim import Simulator
-from benchmark.workloads import Request, arrivals, load, make_workload, save
+from benchmark.workloads import Request, arrivals, load, make_workload, nested_workload, save
 from nanocp_router.planner import PlannerConfig, create_cp_policy
 
 
@@ -29,6 +29,21 @@ def test_workload_is_seeded_and_has_the_mix_moments(tmp_path):
     ) == pytest.approx(1, rel=0.1)
     save(a[:50], tmp_path / "w.jsonl")
     assert load(tmp_path / "w.jsonl") == a[:50]
+
+
+def test_nested_workloads_share_requests_across_rates():
+    """A higher rate replays a longer prefix of the same requests, arrivals compressed by the
+    rate ratio; lengths never change with the rate (what makes a goodput search monotone)."""
+    slow = nested_workload("chat-docs", 100, rate=2.0, seed=4, pool_size=500)
+    fast = nested_workload("chat-docs", 300, rate=6.0, seed=4, pool_size=500)
+    assert [(r.input_len, r.output_len, r.kind) for r in fast[:100]] == [
+        (r.input_len, r.output_len, r.kind) for r in slow
+    ]
+    assert [3 * r.arrival_s for r in fast[:100]] == pytest.approx([r.arrival_s for r in slow])
+    gaps = np.diff([r.arrival_s for r in fast])
+    assert np.mean(gaps) == pytest.approx(1 / 6.0, rel=0.15)
+    other = nested_workload("chat-docs", 100, rate=2.0, seed=5, pool_size=500)
+    assert [r.input_len for r in other] != [r.input_len for r in slow]
 
 
 def test_bursty_arrivals_have_the_requested_cv():
