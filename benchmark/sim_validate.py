@@ -202,6 +202,16 @@ def main(argv=None) -> dict:
     p.add_argument("--tag", default=None)
     p.add_argument("--traces", type=Path, default=None, help="folder holding the run's step traces now")
     p.add_argument(
+        "--repeat",
+        type=Path,
+        default=None,
+        help="a second run of the same compare command (same workload and flags): the real runs' own "
+        "spread is reported next to the simulator's error, and the profile is fitted to both runs' steps",
+    )
+    p.add_argument(
+        "--repeat-traces", type=Path, default=None, help="folder holding the repeat's step traces now"
+    )
+    p.add_argument(
         "--combine",
         choices=["auto", "shared", "max"],
         default="auto",
@@ -213,7 +223,21 @@ def main(argv=None) -> dict:
     combine = args.combine
     if combine == "auto":
         combine = "shared" if "cpu" in compare["device"].lower() else "max"
-    profile, fit = fit_profile(compare, load_traces(compare, args.traces), combine)
+    steps = load_traces(compare, args.traces)
+    repeat = None
+    if args.repeat is not None:
+        repeat = json.loads(args.repeat.read_text())
+        where = ("trace_dir", "tag")  # where a run wrote its files, not what it ran
+
+        def ran(c: dict) -> dict:
+            return {k: v for k, v in c["settings"].items() if k not in where} | {"dp_size": c["dp_size"]}
+
+        if ran(repeat) != ran(compare):
+            raise SystemExit(
+                f"--repeat {args.repeat}: not a run of the same compare settings as {args.compare}"
+            )
+        steps += load_traces(repeat, args.repeat_traces)
+    profile, fit = fit_profile(compare, steps, combine)
     (RESULTS / f"profile_{tag}.json").write_text(profile.to_json() + "\n")
     slo = compare["slo"]
     s = compare["settings"]
@@ -242,6 +266,14 @@ def main(argv=None) -> dict:
                     "sim_attainment": attainment(sim, slo["tpot_ms"] / 1e3, slo["ttft_s"]),
                 }
             )
+            if repeat is not None:
+                again = next(x for x in repeat["modes"][mode]["runs"] if x["rate"] == run["rate"])
+                both = (real_p99 + again["summary"]["tpot"]["p99"]) / 2
+                points[-1].update(
+                    real_p99_tpot_ms_repeat=1e3 * again["summary"]["tpot"]["p99"],
+                    real_repeat_rel_diff=again["summary"]["tpot"]["p99"] / real_p99 - 1,
+                    p99_rel_error_vs_real_mean=sim_p99 / both - 1,
+                )
         sim_goodput = goodput_search(
             lambda rate, mode=mode: simulate(profile, compare, mode, rate),
             slo["tpot_ms"] / 1e3,
@@ -302,6 +334,17 @@ def main(argv=None) -> dict:
             "median_points_within_20pct": f"{sum(e <= 0.2 for e in median_errors)} of {len(points)}",
         },
     }
+    if repeat is not None:
+        real_diffs = [abs(x["real_repeat_rel_diff"]) for x in points]
+        mean_errors = [abs(x["p99_rel_error_vs_real_mean"]) for x in points]
+        result["repeat"] = {
+            "compare": str(args.repeat),
+            "real_vs_real_abs_rel_diff_mean": float(np.mean(real_diffs)),
+            "real_vs_real_points_within_20pct": f"{sum(e <= 0.2 for e in real_diffs)} of {len(points)}",
+            "sim_vs_real_mean_abs_rel_error_mean": float(np.mean(mean_errors)),
+            "sim_vs_real_mean_points_within_20pct": f"{sum(e <= 0.2 for e in mean_errors)} of {len(points)}",
+            "goodput_real_repeat": {m: repeat["modes"][m]["goodput_rps"] for m in compare["modes"]},
+        }
     write_json(RESULTS / f"sim_validation_{tag}.json", result)
     write_report(result, compare, tag)
     return result
@@ -374,6 +417,28 @@ def write_report(result: dict, compare: dict, tag: str) -> None:
         f"points; the median simulated P99 is within 20% at {result['jitter']['median_points_within_20pct']} "
         f"(mean |error| {100 * result['jitter']['median_p99_abs_rel_error_mean']:.0f}%).",
     ]
+    if "repeat" in result:
+        rp = result["repeat"]
+        lines += [
+            "",
+            f"Repeat of the real run ({rp['compare']}, same command): real P99 TPOT, first / repeat / "
+            "simulated vs their mean:",
+            "",
+            "| mode | rate | real (ms) | repeat (ms) | real vs real | sim vs real mean |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {p['mode']} | {p['rate']:.3f} | {p['real_p99_tpot_ms']:.0f} | {p['real_p99_tpot_ms_repeat']:.0f} | "
+                f"{100 * p['real_repeat_rel_diff']:+.0f}% | {100 * p['p99_rel_error_vs_real_mean']:+.0f}% |"
+                for p in result["points"]
+            ),
+            "",
+            f"Real vs real: mean |difference| {100 * rp['real_vs_real_abs_rel_diff_mean']:.0f}%, within 20% at "
+            f"{rp['real_vs_real_points_within_20pct']} points. Simulated vs the two runs' mean: mean |error| "
+            f"{100 * rp['sim_vs_real_mean_abs_rel_error_mean']:.0f}%, within 20% at "
+            f"{rp['sim_vs_real_mean_points_within_20pct']}. Repeat's goodput: "
+            + "; ".join(f"{m} {g:.2f}" for m, g in rp["goodput_real_repeat"].items())
+            + ".",
+        ]
     (RESULTS / f"sim_validation_{tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
