@@ -235,11 +235,14 @@ def paged_prefill_attention(
     return o, lse
 
 
+MAX_SPLITS = 128  # batch 1 at 128k context: 42% -> 60% of the decode roofline vs 32 (H200)
+
+
 def _num_splits(rows: int, kv_heads: int, device: torch.device) -> int:
     """KV splits per (query row, KV head): enough programs for about two waves of the GPU. It
     depends only on the shapes, so a captured graph keeps it for any context length."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return min(32, triton.next_power_of_2(max(1, -(-2 * sms // (rows * kv_heads)))))
+    return min(MAX_SPLITS, triton.next_power_of_2(max(1, -(-2 * sms // (rows * kv_heads)))))
 
 
 def paged_attention(
