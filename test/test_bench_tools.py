@@ -244,3 +244,28 @@ def test_instance_retracts_its_last_request_when_foreign_segments_took_the_pages
     assert inst.schedule(0.1, []) == [] and inst.waiting == [own] and own.retractions == 1
     inst.release_foreign(other)
     assert inst.schedule(0.2, []) == [(own, 33)]  # recomputed: prompt + its sampled token
+
+
+def test_retraction_victim_rule():
+    from nanocp.scheduler.admission import retraction_victim
+
+    assert retraction_victim([(100, 100), (50, 50), (70, 70)]) == 2  # all whole here: the newest
+    assert retraction_victim([(100, 100), (4000, 1000)]) == 0  # sharded (recompute 4x) goes last
+    assert retraction_victim([(10, 0), (500, 500)]) == 1  # freeing nothing helps nothing
+    assert retraction_victim([(30, 0)]) == 0
+
+
+def test_simulated_holder_keeps_its_sharded_request_when_retracting():
+    """SimInstance uses the scheduler's victim rule: the unsharded request goes, not the newer
+    context-parallel one whose home share is a quarter of what it would recompute."""
+    from benchmark.simulator.instance import SimInstance, SimRequest
+
+    inst = SimInstance(0, total_pages=100, page_size=16, chunk=512, max_running=8)
+    chat = SimRequest(Request(0.0, 320, 10), rid=0, home=0, computed=320, pages=20)
+    doc = SimRequest(
+        Request(1.0, 1280, 10), rid=1, home=0, segments=[(1, 0, 960), (0, 960, 1290)], computed=1280, pages=20
+    )
+    inst.running, inst.free_pages = [chat, doc], 60
+    assert inst.victim() is chat
+    assert inst.reserve_foreign(SimRequest(Request(2.0, 2000, 1), rid=2), 0, 16 * 70)
+    assert inst.running == [doc] and chat.retractions == 1 and doc.retractions == 0

@@ -100,3 +100,24 @@ def test_lone_request_is_retracted_when_foreign_segments_take_its_pages(moe_mode
             s.step()
         assert req.output_ids == expected
         assert_pool_free(engine)
+
+
+def test_victim_is_the_request_freeing_most_kv_per_recomputed_token(moe_model):
+    """A context-parallel request holds only its home's share here but would recompute all of
+    its positions: an older unsharded request is retracted first; among unsharded ones the newest
+    (the rule before, and SGLang's)."""
+    with Engine(model_path=moe_model, page_size=16, max_total_tokens=512) as engine:
+        s = engine.scheduler
+        reqs, _ = engine._make_requests(
+            None, random_prompts([40, 40, 300], vocab=500, seed=1), greedy_params(4)
+        )
+        old, mid, sharded = reqs
+        old.kv_len, mid.kv_len = 40, 40
+        sharded.set_placement([(1, 0, 224), (0, 224, 304)], home=0)  # 80 of 304 positions held here
+        sharded.kv_len = 300
+        s.running = [old, sharded]
+        assert s._victim() is old
+        s.running = [old, mid, sharded]
+        assert s._victim() is mid
+        s.running = [sharded]
+        assert s._victim() is sharded

@@ -3,7 +3,8 @@
 FCFS waiting queue; each step the running requests go first (every decode, prefill chunks within
 the `chunk` token budget), then waiting requests are admitted by the scheduler's own
 new-token-ratio rule (nanocp.scheduler.admission) while the budget and the pool allow; when the
-pool cannot hold a step, the newest running request is retracted (its KV freed, recomputed later).
+pool cannot hold a step, a running request is retracted by the scheduler's rule (its KV freed,
+recomputed later).
 Context-parallel requests hold only their home segments here; segments this instance holds for
 other homes are reserved whole when the router places them.
 """
@@ -14,7 +15,7 @@ import bisect
 from dataclasses import dataclass, field
 
 from benchmark.workloads import Request
-from nanocp.scheduler.admission import GROWTH_AHEAD_TOKENS, NewTokenRatio
+from nanocp.scheduler.admission import GROWTH_AHEAD_TOKENS, NewTokenRatio, retraction_victim
 
 
 @dataclass
@@ -110,7 +111,7 @@ class SimInstance:
         """Hold [start, end) of another home's request; own requests are retracted if need be."""
         need = self.pages_for(end - start)
         while self.free_pages < need and self.running:
-            self.retract(self.running[-1])
+            self.retract(self.victim())
         if self.free_pages < need:
             return False
         self.free_pages -= need
@@ -123,6 +124,12 @@ class SimInstance:
     def release(self, sr: SimRequest) -> None:
         self.free_pages += sr.pages
         sr.pages = 0
+
+    def victim(self) -> SimRequest:
+        """The running request to retract (the scheduler's rule: most KV freed per recompute)."""
+        return self.running[
+            retraction_victim([(sr.computed, sr.local_tokens(sr.computed)) for sr in self.running])
+        ]
 
     def retract(self, victim: SimRequest) -> None:
         self.running.remove(victim)
@@ -151,7 +158,7 @@ class SimInstance:
         while sum(self.pages_needed(sr, sr.computed + n) for sr, n in work) > self.free_pages:
             if len(self.running) <= 1 and not self.foreign:  # as Scheduler._fit_or_retract
                 raise RuntimeError(f"instance {self.index}: its KV cannot hold a single request")
-            victim = self.running[-1]
+            victim = self.victim()
             self.retract(victim)
             work = [(sr, n) for sr, n in work if sr is not victim]
         for sr, n in work:

@@ -33,6 +33,12 @@ def local_ranges(segments: list[tuple[int, int]] | None, start: int, end: int) -
     return out
 
 
+def held_tokens(req: KVOwner, upto: int | None = None) -> int:
+    """How many of the request's positions below `upto` (default: its KV length) are held here."""
+    end = req.kv_len if upto is None else upto
+    return sum(e - s for s, e, _ in local_ranges(req.local_segments, 0, end))
+
+
 class KVManager:
     def __init__(self, allocator: PageAllocator, req_to_token_pool: ReqToTokenPool) -> None:
         self.allocator = allocator
@@ -42,8 +48,7 @@ class KVManager:
     def pages_needed(self, req: KVOwner, new_len: int) -> int:
         """Extra pages a request needs to hold new_len tokens (only its local positions are held
         here: others of a context-parallel request live on other instances)."""
-        held = sum(e - s for s, e, _ in local_ranges(req.local_segments, 0, new_len))
-        return max(0, -(-held // self.page_size) - len(req.kv_pages))
+        return max(0, -(-held_tokens(req, new_len) // self.page_size) - len(req.kv_pages))
 
     def extend(self, req: KVOwner, num_tokens: int) -> torch.Tensor | None:
         """Reserve slots for the request's next num_tokens tokens; returns their slot ids

@@ -41,3 +41,18 @@ class NewTokenRatio:
         """The first chunk's pages plus everyone's possible growth (`future_tokens`, summed over
         the running requests and the candidate) fit in the free pages."""
         return new_pages + future_tokens / page_size <= free_pages
+
+
+def retraction_victim(candidates: list[tuple[int, int]]) -> int:
+    """Which running request to retract when the pool cannot hold the step. `candidates`, in
+    admission order: (tokens a retraction makes the request recompute, tokens of KV it frees
+    here). The victim frees the most KV per token of recompute; among equals (every request held
+    whole here: one token per token) the newest, as SGLang does. A context-parallel request
+    frees only its home's share but recomputes all of it (and stalls its holders' steps), so it
+    goes last."""
+
+    def cost(i: int) -> tuple[float, int]:
+        recompute, freed = candidates[i]
+        return (recompute / freed if freed > 0 else float("inf"), -i)
+
+    return min(range(len(candidates)), key=cost)

@@ -2,8 +2,9 @@
 
 Every step runs, in one forward, the decodes of all running requests plus prefill chunks (at most
 --chunked-prefill-size prompt tokens per step). New requests are admitted first-come first-served
-while the KV budget allows; when running requests outgrow the pool, the newest ones are retracted
-(their KV freed, prompt + outputs recomputed later), so no request fails for lack of memory.
+while the KV budget allows; when running requests outgrow the pool, running requests are retracted
+(their KV freed, prompt + outputs recomputed later), so no request fails for lack of memory: the
+newest first, but context-parallel ones (which free only their home's share here) last.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import torch
 from nanocp.distributed.dcp import ForeignKV
 from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
 from nanocp.engine.step_trace import StepTracer
-from nanocp.kvcache.manager import KVManager, local_ranges
+from nanocp.kvcache.manager import KVManager, held_tokens, local_ranges
 from nanocp.model_executor.model_runner import ModelRunner
-from nanocp.scheduler.admission import GROWTH_AHEAD_TOKENS, NewTokenRatio
+from nanocp.scheduler.admission import GROWTH_AHEAD_TOKENS, NewTokenRatio, retraction_victim
 from nanocp.scheduler.request import Req, ReqStatus, validate_input
 from nanocp.utils import get_logger
 from nanocp_router.planner import causal_pairs
@@ -64,10 +65,10 @@ class Scheduler:
     # ------------------------------------------------------- context parallelism
     def reserve_foreign(self, key: int, start: int, end: int) -> bool:
         """Hold [start, end) of another home's request. Called between steps: own running
-        requests are retracted (newest first) if that is what it takes."""
+        requests are retracted (see _victim) if that is what it takes."""
         need = self.foreign.pages_for(start, end)
         while self.kv.allocator.num_free_pages < need and self.running:
-            self._retract(self.running[-1])
+            self._retract(self._victim())
         return self.foreign.reserve(key, start, end)
 
     def release_foreign(self, key: int) -> None:
@@ -255,11 +256,16 @@ class Scheduler:
             # pages (it waits until they are released); without them admission was wrong
             if len(self.running) <= 1 and not self.foreign.segments:
                 raise RuntimeError("KV cache cannot hold a single request; this is a bug in admission")
-            victim = self.running[-1]
+            victim = self._victim()
             self._retract(victim)
             work = [(r, n) for r, n in work if r is not victim]
             logger.debug("retracted %s (%d tokens) to free KV cache", victim.rid, len(victim.fill_ids))
         return work
+
+    def _victim(self) -> Req:
+        """The running request whose retraction frees the most KV here per token it must
+        recompute; the newest among equals (admission.retraction_victim)."""
+        return self.running[retraction_victim([(r.kv_len, held_tokens(r)) for r in self.running])]
 
     def _retract(self, victim: Req) -> None:
         """Free a running request's KV; it waits and is recomputed (prompt + outputs) later."""
