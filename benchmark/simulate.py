@@ -57,9 +57,9 @@ def measurer(args, model: str, n: int, policy: str):
         cp_min_shard_tokens=args.cp_min_shard_tokens,
     )
 
-    # every probed rate replays a prefix of one pool (sized for the highest rate the search can
-    # probe), so probes differ only in load, and every policy sees the same requests
-    pool_size = max(50, int(search_bounds(n)[1] * MAX_BRACKET_GROWTH * args.duration))
+    # every probed rate replays a prefix of one pool (sized for the highest rate any search can
+    # probe), so probes differ only in load, and every policy and cluster size sees the same requests
+    pool_size = max(50, int(search_bounds(max(args.instances))[1] * MAX_BRACKET_GROWTH * args.duration))
 
     def measure(rate: float) -> list[dict]:
         # enough requests to reach steady state: the rate applied for `duration` seconds
