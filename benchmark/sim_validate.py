@@ -227,7 +227,7 @@ def main(argv=None) -> dict:
     repeat = None
     if args.repeat is not None:
         repeat = json.loads(args.repeat.read_text())
-        where = ("trace_dir", "tag")  # where a run wrote its files, not what it ran
+        where = ("trace_dir", "tag", "only")  # where a run wrote its files and which modes it re-ran
 
         def ran(c: dict) -> dict:
             return {k: v for k, v in c["settings"].items() if k not in where} | {"dp_size": c["dp_size"]}
