@@ -105,7 +105,7 @@ def test_lone_request_is_retracted_when_foreign_segments_take_its_pages(moe_mode
 def test_victim_is_the_request_freeing_most_kv_per_recomputed_token(moe_model):
     """A context-parallel request holds only its home's share here but would recompute all of
     its positions: an older unsharded request is retracted first; among unsharded ones the newest
-    (the rule before, and SGLang's)."""
+    (the rule before)."""
     with Engine(model_path=moe_model, page_size=16, max_total_tokens=512) as engine:
         s = engine.scheduler
         reqs, _ = engine._make_requests(

@@ -47,7 +47,7 @@ def retraction_victim(candidates: list[tuple[int, int]]) -> int:
     """Which running request to retract when the pool cannot hold the step. `candidates`, in
     admission order: (tokens a retraction makes the request recompute, tokens of KV it frees
     here). The victim frees the most KV per token of recompute; among equals (every request held
-    whole here: one token per token) the newest, as SGLang does. A context-parallel request
+    whole here: one token per token) the newest, the rule before. A context-parallel request
     frees only its home's share but recomputes all of it (and stalls its holders' steps), so it
     goes last."""
 
