@@ -268,11 +268,11 @@ def main(argv=None) -> dict:
             )
             if repeat is not None:
                 again = next(x for x in repeat["modes"][mode]["runs"] if x["rate"] == run["rate"])
-                both = (real_p99 + again["summary"]["tpot"]["p99"]) / 2
+                repeat_p99 = again["summary"]["tpot"]["p99"]
                 points[-1].update(
-                    real_p99_tpot_ms_repeat=1e3 * again["summary"]["tpot"]["p99"],
-                    real_repeat_rel_diff=again["summary"]["tpot"]["p99"] / real_p99 - 1,
-                    p99_rel_error_vs_real_mean=sim_p99 / both - 1,
+                    real_p99_tpot_ms_repeat=1e3 * repeat_p99,
+                    real_repeat_rel_diff=repeat_p99 / real_p99 - 1,
+                    p99_rel_error_vs_real_mean=sim_p99 / ((real_p99 + repeat_p99) / 2) - 1,
                 )
         sim_goodput = goodput_search(
             lambda rate, mode=mode: simulate(profile, compare, mode, rate),
