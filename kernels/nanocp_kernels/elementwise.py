@@ -230,25 +230,41 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def softmax_topk(
+    row_ptr, E, K: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr, CACHE: tl.constexpr
+):
+    """One router row: softmax over its E logits in float32, the top K (lowest index among ties),
+    optionally renormalised. Returns (weights [K] float32, ids [K] int64). BLOCK_E >= 32.
+    CACHE: the logits' load cache modifier ("", or ".cg" where other programs just wrote them).
+    Each logit's rank (how many come before it) is counted against all others at once, so the
+    top-k costs a few reductions, not K rounds of arg-max (each a CTA-wide reduction)."""
+    offs = tl.arange(0, BLOCK_E)
+    ks = tl.arange(0, K)
+    x = tl.load(row_ptr + offs, mask=offs < E, other=float("-inf"), cache_modifier=CACHE).to(tl.float32)
+    p = tl.exp(x - tl.max(x, axis=0))
+    p = p / tl.sum(p, axis=0)
+    rank = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for j0 in tl.static_range(0, BLOCK_E, 32):  # softmax keeps the order: compare logits
+        offs_j = j0 + tl.arange(0, 32)
+        xj = tl.load(row_ptr + offs_j, mask=offs_j < E, other=float("-inf"), cache_modifier=CACHE)
+        xj = xj.to(tl.float32)[None, :]
+        ahead = (xj > x[:, None]) | ((xj == x[:, None]) & (offs_j[None, :] < offs[:, None]))
+        rank += tl.sum(ahead.to(tl.int32), axis=1)
+    pick = rank[None, :] == ks[:, None]  # [K, BLOCK_E]: the logit of rank k
+    w = tl.sum(tl.where(pick, p[None, :], 0.0), axis=1)
+    ids = tl.sum(tl.where(pick, offs[None, :], 0), axis=1).to(tl.int64)
+    if RENORM:
+        w = w / tl.sum(w, axis=0)
+    return w, ids
+
+
+@triton.jit
 def _topk_softmax_kernel(
     logits_ptr, w_ptr, ids_ptr, E, stride_l, K: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr
 ):
     row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK_E)
     ks = tl.arange(0, K)
-    x = tl.load(logits_ptr + row * stride_l + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
-    p = tl.exp(x - tl.max(x, axis=0))
-    p = p / tl.sum(p, axis=0)
-    w = tl.zeros((K,), dtype=tl.float32)
-    ids = tl.zeros((K,), dtype=tl.int64)
-    for k in tl.static_range(K):  # k rounds of arg-max, each removing the winner
-        best = tl.max(p, axis=0)
-        idx = tl.min(tl.where(p == best, offs, BLOCK_E), axis=0)  # lowest index among ties
-        w = tl.where(ks == k, best, w)
-        ids = tl.where(ks == k, idx.to(tl.int64), ids)
-        p = tl.where(offs == idx, -1.0, p)
-    if RENORM:
-        w = w / tl.sum(w, axis=0)
+    w, ids = softmax_topk(logits_ptr + row * stride_l, E, K, RENORM, BLOCK_E, "")
     tl.store(w_ptr + row * K + ks, w.to(w_ptr.dtype.element_ty))  # float32 math, one rounding
     tl.store(ids_ptr + row * K + ks, ids)
 
@@ -262,6 +278,13 @@ def topk_softmax(
     ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
     if t:
         _topk_softmax_kernel[(t,)](
-            logits, w, ids, e, logits.stride(0), K=k, RENORM=renormalize, BLOCK_E=triton.next_power_of_2(e)
+            logits,
+            w,
+            ids,
+            e,
+            logits.stride(0),
+            K=k,
+            RENORM=renormalize,
+            BLOCK_E=max(32, triton.next_power_of_2(e)),
         )
     return w, ids
