@@ -3,7 +3,8 @@
 # last verified run, DeepEP in graphs, and the single-GPU decode benchmark. One part per device
 # call keeps each under 10 minutes. From the project root:
 #   source .gpu/env.sh && bash benchmark/gpu/verify.sh kernels|multi|deepep|decode
-# Logs go to $OUT (default /tmp/out); prints one summary line.
+# Logs go to $OUT (default /tmp/out); prints one summary line. The multi part's tests use the openai
+# client: bundle it too (EXTRA="openai distro jiter sniffio anyio httpx httpcore h11" bash ../shared/gpu/bundle.sh).
 set -u
 PART=${1:?usage: verify.sh kernels|multi|deepep|decode}
 OUT=${OUT:-/tmp/out}
@@ -12,7 +13,8 @@ case "$PART" in
   kernels)  # fused kernels, fused MoE, dispatch packing, Triton backend + graphs vs HF (fp32)
     timeout 560 python -m pytest -q -p no:cacheprovider test/test_elementwise_kernels.py \
       test/test_fused_moe.py test/test_dispatch_kernel.py test/test_triton_attention.py \
-      test/test_cuda_graph.py test/test_flashinfer_attention.py > "$OUT/pytest_kernels.log" 2>&1 ;;
+      test/test_cuda_graph.py test/test_flashinfer_attention.py test/test_small_batch_kernels.py \
+      > "$OUT/pytest_kernels.log" 2>&1 ;;
   multi)  # instances sharing the GPU: IPC MoE layer, DCP + EP servers (graphs) vs HF
     timeout 560 python -m pytest -q -p no:cacheprovider test/test_ipc_moe.py \
       test/test_multi_instance_gpu.py > "$OUT/pytest_multi.log" 2>&1 ;;

@@ -40,3 +40,9 @@ def flashinfer_decode_tensor_cores() -> bool | None:
     group size (4+ query heads per KV head: tensor cores, as SGLang does)."""
     value = _get("NANOCP_FLASHINFER_DECODE_TENSOR_CORES", "")
     return None if value == "" else value not in ("0", "false", "False")
+
+
+def small_batch_kernels() -> bool:
+    """Decode batches of a few tokens run the GEMV projections and the two-launch MoE
+    (nanocp_kernels.gemv / small_moe) on CUDA; "0" keeps cuBLAS and the grouped-GEMM MoE."""
+    return _get("NANOCP_SMALL_BATCH_KERNELS", "1") not in ("0", "false", "False")

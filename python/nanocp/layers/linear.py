@@ -6,6 +6,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanocp import envs
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, except decode batches of <= gemv.WINS_UP_TO rows on CUDA, which stream the weight
+    through one GEMV launch (cuBLAS picks 64-row tiles and split-K there: ~2x the bytes' time)."""
+    if x.is_cuda and x.dim() == 2 and envs.small_batch_kernels():
+        from nanocp_kernels.gemv import WINS_UP_TO, gemv
+
+        if x.shape[0] <= WINS_UP_TO:
+            return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and checkpoint names) whose forward is `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
 
 class MergedLinear(nn.Module):
     """One matmul for several projections of the same input (q/k/v, gate/up).
@@ -31,4 +51,4 @@ class MergedLinear(nn.Module):
         param.data[start : start + size].copy_(tensor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)

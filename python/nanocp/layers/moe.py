@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from nanocp import envs
 from nanocp.engine.forward_batch import get_forward_batch
 from nanocp.engine.step_trace import trace_section
+from nanocp.layers.linear import linear
 from nanocp_kernels.reference import expert_ffn_ref, fused_moe_ref
 
 
@@ -59,6 +61,14 @@ class FusedMoE(nn.Module):
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_offset: int
     ) -> torch.Tensor:
         """Weighted sum over each token's top-k local experts (others give 0)."""
+        if self.runner_backend == "triton" and x.is_cuda and envs.small_batch_kernels():
+            from nanocp_kernels.small_moe import SMALL_PAIRS, small_fused_moe
+
+            k = topk_ids.shape[1]
+            if topk_ids.numel() <= SMALL_PAIRS and k & (k - 1) == 0:
+                return small_fused_moe(
+                    x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_offset
+                )
         if self.runner_backend == "triton":
             from nanocp_kernels.fused_moe import fused_moe
 
@@ -112,8 +122,18 @@ class FusedMoE(nn.Module):
         target = self.w13_weight if name == "gate_up_proj" else self.w2_weight
         target.data.copy_(tensor[sl])
 
-    def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        weights, ids = select_experts(router_logits, self.top_k, self.renormalize, x.dtype)
+    def route(self, x: torch.Tensor, gate_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The router: (weights [T, top_k] in x's dtype, global expert ids [T, top_k])."""
+        if x.is_cuda and self.top_k & (self.top_k - 1) == 0 and envs.small_batch_kernels():
+            from nanocp_kernels.gemv import ROUTER_WINS_UP_TO, router_topk
+
+            if x.shape[0] <= ROUTER_WINS_UP_TO:  # gate projection + top-k in one launch
+                return router_topk(x, gate_weight, self.top_k, self.renormalize)
+        return select_experts(linear(x, gate_weight), self.top_k, self.renormalize, x.dtype)
+
+    def forward(self, x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
+        """x through the router (gate_weight [num_experts, hidden]) and the experts."""
+        weights, ids = self.route(x, gate_weight)
         batch = get_forward_batch()
         if batch.moe_comm is None:
             with trace_section("moe_compute"):

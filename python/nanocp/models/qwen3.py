@@ -11,7 +11,7 @@ from torch import nn
 
 from nanocp.layers.attention import Attention
 from nanocp.layers.layernorm import RMSNorm
-from nanocp.layers.linear import MergedLinear
+from nanocp.layers.linear import Linear, MergedLinear
 from nanocp.layers.rotary import RotaryEmbedding
 
 
@@ -30,7 +30,7 @@ class Qwen3Attention(nn.Module):
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         bias = getattr(config, "attention_bias", False)
         self.qkv_proj = MergedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=bias)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, self.head_dim)
@@ -65,7 +65,7 @@ class Qwen3MLP(nn.Module):
             raise NotImplementedError(f"hidden_act {hidden_act!r} is not supported (only silu)")
         self.intermediate_size = intermediate_size
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size])
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)

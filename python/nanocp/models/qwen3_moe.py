@@ -30,7 +30,7 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts(x, self.gate(x))
+        return self.experts(x, self.gate.weight)
 
 
 def is_moe_layer(config: Any, layer_id: int) -> bool:
