@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -207,6 +208,7 @@ def main(argv=None) -> dict:
     tag = args.tag or f"{sa.attention_backend}_{torch.cuda.get_device_name().split()[1].lower()}"
     result = {
         "benchmark": "decode_step",
+        "command": "python -m benchmark.decode_step " + " ".join(sys.argv[1:] if argv is None else argv),
         **environment("cuda"),
         "model": sa.model_path,
         "load_format": sa.load_format,
