@@ -15,7 +15,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-from nanocp.testing import make_tiny_model
+from nanocp import envs  # noqa: E402
+from nanocp.testing import make_tiny_model  # noqa: E402
+from nanocp_kernels.launch import set_pdl  # noqa: E402
+
+if torch.cuda.is_available():  # kernel tests launch as the model runner does (NANOCP_PDL)
+    set_pdl(envs.pdl(), torch.device("cuda"))
 
 
 @pytest.fixture(scope="session")

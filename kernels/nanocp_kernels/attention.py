@@ -16,6 +16,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from nanocp_kernels.launch import pdl_args, pdl_wait
 except ImportError:  # pragma: no cover
     triton = None
 
@@ -26,12 +28,13 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_seq_ptr, q_pos_ptr, kv_indptr_ptr, kv_indices_ptr,
         kv_pos_ptr, sm_scale, D, GROUP, stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh,
         SPLITS: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program (query row t, KV head, split s): the GROUP query heads sharing the KV head
         (one read of each key for all of them, tensor-core dots) over split s of the row's keys.
         SPLITS == 1: writes o / lse; else the split's normalized o (float32) and lse at
         [t, head, s] for _merge_splits_kernel."""
+        pdl_wait(PDL)
         t = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -91,15 +94,18 @@ if triton is not None:
             tl.store(lse_ptr + t * GROUP * tl.num_programs(1) + heads, lse, mask=hmask)
         else:  # scratch [T, Hq, SPLITS, D] and [T, Hq, SPLITS]
             row = (t * GROUP * tl.num_programs(1) + heads) * SPLITS + sp
-            tl.store(o_ptr + row[:, None] * D + offs_d[None, :], o, mask=omask)
+            # an empty split (short context: most of them) writes only its lse; the merge reads
+            # no o of a split whose lse is -inf
+            tl.store(o_ptr + row[:, None] * D + offs_d[None, :], o, mask=omask & (hi > lo))
             tl.store(lse_ptr + row, lse, mask=hmask)
 
     @triton.jit
     def _merge_splits_kernel(
         part_o_ptr, part_lse_ptr, o_ptr, lse_ptr, D, stride_ot, stride_oh,
-        SPLITS: tl.constexpr, BLOCK_D: tl.constexpr,
+        SPLITS: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """o, lse of (query row t, head h) from its SPLITS partial results (empty ones: -inf)."""
+        pdl_wait(PDL)
         t = tl.program_id(0)
         h = tl.program_id(1)
         row = t * tl.num_programs(1) + h
@@ -113,7 +119,7 @@ if triton is not None:
         total = tl.sum(w, axis=0)
         parts = tl.load(
             part_o_ptr + (row * SPLITS + offs_s)[:, None] * D + offs_d[None, :],
-            mask=dmask[None, :],
+            mask=(lse > float("-inf"))[:, None] & dmask[None, :],
             other=0.0,
         )
         safe = tl.where(total > 0, total, 1.0)
@@ -283,10 +289,11 @@ def paged_attention(
         q, k_cache, v_cache, part_o, part_lse, q_seq, q_pos, kv_indptr, kv_indices, kv_pos, sm_scale,
         d, group, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), o.stride(0), o.stride(1),
         SPLITS=splits, IEEE=q.dtype == torch.float32, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_N=block_n, BLOCK_D=block_d, **pdl_args(q),
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(tq, hq)](
-            part_o, part_lse, o, lse, d, o.stride(0), o.stride(1), SPLITS=splits, BLOCK_D=block_d
-        )
+            part_o, part_lse, o, lse, d, o.stride(0), o.stride(1), SPLITS=splits, BLOCK_D=block_d,
+            **pdl_args(part_o),
+        )  # fmt: skip
     return o, lse

@@ -13,9 +13,14 @@ import torch
 import triton
 import triton.language as tl
 
+from nanocp_kernels.launch import pdl_args, pdl_wait
+
 
 @triton.jit
-def _rmsnorm_kernel(x_ptr, w_ptr, o_ptr, D, stride_x, stride_o, eps, BLOCK_D: tl.constexpr):
+def _rmsnorm_kernel(
+    x_ptr, w_ptr, o_ptr, D, stride_x, stride_o, eps, BLOCK_D: tl.constexpr, PDL: tl.constexpr
+):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -36,15 +41,18 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x2.shape[0]:
         d = shape[-1]
         _rmsnorm_kernel[(x2.shape[0],)](
-            x2, weight, out, d, x2.stride(0), out.stride(0), eps, BLOCK_D=triton.next_power_of_2(d)
-        )
+            x2, weight, out, d, x2.stride(0), out.stride(0), eps, BLOCK_D=triton.next_power_of_2(d),
+            **pdl_args(x2),
+        )  # fmt: skip
     return out.view(shape)
 
 
 @triton.jit
 def _add_rmsnorm_kernel(
-    x_ptr, r_ptr, w_ptr, o_ptr, ro_ptr, D, stride_x, stride_r, stride_o, stride_ro, eps, BLOCK_D: tl.constexpr
-):
+    x_ptr, r_ptr, w_ptr, o_ptr, ro_ptr, D, stride_x, stride_r, stride_o, stride_ro, eps,
+    BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    pdl_wait(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
@@ -74,7 +82,7 @@ def fused_add_rmsnorm(
         d = x2.shape[1]
         _add_rmsnorm_kernel[(x2.shape[0],)](
             x2, r2, weight, out, res, d, x2.stride(0), r2.stride(0), out.stride(0), res.stride(0), eps,
-            BLOCK_D=triton.next_power_of_2(d),
+            BLOCK_D=triton.next_power_of_2(d), **pdl_args(x2),
         )  # fmt: skip
     return out.view(x.shape), res.view(x.shape)
 
@@ -82,10 +90,11 @@ def fused_add_rmsnorm(
 @triton.jit
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr, HQ, eps,
-    stride_qt, stride_qh, stride_kt, stride_kh, HALF: tl.constexpr,
+    stride_qt, stride_qh, stride_kt, stride_kh, HALF: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (token, head) of q then k: per-head RMSNorm (float32, cast, scaled in
     the input dtype, as HF's q_norm / k_norm), then neox RoPE from the float32 cos|sin cache."""
+    pdl_wait(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.arange(0, HALF)
@@ -131,7 +140,7 @@ def qk_norm_rope(
             raise ValueError("qk_norm_rope: head dim must be contiguous and a power of two")
         _qk_norm_rope_kernel[(t, hq + hkv)](
             q, k, q_weight, k_weight, qo, ko, positions, cos_sin_cache, hq, eps,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), HALF=d // 2,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), HALF=d // 2, **pdl_args(q),
         )  # fmt: skip
     return qo, ko
 
@@ -172,8 +181,10 @@ def rope_inplace(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.
 
 @triton.jit
 def _store_kv_kernel(
-    k_ptr, v_ptr, loc_ptr, kb_ptr, vb_ptr, N, stride_k, stride_v, pad_slot, BLOCK: tl.constexpr
-):
+    k_ptr, v_ptr, loc_ptr, kb_ptr, vb_ptr, N, stride_k, stride_v, pad_slot,
+    BLOCK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    pdl_wait(PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -201,12 +212,14 @@ def store_kv(
     if t:
         block = min(1024, triton.next_power_of_2(n))
         _store_kv_kernel[(t, triton.cdiv(n, block))](
-            k2, v2, loc, k_buffer, v_buffer, n, k2.stride(0), v2.stride(0), pad_slot, BLOCK=block
-        )
+            k2, v2, loc, k_buffer, v_buffer, n, k2.stride(0), v2.stride(0), pad_slot, BLOCK=block,
+            **pdl_args(k2),
+        )  # fmt: skip
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, o_ptr, N, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, o_ptr, N, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < N
@@ -224,7 +237,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x2.shape[0]:
         block = min(1024, triton.next_power_of_2(n))
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, block))](
-            x2, out, n, x2.stride(0), out.stride(0), BLOCK=block
+            x2, out, n, x2.stride(0), out.stride(0), BLOCK=block, **pdl_args(x2)
         )
     return out.view(*x.shape[:-1], n)
 
@@ -260,8 +273,10 @@ def softmax_topk(
 
 @triton.jit
 def _topk_softmax_kernel(
-    logits_ptr, w_ptr, ids_ptr, E, stride_l, K: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr
-):
+    logits_ptr, w_ptr, ids_ptr, E, stride_l, K: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    pdl_wait(PDL)
     row = tl.program_id(0)
     ks = tl.arange(0, K)
     w, ids = softmax_topk(logits_ptr + row * stride_l, E, K, RENORM, BLOCK_E, "")
@@ -278,13 +293,7 @@ def topk_softmax(
     ids = torch.empty((t, k), dtype=torch.int64, device=logits.device)
     if t:
         _topk_softmax_kernel[(t,)](
-            logits,
-            w,
-            ids,
-            e,
-            logits.stride(0),
-            K=k,
-            RENORM=renormalize,
-            BLOCK_E=max(32, triton.next_power_of_2(e)),
-        )
+            logits, w, ids, e, logits.stride(0), K=k, RENORM=renormalize,
+            BLOCK_E=max(32, triton.next_power_of_2(e)), **pdl_args(logits),
+        )  # fmt: skip
     return w, ids

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanocp_kernels.launch import pdl_args, pdl_wait
+
 
 @triton.jit
 def _grouped_gemm_kernel(
@@ -42,7 +44,9 @@ def _grouped_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(block_expert_ptr + pid_m)
@@ -152,10 +156,11 @@ def _align_scatter_kernel(
 @triton.jit
 def _align_small_kernel(
     ids_ptr, n, E, offset, counts_ptr, starts_ptr, block_expert_ptr, sorted_ptr, num_blocks,
-    BM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr,
+    BM: tl.constexpr, BLOCK: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """All of moe_align in one program (decode sizes: n <= BLOCK): the three launches' steps,
     separated by CTA barriers (global writes before a barrier are visible to the CTA after it)."""
+    pdl_wait(PDL)
     offs = tl.arange(0, BLOCK)
     m = offs < n
     e = tl.load(ids_ptr + offs, mask=m, other=0) - offset
@@ -211,6 +216,7 @@ def moe_align(
         _align_small_kernel[(1,)](
             flat, n, num_experts, offset, counts, starts, block_expert, sorted_ids, num_blocks, BM=block_m,
             BLOCK=max(16, triton.next_power_of_2(n)), BLOCK_E=triton.next_power_of_2(num_experts),
+            **pdl_args(flat),
         )  # fmt: skip
         return sorted_ids, block_expert
     rank = torch.empty(n, dtype=torch.int32, device=dev)  # each pair's row within its expert's run
@@ -225,7 +231,8 @@ def moe_align(
 
 
 @triton.jit
-def _moe_sum_kernel(y_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr):
+def _moe_sum_kernel(y_ptr, out_ptr, H, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < H
@@ -242,7 +249,7 @@ def moe_sum(y: torch.Tensor) -> torch.Tensor:
     out = y.new_empty((t, h))
     if t:
         block = min(1024, triton.next_power_of_2(h))
-        _moe_sum_kernel[(t, triton.cdiv(h, block))](y, out, h, K=k, BLOCK=block)
+        _moe_sum_kernel[(t, triton.cdiv(h, block))](y, out, h, K=k, BLOCK=block, **pdl_args(y))
     return out
 
 
@@ -304,6 +311,7 @@ def grouped_gemm(
         BLOCK_K=bk,
         num_warps=warps,
         num_stages=stages,
+        **pdl_args(a),
     )
     return c
 

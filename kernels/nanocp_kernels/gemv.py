@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from nanocp_kernels.elementwise import softmax_topk
+from nanocp_kernels.launch import pdl_args, pdl_wait
 
 MAX_ROWS = 4  # rows of x these kernels take
 # rows up to which they beat cuBLAS (H100: at 4 rows its tiles win), and cuBLAS + the top-k launch
@@ -52,7 +53,9 @@ def _skinny_tile(
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, num_rows, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(PDL)
     pid_n = tl.program_id(0)
     acc = _skinny_tile(x_ptr, w_ptr, num_rows, N, K, stride_xm, stride_wn, pid_n, M, BLOCK_N, BLOCK_K)
     rows = tl.arange(0, M)
@@ -67,8 +70,9 @@ def _gemv_kernel(
 def _router_topk_kernel(
     x_ptr, w_ptr, logits_ptr, tickets_ptr, wts_ptr, ids_ptr, num_rows, E, K, stride_xm,
     TOPK: tl.constexpr, RENORM: tl.constexpr, M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(PDL)
     pid_n = tl.program_id(0)
     acc = _skinny_tile(x_ptr, w_ptr, num_rows, E, K, stride_xm, K, pid_n, M, BLOCK_N, BLOCK_K)
     rows = tl.arange(0, M)
@@ -120,7 +124,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> 
     launch = _launch(k, m)
     _gemv_kernel[(triton.cdiv(n, launch["BLOCK_N"]),)](
         x, w, bias if bias is not None else w, y, m, n, k, x.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, **launch,
+        HAS_BIAS=bias is not None, **launch, **pdl_args(x),
     )  # fmt: skip
     return y
 
@@ -147,6 +151,6 @@ def router_topk(
     launch = _launch(k, m)
     _router_topk_kernel[(triton.cdiv(e, launch["BLOCK_N"]),)](
         x, gate.contiguous(), logits, _TICKETS[key], wts, ids, m, e, k, x.stride(0), TOPK=topk,
-        RENORM=renormalize, BLOCK_E=max(32, triton.next_power_of_2(e)), **launch,
+        RENORM=renormalize, BLOCK_E=max(32, triton.next_power_of_2(e)), **launch, **pdl_args(x),
     )  # fmt: skip
     return wts, ids

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanocp_kernels.launch import pdl_args, pdl_wait
+
 SMALL_PAIRS = 8  # T*k up to this takes this path (one decode token at top-8)
 
 
@@ -24,7 +26,9 @@ SMALL_PAIRS = 8  # T*k up to this takes this path (one decode token at top-8)
 def _gate_up_kernel(
     x_ptr, w13_ptr, act_ptr, ids_ptr, stride_x, stride_we, E_LOCAL, offset,
     INTER: tl.constexpr, H: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(PDL)
     pair = tl.program_id(1)
     e = tl.load(ids_ptr + pair) - offset
     if (e < 0) | (e >= E_LOCAL):  # another rank's expert: the down launch skips this pair
@@ -51,7 +55,9 @@ def _gate_up_kernel(
 def _down_sum_kernel(
     act_ptr, w2_ptr, out_ptr, ids_ptr, wts_ptr, stride_we, stride_o, E_LOCAL, offset,
     INTER: tl.constexpr, H: tl.constexpr, TOPK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_wait(PDL)
     t = tl.program_id(1)
     ks = tl.arange(0, TOPK)
     e = tl.load(ids_ptr + t * TOPK + ks) - offset
@@ -99,11 +105,12 @@ def small_fused_moe(
     bn, bk, warps = GATE_UP_CONFIG
     _gate_up_kernel[(triton.cdiv(inter, bn), t * topk)](
         x, w13, act, ids, x.stride(0), w13.stride(0), e_local, expert_offset, INTER=inter, H=h, TOPK=topk,
-        BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(h)), num_warps=warps,
+        BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(h)), num_warps=warps, **pdl_args(x),
     )  # fmt: skip
     bn, bk, warps = DOWN_CONFIG
     _down_sum_kernel[(triton.cdiv(h, bn), t)](
         act, w2, out, ids, wts, w2.stride(0), out.stride(0), e_local, expert_offset, INTER=inter, H=h,
         TOPK=topk, BLOCK_N=bn, BLOCK_K=min(bk, triton.next_power_of_2(inter)), num_warps=warps,
+        **pdl_args(act),
     )  # fmt: skip
     return out

@@ -46,3 +46,10 @@ def small_batch_kernels() -> bool:
     """Decode batches of a few tokens run the GEMV projections and the two-launch MoE
     (nanocp_kernels.gemv / small_moe) on CUDA; "0" keeps cuBLAS and the grouped-GEMM MoE."""
     return _get("NANOCP_SMALL_BATCH_KERNELS", "1") not in ("0", "false", "False")
+
+
+def pdl() -> bool | None:
+    """The decode path's Triton kernels use programmatic dependent launch (each may start while
+    its predecessor drains; nanocp_kernels.launch): "1"/"0" force it, unset: on from Hopper (sm90)."""
+    value = _get("NANOCP_PDL", "")
+    return None if value == "" else value not in ("0", "false", "False")

@@ -42,6 +42,9 @@ class ModelRunner:
         self.device = parallel.device or instance_device(parallel.rank, args.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            from nanocp_kernels.launch import set_pdl
+
+            set_pdl(envs.pdl(), self.device)  # the decode kernels' dependent launches
         self.hf_config = load_hf_config(args.model_path, args.trust_remote_code)
         self.dtype = resolve_dtype(args.dtype, self.hf_config, args.device)
         self.context_length = args.context_length or self.hf_config.max_position_embeddings
