@@ -8,7 +8,9 @@ Here every pair streams its expert's weights directly, on CUDA cores in float32:
      holding all k experts' tiles at once: it is also the weighted sum (no moe_sum launch).
 The K loops are unrolled (hidden and intermediate sizes are constexprs), so each program
 requests all its bytes up front. Two tokens picking the same expert would read it twice, so the
-layer takes this path only while that cannot happen (one token). Non-local experts give 0.
+layer takes this path only up to SMALL_PAIRS pairs (one token at top-8; 2-4 tokens keep the
+grouped GEMM, not yet measured against this path). Non-local experts give 0. Power-of-2 top-k
+only (a [k] tile).
 """
 
 from __future__ import annotations
