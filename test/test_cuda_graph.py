@@ -67,3 +67,21 @@ def test_graph_decode_matches_transformers_fp32(model_factory, hf_oracle):
         outs = engine.generate(input_ids=prompts, sampling_params=greedy_params(10))
     oracle = hf_oracle(path)
     assert [o["output_ids"] for o in outs] == [oracle.greedy(p, 10) for p in prompts]
+
+
+def test_one_and_two_request_decode_matches_transformers_fp32(model_factory, hf_oracle):
+    """Decode batches of 1-2 rows take the decode-batch kernels (skinny GEMMs; at one row also the
+    one-launch router and the two-launch experts) in graphs and eagerly: greedy tokens == HF."""
+    path = model_factory("qwen3_moe", **SHAPE)
+    oracle = hf_oracle(path)
+    for graphs in (True, False):
+        with Engine(
+            model_path=path, dtype="float32", attention_backend="triton", max_total_tokens=8192,
+            disable_cuda_graph=not graphs,
+        ) as engine:  # fmt: skip
+            assert (engine.runner.graph_runner is not None) == graphs
+            for lens in ([21], [7, 50]):
+                prompts = random_prompts(lens, vocab=500, seed=13)
+                outs = engine.generate(input_ids=prompts, sampling_params=greedy_params(10))
+                want = [oracle.greedy(p, 10) for p in prompts]
+                assert [o["output_ids"] for o in outs] == want, (graphs, lens)
