@@ -21,12 +21,15 @@ case "$PART" in
   deepep)  # DeepEP built from the bundled source, then its engine test (graph replays vs eager)
     source .gpu/deepep_build.sh > "$OUT/deepep_build.log" 2>&1
     timeout 300 python -m pytest -q -p no:cacheprovider test/test_deepep.py > "$OUT/pytest_deepep.log" 2>&1 ;;
-  decode)  # decode step vs roofline with the fused kernels; on an H200, side by side with the
-    # committed decode_step_flashinfer_h200 (same command before the fusions)
-    timeout 560 python -m benchmark.decode_step --model-path benchmark/configs/qwen3-30b-a3b \
-      --load-format dummy --attention-backend flashinfer --batch 1 8 32 128 --context 1024 8192 \
-      --tag flashinfer_fused > "$OUT/decode_step.log" 2>&1
-    cp benchmark/results/decode_step_flashinfer_fused.* "$OUT/" 2>/dev/null ;;
+  decode)  # decode step vs roofline (Triton backend, CUDA graphs), side by side in one call:
+    # before the decode-batch kernels, with them, and with PDL too (decode_step_{base,sbk,sbk_pdl}_<gpu>)
+    GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | awk '{print tolower($2)}')
+    B="python -m benchmark.decode_step --model-path benchmark/configs/qwen3-30b-a3b --load-format dummy
+       --attention-backend triton --batch 1 2 4 8 --context 1024 8192 32768 131072"
+    { NANOCP_SMALL_BATCH_KERNELS=0 NANOCP_PDL=0 timeout 180 $B --tag "base_$GPU"
+      NANOCP_PDL=0 timeout 180 $B --tag "sbk_$GPU"
+      timeout 180 $B --tag "sbk_pdl_$GPU"; } > "$OUT/decode_step.log" 2>&1
+    cp benchmark/results/decode_step_{base,sbk,sbk_pdl}_"$GPU".json "$OUT/" 2>/dev/null ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
 RC=$?
