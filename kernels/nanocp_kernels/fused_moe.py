@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanocp_kernels.launch import pdl_args, pdl_wait
+from nanocp_kernels.launch import pdl_args, pdl_wait, zeroed_counters
 
 
 @triton.jit
@@ -180,17 +180,6 @@ def _align_small_kernel(
 
 SMALL_ALIGN = 1024  # up to this many pairs (decode batches), moe_align is one launch
 
-_COUNTS: dict[tuple, torch.Tensor] = {}
-
-
-def _zeroed_counts(num_experts: int, device: torch.device) -> torch.Tensor:
-    """Per-expert counters, all 0 between calls (the scatter launch zeroes them after use), so no
-    call pays a fill launch. One per (device, stream, E): calls on one stream run in order."""
-    key = (device, torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0, num_experts)
-    if key not in _COUNTS:
-        _COUNTS[key] = torch.zeros(num_experts, dtype=torch.int32, device=device)
-    return _COUNTS[key]
-
 
 def moe_align(
     ids: torch.Tensor, num_experts: int, block_m: int, offset: int = 0, max_rows: int | None = None
@@ -207,7 +196,7 @@ def moe_align(
     n, dev = flat.numel(), flat.device
     rows = n if max_rows is None else min(n, max_rows)
     capacity = -(-(rows + num_experts * (block_m - 1)) // block_m) * block_m
-    counts = _zeroed_counts(num_experts, dev)
+    counts = zeroed_counters("moe_align", num_experts, dev)  # zeroed again by the last launch
     starts = torch.empty(num_experts, dtype=torch.int32, device=dev)
     sorted_ids = torch.empty(capacity, dtype=torch.int64, device=dev)
     num_blocks = capacity // block_m

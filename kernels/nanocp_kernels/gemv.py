@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from nanocp_kernels.elementwise import softmax_topk
-from nanocp_kernels.launch import pdl_args, pdl_wait
+from nanocp_kernels.launch import pdl_args, pdl_wait, zeroed_counters
 
 MAX_ROWS = 4  # rows of x these kernels take
 # rows up to which they beat cuBLAS (H100: at 4 rows its tiles win), and cuBLAS + the top-k launch
@@ -129,9 +129,6 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> 
     return y
 
 
-_TICKETS: dict[tuple, torch.Tensor] = {}
-
-
 def router_topk(
     x: torch.Tensor, gate: torch.Tensor, topk: int, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,14 +140,11 @@ def router_topk(
     ids = torch.empty((m, topk), dtype=torch.int64, device=x.device)
     if m == 0:
         return wts, ids
-    # one ticket counter per (device, stream): launches on a stream run in order, each leaves it 0
-    key = (x.device, torch.cuda.current_stream(x.device).stream_id if x.is_cuda else 0)
-    if key not in _TICKETS:
-        _TICKETS[key] = torch.zeros(1, dtype=torch.int32, device=x.device)
+    tickets = zeroed_counters("router_topk", 1, x.device)  # the last program zeroes it again
     logits = x.new_empty((m, e))
     launch = _launch(k, m)
     _router_topk_kernel[(triton.cdiv(e, launch["BLOCK_N"]),)](
-        x, gate.contiguous(), logits, _TICKETS[key], wts, ids, m, e, k, x.stride(0), TOPK=topk,
+        x, gate.contiguous(), logits, tickets, wts, ids, m, e, k, x.stride(0), TOPK=topk,
         RENORM=renormalize, BLOCK_E=max(32, triton.next_power_of_2(e)), **launch, **pdl_args(x),
     )  # fmt: skip
     return wts, ids

@@ -1,11 +1,12 @@
-"""Programmatic dependent launch (PDL) for the decode path's kernels.
+"""Launch-time state the kernels share: programmatic dependent launch (PDL) for the decode
+path, and device counters the kernels leave zeroed.
 
 A decode step at batch 1-2 is ~12 kernels per layer of a few microseconds each, so the time
 between one kernel's last block and the next kernel's first matters. With PDL (Hopper) a kernel
 launched with `launch_pdl` may start while its predecessor drains: each of these kernels first
 waits for its predecessor's results (`griddepcontrol.wait`, so it reads nothing earlier), then
 lets its own successor launch. Kernels not launched this way keep the usual stream order, so the
-chain may mix them freely. Off unless the engine sets PDL (NANOCP_PDL=1).
+chain may mix them freely. The model runner turns it on from Hopper (NANOCP_PDL forces it).
 """
 
 from __future__ import annotations
@@ -34,3 +35,17 @@ def pdl_wait(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+
+
+def zeroed_counters(name: str, n: int, device: torch.device) -> torch.Tensor:
+    """n int32 counters that are 0 between launches: the kernel using them zeroes them after use,
+    so no call pays a fill launch. One buffer per (name, device, stream, n): launches on one
+    stream run in order."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (name, device, stream, n)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = torch.zeros(n, dtype=torch.int32, device=device)
+    return _COUNTERS[key]

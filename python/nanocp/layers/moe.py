@@ -61,17 +61,16 @@ class FusedMoE(nn.Module):
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_offset: int
     ) -> torch.Tensor:
         """Weighted sum over each token's top-k local experts (others give 0)."""
-        if self.runner_backend == "triton" and x.is_cuda and envs.small_batch_kernels():
+        if self.runner_backend == "triton":
+            from nanocp_kernels.fused_moe import fused_moe
             from nanocp_kernels.small_moe import SMALL_PAIRS, small_fused_moe
 
             k = topk_ids.shape[1]
-            if topk_ids.numel() <= SMALL_PAIRS and k & (k - 1) == 0:
+            small = topk_ids.numel() <= SMALL_PAIRS and k & (k - 1) == 0
+            if small and x.is_cuda and envs.small_batch_kernels():
                 return small_fused_moe(
                     x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_offset
                 )
-        if self.runner_backend == "triton":
-            from nanocp_kernels.fused_moe import fused_moe
-
             all_local = self.num_local_experts == self.num_experts
             return fused_moe(
                 x, self.w13_weight, self.w2_weight, topk_weights, topk_ids, expert_offset, all_local
