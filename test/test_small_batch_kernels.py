@@ -39,6 +39,34 @@ def test_gemv_strided_rows_and_too_many_rows():
         gemv(_rand(5, 40), w)
 
 
+def _add_norm_ref(x, residual, weight, eps):
+    """(rmsnorm(x + residual), x + residual) by the model's RMSNorm (torch path on CPU)."""
+    from nanocp.layers.layernorm import RMSNorm
+
+    norm = RMSNorm(x.shape[1], eps).to(x.device, x.dtype)
+    norm.weight.data.copy_(weight)
+    s = x if residual is None else x + residual
+    return norm(s), s
+
+
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("with_residual", [True, False])
+def test_gemv_and_router_with_the_add_rmsnorm_before_them_fp32(m, with_residual):
+    """norm=: the projection of rmsnorm(x + residual) and the residual stream, in one launch."""
+    k = 300
+    x, r = _rand(m, k, seed=21), _rand(m, k, seed=22) if with_residual else None
+    nw, w, gate = _rand(k, seed=23), _rand(40, k, seed=24), _rand(16, k, seed=25)
+    h, s = _add_norm_ref(x, r, nw, 1e-6)
+    y, s_got = gemv(x, w, None, norm=(r, nw, 1e-6))
+    torch.testing.assert_close(y, F.linear(h, w), rtol=1e-4, atol=1e-4)
+    assert torch.equal(s_got, s)
+    want_w, want_ids = select_experts(F.linear(h, gate), 4, True, x.dtype)
+    wts, ids, h_got, s_got = router_topk(x, gate, 4, True, norm=(r, nw, 1e-6))
+    assert torch.equal(ids, want_ids) and torch.equal(s_got, s)
+    torch.testing.assert_close(h_got, h, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wts, want_w, rtol=1e-5, atol=1e-5)
+
+
 def _moe_case(t, e_global, e_local, h, inter, k, dtype=torch.float32, device=DEVICE, seed=0):
     x = _rand(t, h, seed=seed, dtype=dtype, device=device)
     w13 = _rand(e_local, 2 * inter, h, seed=seed + 1, scale=h**-0.5, dtype=dtype, device=device)
@@ -114,3 +142,29 @@ def test_small_kernels_captured_in_a_cuda_graph_equal_eager():
     x.copy_(_moe_case(2, 128, 128, 2048, 768, 8, torch.bfloat16, "cuda", seed=5)[0])
     graph.replay()
     torch.testing.assert_close(out, step())
+
+
+@gpu
+@pytest.mark.parametrize("m", [1, 2])
+def test_fused_norm_prologue_bf16_is_bitwise_the_separate_kernels(m):
+    """In bf16 the norm inside the GEMV / router launch rounds exactly as fused_add_rmsnorm, and
+    the projection sums in the same order: the fused launches equal the two-launch chain bit for bit."""
+    from nanocp_kernels.elementwise import fused_add_rmsnorm, rmsnorm
+
+    x, r = (
+        _rand(m, 2048, seed=31, dtype=torch.bfloat16, device="cuda"),
+        _rand(m, 2048, seed=32, dtype=torch.bfloat16, device="cuda"),
+    )
+    nw = _rand(2048, seed=33, dtype=torch.bfloat16, device="cuda")
+    w = _rand(5120, 2048, seed=34, scale=2048**-0.5, dtype=torch.bfloat16, device="cuda")
+    gate = _rand(128, 2048, seed=35, scale=2048**-0.5, dtype=torch.bfloat16, device="cuda")
+    h, s = fused_add_rmsnorm(x, r, nw, 1e-6)
+    y, s_got = gemv(x, w, None, norm=(r, nw, 1e-6))
+    assert torch.equal(s_got, s) and torch.equal(y, gemv(h, w))
+    y0, s0 = gemv(x, w, None, norm=(None, nw, 1e-6))  # the first layer: no residual yet
+    assert torch.equal(s0, x) and torch.equal(y0, gemv(rmsnorm(x, nw, 1e-6), w))
+    if m == 1:
+        wts, ids, h_got, s_got = router_topk(x, gate, 8, True, norm=(r, nw, 1e-6))
+        want_w, want_ids = router_topk(h, gate, 8, True)
+        assert torch.equal(h_got, h) and torch.equal(s_got, s)
+        assert torch.equal(ids, want_ids) and torch.equal(wts, want_w)

@@ -17,6 +17,20 @@ from nanocp_kernels.launch import pdl_args, pdl_wait
 
 
 @triton.jit
+def rms_inv(s, D, eps):
+    """1 / RMS of a row (float32; padding lanes must be 0)."""
+    h = s.to(tl.float32)
+    return 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
+
+
+@triton.jit
+def rms_scale(s, inv, w, dtype: tl.constexpr):
+    """weight * (s * inv) as HF's RMSNorm: normalized in float32, cast to dtype, scaled in dtype.
+    Every fused RMSNorm (here and in the GEMV prologue) goes through it, so all agree bit for bit."""
+    return w.to(dtype) * (s.to(tl.float32) * inv).to(dtype)
+
+
+@triton.jit
 def _rmsnorm_kernel(
     x_ptr, w_ptr, o_ptr, D, stride_x, stride_o, eps, BLOCK_D: tl.constexpr, PDL: tl.constexpr
 ):
@@ -24,11 +38,11 @@ def _rmsnorm_kernel(
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_D)
     mask = offs < D
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    y = (x * r).to(o_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(o_ptr.dtype.element_ty)
-    tl.store(o_ptr + row * stride_o + offs, w * y, mask=mask)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    tl.store(
+        o_ptr + row * stride_o + offs, rms_scale(x, rms_inv(x, D, eps), w, o_ptr.dtype.element_ty), mask=mask
+    )
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,11 +74,10 @@ def _add_rmsnorm_kernel(
     r = tl.load(r_ptr + row * stride_r + offs, mask=mask, other=0.0)
     s = x + r  # in the input dtype, as HF's residual add
     tl.store(ro_ptr + row * stride_ro + offs, s, mask=mask)
-    h = s.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(h * h, axis=0) / D + eps)
-    y = (h * inv).to(o_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(o_ptr.dtype.element_ty)
-    tl.store(o_ptr + row * stride_o + offs, w * y, mask=mask)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    tl.store(
+        o_ptr + row * stride_o + offs, rms_scale(s, rms_inv(s, D, eps), w, o_ptr.dtype.element_ty), mask=mask
+    )
 
 
 def fused_add_rmsnorm(

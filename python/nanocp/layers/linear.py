@@ -7,17 +7,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanocp import envs
+from nanocp.layers.layernorm import RMSNorm
+
+
+def small_rows(x: torch.Tensor, up_to: int) -> bool:
+    """x is a decode batch of <= up_to rows on CUDA, for the decode-batch kernels (nanocp_kernels.gemv)."""
+    return x.is_cuda and x.dim() == 2 and x.shape[0] <= up_to and envs.small_batch_kernels()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except decode batches of <= gemv.WINS_UP_TO rows on CUDA, which stream the weight
     through one GEMV launch (cuBLAS picks 64-row tiles and split-K there: ~2x the bytes' time)."""
-    if x.is_cuda and x.dim() == 2 and envs.small_batch_kernels():
-        from nanocp_kernels.gemv import WINS_UP_TO, gemv
+    from nanocp_kernels.gemv import WINS_UP_TO, gemv
 
-        if x.shape[0] <= WINS_UP_TO:
-            return gemv(x, weight, bias)
+    if small_rows(x, WINS_UP_TO):
+        return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
+
+
+def norm_linear(
+    x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm, weight: torch.Tensor, bias=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(linear(norm(x + residual)), x + residual); residual None: (linear(norm(x)), x). SGLang's
+    layout, where each residual add is fused into the norm after it; for a decode batch of one token
+    the norm also runs inside the projection's GEMV launch."""
+    from nanocp_kernels.gemv import NORM_WINS_UP_TO, gemv
+
+    if small_rows(x, NORM_WINS_UP_TO):
+        return gemv(x, weight, bias, norm=(residual, norm.weight, norm.eps))
+    h, residual = norm(x, residual) if residual is not None else (norm(x), x)
+    return linear(h, weight, bias), residual
 
 
 class Linear(nn.Linear):

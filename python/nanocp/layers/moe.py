@@ -12,7 +12,8 @@ from torch import nn
 from nanocp import envs
 from nanocp.engine.forward_batch import get_forward_batch
 from nanocp.engine.step_trace import trace_section
-from nanocp.layers.linear import linear
+from nanocp.layers.layernorm import RMSNorm
+from nanocp.layers.linear import linear, small_rows
 from nanocp_kernels.reference import expert_ffn_ref, fused_moe_ref
 
 
@@ -121,20 +122,30 @@ class FusedMoE(nn.Module):
         target = self.w13_weight if name == "gate_up_proj" else self.w2_weight
         target.data.copy_(tensor[sl])
 
-    def route(self, x: torch.Tensor, gate_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The router: (weights [T, top_k] in x's dtype, global expert ids [T, top_k])."""
-        if x.is_cuda and self.top_k & (self.top_k - 1) == 0 and envs.small_batch_kernels():
-            from nanocp_kernels.gemv import ROUTER_WINS_UP_TO, router_topk
+    def route(
+        self, x: torch.Tensor, gate_weight: torch.Tensor, residual=None, norm: RMSNorm | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The router: (weights [T, top_k] in x's dtype, global expert ids [T, top_k], h, s). With
+        norm: h, s = norm(x + residual), x + residual (residual None: norm(x), x) first, in the
+        router's launch for one decode token; without: h = s = x."""
+        from nanocp_kernels.gemv import ROUTER_WINS_UP_TO, router_topk
 
-            if x.shape[0] <= ROUTER_WINS_UP_TO:  # gate projection + top-k in one launch
-                return router_topk(x, gate_weight, self.top_k, self.renormalize)
-        return select_experts(linear(x, gate_weight), self.top_k, self.renormalize, x.dtype)
+        if small_rows(x, ROUTER_WINS_UP_TO) and self.top_k & (self.top_k - 1) == 0:
+            if norm is None:  # gate projection and top-k in one launch
+                return *router_topk(x, gate_weight, self.top_k, self.renormalize), x, x
+            return router_topk(
+                x, gate_weight, self.top_k, self.renormalize, (residual, norm.weight, norm.eps)
+            )
+        h, s = (x, x) if norm is None else norm(x, residual) if residual is not None else (norm(x), x)
+        return *select_experts(linear(h, gate_weight), self.top_k, self.renormalize, x.dtype), h, s
 
-    def forward(self, x: torch.Tensor, gate_weight: torch.Tensor) -> torch.Tensor:
-        """x through the router (gate_weight [num_experts, hidden]) and the experts."""
-        weights, ids = self.route(x, gate_weight)
+    def forward(
+        self, x: torch.Tensor, gate_weight: torch.Tensor, residual=None, norm: RMSNorm | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(experts(h), s) with h, s as in `route` (gate_weight [num_experts, hidden])."""
+        weights, ids, h, s = self.route(x, gate_weight, residual, norm)
         batch = get_forward_batch()
         if batch.moe_comm is None:
             with trace_section("moe_compute"):
-                return self.run_experts(x, weights, ids, self.expert_offset)
-        return batch.moe_comm.forward(x, weights, ids, self, batch.global_num_tokens)
+                return self.run_experts(h, weights, ids, self.expert_offset), s
+        return batch.moe_comm.forward(h, weights, ids, self, batch.global_num_tokens), s

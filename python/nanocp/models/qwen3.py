@@ -11,7 +11,7 @@ from torch import nn
 
 from nanocp.layers.attention import Attention
 from nanocp.layers.layernorm import RMSNorm
-from nanocp.layers.linear import Linear, MergedLinear
+from nanocp.layers.linear import Linear, MergedLinear, norm_linear
 from nanocp.layers.rotary import RotaryEmbedding
 
 
@@ -36,8 +36,12 @@ class Qwen3Attention(nn.Module):
         self.rotary_emb = RotaryEmbedding(config, self.head_dim)
         self.attn = Attention(layer_id, self.num_heads, self.num_kv_heads, self.head_dim, self.head_dim**-0.5)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over norm(x + residual); returns (output, x + residual) (norm_linear)."""
+        qkv, residual = norm_linear(x, residual, norm, self.qkv_proj.weight, self.qkv_proj.bias)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         if x.is_cuda and self.head_dim & (self.head_dim - 1) == 0:  # q/k norms and RoPE in one launch
@@ -55,7 +59,7 @@ class Qwen3Attention(nn.Module):
             )
         else:
             q, k = self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
-        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v))
+        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v)), residual
 
 
 class Qwen3MLP(nn.Module):
@@ -67,14 +71,17 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size])
         self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MLP of norm(x + residual); returns (output, x + residual) (norm_linear)."""
+        gate_up, residual = norm_linear(x, residual, norm, self.gate_up_proj.weight)
         if gate_up.is_cuda:
             from nanocp_kernels.elementwise import silu_and_mul
 
-            return self.down_proj(silu_and_mul(gate_up))
+            return self.down_proj(silu_and_mul(gate_up)), residual
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate) * up), residual
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -89,13 +96,10 @@ class Qwen3DecoderLayer(nn.Module):
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's output, not yet added to the residual stream (SGLang's
-        layout: each residual add is fused into the norm that follows it)."""
-        if residual is None:
-            h, residual = self.input_layernorm(x), x
-        else:
-            h, residual = self.input_layernorm(x, residual)
-        h, residual = self.post_attention_layernorm(self.self_attn(positions, h), residual)
-        return self.mlp(h), residual
+        layout: each residual add is fused into the norm that follows it, and for decode batches
+        that norm into the projection after it)."""
+        x, residual = self.self_attn(positions, x, residual, self.input_layernorm)
+        return self.mlp(x, residual, self.post_attention_layernorm)
 
 
 class Qwen3Model(nn.Module):

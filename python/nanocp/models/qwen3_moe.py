@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanocp.layers.layernorm import RMSNorm
 from nanocp.layers.moe import FusedMoE
 from nanocp.models.qwen3 import Qwen3ForCausalLM, Qwen3MLP
 
@@ -29,8 +30,11 @@ class Qwen3MoeSparseMoeBlock(nn.Module):
             ep_size=ep_size,
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.experts(x, self.gate.weight)
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts of norm(x + residual); returns (output, x + residual) (FusedMoE.route)."""
+        return self.experts(x, self.gate.weight, residual, norm)
 
 
 def is_moe_layer(config: Any, layer_id: int) -> bool:
