@@ -133,6 +133,21 @@ def test_qk_norm_rope_matches_torch_path(dtype):
     torch.testing.assert_close(qo, ref(q, qw), **tol(dtype))
     torch.testing.assert_close(ko, ref(k, kw), **tol(dtype))
 
+    # with the KV store in the same launch: the cache holds exactly what store_kv(ko, v) writes
+    from nanocp_kernels.elementwise import store_kv
+
+    v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
+    loc = torch.tensor([3, -1, 0, 11, -1, 7, 2], device=DEVICE)
+    bufs = [torch.zeros(20, hkv, d, dtype=dtype, device=DEVICE) for _ in range(4)]
+    qo2, ko2 = qk_norm_rope(
+        q, k, qw, kw, 1e-6, pos, rope._cache(torch.device(DEVICE)), (v, loc, *bufs[:2], 19)
+    )
+    store_kv(ko, v, loc, bufs[2], bufs[3], 19)
+    assert torch.equal(qo2, qo) and torch.equal(ko2, ko)
+    # the pad slot takes several rows in any order: compared only as written
+    assert torch.equal(bufs[0][:19], bufs[2][:19]) and torch.equal(bufs[1][:19], bufs[3][:19])
+    assert bufs[0][19].abs().sum() > 0 and bufs[1][3].abs().sum() > 0
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_store_kv_matches_index_put(dtype):

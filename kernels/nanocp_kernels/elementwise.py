@@ -102,15 +102,27 @@ def fused_add_rmsnorm(
 
 @triton.jit
 def _qk_norm_rope_kernel(
-    q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr, HQ, eps,
-    stride_qt, stride_qh, stride_kt, stride_kh, HALF: tl.constexpr, PDL: tl.constexpr,
+    q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr, HQ, HKV, eps,
+    stride_qt, stride_qh, stride_kt, stride_kh, v_ptr, stride_vt, stride_vh, loc_ptr, kb_ptr, vb_ptr,
+    pad_slot, HALF: tl.constexpr, STORE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """One program per (token, head) of q then k: per-head RMSNorm (float32, cast, scaled in
-    the input dtype, as HF's q_norm / k_norm), then neox RoPE from the float32 cos|sin cache."""
+    """One program per (token, head) of q then k (then v with STORE): per-head RMSNorm (float32,
+    cast, scaled in the input dtype, as HF's q_norm / k_norm), then neox RoPE from the float32
+    cos|sin cache. STORE: the new k and v also go to their KV-cache slot (as store_kv: loc < 0
+    writes to pad_slot), which saves the store launch."""
     pdl_wait(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.arange(0, HALF)
+    if STORE:
+        slot = tl.load(loc_ptr + t)
+        slot = tl.where(slot >= 0, slot, pad_slot).to(tl.int64)
+        if h >= HQ + HKV:  # v: a copy into the cache
+            hv = h - HQ - HKV
+            d = tl.arange(0, 2 * HALF)
+            v = tl.load(v_ptr + t * stride_vt + hv * stride_vh + d)
+            tl.store(vb_ptr + (slot * HKV + hv) * 2 * HALF + d, v.to(vb_ptr.dtype.element_ty))
+            return
     if h < HQ:
         src = q_ptr + t * stride_qt + h * stride_qh
         dst = qo_ptr + (t * HQ + h) * 2 * HALF
@@ -118,7 +130,7 @@ def _qk_norm_rope_kernel(
     else:
         hk = h - HQ
         src = k_ptr + t * stride_kt + hk * stride_kh
-        dst = ko_ptr + (t * (tl.num_programs(1) - HQ) + hk) * 2 * HALF
+        dst = ko_ptr + (t * HKV + hk) * 2 * HALF
         w_ptr = kw_ptr
     x1 = tl.load(src + offs).to(tl.float32)
     x2 = tl.load(src + HALF + offs).to(tl.float32)
@@ -129,8 +141,20 @@ def _qk_norm_rope_kernel(
     pos = tl.load(pos_ptr + t)
     cos = tl.load(cache_ptr + pos * 2 * HALF + offs)
     sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + offs)
-    tl.store(dst + offs, (y1 * cos - y2 * sin).to(dt))
-    tl.store(dst + HALF + offs, (y2 * cos + y1 * sin).to(dt))
+    o1 = (y1 * cos - y2 * sin).to(dt)
+    o2 = (y2 * cos + y1 * sin).to(dt)
+    tl.store(dst + offs, o1)
+    tl.store(dst + HALF + offs, o2)
+    if STORE:
+        if h >= HQ:
+            kdst = kb_ptr + (slot * HKV + h - HQ) * 2 * HALF
+            tl.store(kdst + offs, o1.to(kb_ptr.dtype.element_ty))
+            tl.store(kdst + HALF + offs, o2.to(kb_ptr.dtype.element_ty))
+
+
+# (v [T, Hkv, D], loc [T], k_buffer, v_buffer [slots, Hkv, D], pad_slot): where qk_norm_rope also
+# stores the new tokens' K/V (KVCachePool.set_kv's arguments)
+KVStore = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 
 def qk_norm_rope(
@@ -141,9 +165,11 @@ def qk_norm_rope(
     eps: float,
     positions: torch.Tensor,
     cos_sin_cache: torch.Tensor,
+    kv_store: KVStore | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3's q_norm / k_norm then RoPE of q [T, Hq, D] and k [T, Hkv, D] (strided views of the
-    fused QKV output are fine; the last dim must be contiguous) in one launch; new q, k."""
+    fused QKV output are fine; the last dim must be contiguous) in one launch; new q, k.
+    kv_store: the new k and v are also written to the KV cache (as store_kv) in that launch."""
     t, hq, d = q.shape
     hkv = k.shape[1]
     qo = torch.empty((t, hq, d), dtype=q.dtype, device=q.device)
@@ -151,9 +177,13 @@ def qk_norm_rope(
     if t:
         if q.stride(-1) != 1 or k.stride(-1) != 1 or d & (d - 1):
             raise ValueError("qk_norm_rope: head dim must be contiguous and a power of two")
-        _qk_norm_rope_kernel[(t, hq + hkv)](
-            q, k, q_weight, k_weight, qo, ko, positions, cos_sin_cache, hq, eps,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), HALF=d // 2, **pdl_args(q),
+        v, loc, kb, vb, pad = kv_store if kv_store is not None else (k, positions, k, k, 0)
+        if v.stride(-1) != 1:
+            raise ValueError("qk_norm_rope: v's head dim must be contiguous")
+        _qk_norm_rope_kernel[(t, hq + hkv * (2 if kv_store is not None else 1))](
+            q, k, q_weight, k_weight, qo, ko, positions, cos_sin_cache, hq, hkv, eps,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), loc, kb, vb, pad,
+            HALF=d // 2, STORE=kv_store is not None, **pdl_args(q),
         )  # fmt: skip
     return qo, ko
 

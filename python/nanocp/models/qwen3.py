@@ -44,10 +44,11 @@ class Qwen3Attention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
-        if x.is_cuda and self.head_dim & (self.head_dim - 1) == 0:  # q/k norms and RoPE in one launch
+        if x.is_cuda and self.head_dim & (self.head_dim - 1) == 0:  # q/k norms, RoPE, KV store: one launch
             from nanocp_kernels.elementwise import qk_norm_rope
 
-            rope = self.rotary_emb
+            v = v.view(-1, self.num_kv_heads, self.head_dim)
+            kv_store = self.attn.kv_store(v)
             q, k = qk_norm_rope(
                 q,
                 k,
@@ -55,10 +56,13 @@ class Qwen3Attention(nn.Module):
                 self.k_norm.weight,
                 self.q_norm.eps,
                 positions,
-                rope._cache(x.device),
+                self.rotary_emb._cache(x.device),
+                kv_store,
             )
-        else:
-            q, k = self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
+            return self.o_proj(
+                self.attn(q.flatten(1), k.flatten(1), v, kv_stored=kv_store is not None)
+            ), residual
+        q, k = self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
         return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v)), residual
 
 

@@ -26,7 +26,8 @@ class AttentionBackend(ABC):
     def forward_with_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' K/V, then attend. q: [T, Hq, D]; returns o [T, Hq, D], lse [T, Hq]."""
+        """Attend over the KV cache, which already holds the new tokens' K/V (Attention.forward
+        stores them first). q: [T, Hq, D]; returns o [T, Hq, D], lse [T, Hq]."""
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch

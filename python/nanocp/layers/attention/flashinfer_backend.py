@@ -133,8 +133,7 @@ class FlashInferAttnBackend(AttentionBackend):
         )
 
     def _run(self, q: torch.Tensor, k, v, layer: Attention, batch: ForwardBatch, return_lse: bool):
-        """Store the new K/V, then attend; None for an empty batch (nothing to attend)."""
-        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v)
+        """Attend (the layer stored the new K/V); None for an empty batch (nothing to attend)."""
         if self.empty:
             return None
         _, hkv, d = self.heads

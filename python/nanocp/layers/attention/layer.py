@@ -18,12 +18,26 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scaling = scaling
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [T, Hq*D], k/v: [T, Hkv*D] -> [T, Hq*D]."""
+    def kv_store(self, v: torch.Tensor) -> tuple | None:
+        """Where a fused kernel before attention may store the step's new K/V itself
+        (elementwise.qk_norm_rope's kv_store), or None: then forward stores them."""
+        batch = get_forward_batch()
+        pool, loc = batch.kv_pool, batch.out_cache_loc
+        if not loc.is_cuda or pool.pad_slot is None:
+            return None
+        return v, loc, pool.k_buffer[self.layer_id], pool.v_buffer[self.layer_id], pool.pad_slot
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_stored: bool = False
+    ) -> torch.Tensor:
+        """q: [T, Hq*D], k/v: [T, Hkv*D] -> [T, Hq*D]. Stores the new K/V in the cache unless the
+        caller did (kv_stored, through kv_store), then attends."""
         batch = get_forward_batch()
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if not kv_stored:  # rows with loc < 0 are held by another instance (context parallelism)
+            batch.kv_pool.set_kv(self.layer_id, batch.out_cache_loc, k, v, masked=batch.dcp is not None)
         with trace_section("attention"):
             if batch.dcp is None:
                 out = batch.attn_backend.forward(q, k, v, self, batch)

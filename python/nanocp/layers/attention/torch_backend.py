@@ -40,8 +40,6 @@ class TorchAttnBackend(AttentionBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.meta is not None, "init_forward_metadata was not called"
-        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v, masked=batch.dcp is not None)
-
         qo_indptr, kv_indptr, kv_indices, kv_pos = self.meta
         return paged_attention_ref(
             q,

@@ -90,8 +90,6 @@ class TritonAttnBackend(TorchAttnBackend):
     def forward_with_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch.kv_pool.set_kv(layer.layer_id, batch.out_cache_loc, k, v, masked=batch.dcp is not None)
-
         q_seq, kv_indptr, kv_indices, kv_pos = self.triton_meta
         if self.prefill_qo is not None:
             return paged_prefill_attention(
