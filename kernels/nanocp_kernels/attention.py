@@ -67,8 +67,7 @@ if triton is not None:
             kv_off = slot[:, None].to(tl.int64) * stride_ks + kvh * stride_kh + offs_d[None, :]
             kmask = visible[:, None] & dmask[None, :]
             k = tl.load(k_ptr + kv_off, mask=kmask, other=0.0)
-            v = tl.load(v_ptr + kv_off, mask=kmask, other=0.0)  # in flight with k: at short contexts
-            if IEEE:  # a program has one block, and this saves a dependent round trip
+            if IEEE:
                 s = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 s = tl.dot(q, tl.trans(k))
@@ -77,6 +76,7 @@ if triton is not None:
             m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
             p = tl.where(visible[None, :], tl.exp(s - m_safe[:, None]), 0.0)
             alpha = tl.where(m > float("-inf"), tl.exp(m - m_safe), 0.0)
+            v = tl.load(v_ptr + kv_off, mask=kmask, other=0.0)
             if IEEE:
                 pv = tl.dot(p, v, input_precision="ieee")
             else:

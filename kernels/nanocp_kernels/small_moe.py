@@ -1,16 +1,16 @@
-"""Fused MoE for a decode batch of one token: two launches, no sorting.
+"""Fused MoE for decode batches of a few tokens: two launches, no sorting.
 
 With T*k <= SMALL_PAIRS (token, expert) pairs, the grouped GEMM's machinery (moe_align, BLOCK_M
-rows padded per expert, a moe_sum launch) costs more than it saves: each expert sees one row.
+rows padded per expert, a moe_sum launch) costs more than it saves: most experts see one row.
 Here every pair streams its expert's weights directly, on CUDA cores in float32:
   1. act[p] = silu(x[t] @ gate[e]^T) * (x[t] @ up[e]^T), one program per (pair, BLOCK_N rows);
   2. out[t] = sum_j w[t, j] * (act[t*k + j] @ w2[e_j]^T), one program per (token, BLOCK_N rows)
      holding all k experts' tiles at once: it is also the weighted sum (no moe_sum launch).
 The K loops are unrolled (hidden and intermediate sizes are constexprs), so each program
-requests all its bytes up front. Two tokens picking the same expert would read it twice, so the
-layer takes this path only up to SMALL_PAIRS pairs (one token at top-8; 2-4 tokens keep the
-grouped GEMM, not yet measured against this path). Non-local experts give 0. Power-of-2 top-k
-only (a [k] tile).
+requests all its bytes up front. Two tokens picking the same expert read it twice, so the layer
+takes this path only up to SMALL_PAIRS pairs: 1-4 tokens at top-8, where it measured 1.1-1.3x
+faster per decode step than the grouped GEMM (Qwen3-30B-A3B, H200). Non-local experts give 0.
+Power-of-2 top-k only (a [k] tile).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import triton.language as tl
 
 from nanocp_kernels.launch import pdl_args, pdl_wait
 
-SMALL_PAIRS = 8  # T*k up to this takes this path (one decode token at top-8)
+SMALL_PAIRS = 32  # T*k up to this takes this path (up to 4 decode tokens at top-8)
 
 
 @triton.jit
