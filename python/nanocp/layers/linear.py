@@ -18,10 +18,11 @@ def small_rows(x: torch.Tensor, up_to: int) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except decode batches of <= gemv.WINS_UP_TO rows on CUDA, which stream the weight
     through one GEMV launch (cuBLAS picks 64-row tiles and split-K there: ~2x the bytes' time)."""
-    from nanocp_kernels.gemv import WINS_UP_TO, gemv
+    if x.is_cuda:  # (the kernels need triton: imported only for CUDA tensors)
+        from nanocp_kernels.gemv import WINS_UP_TO, gemv
 
-    if small_rows(x, WINS_UP_TO):
-        return gemv(x, weight, bias)
+        if small_rows(x, WINS_UP_TO):
+            return gemv(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -31,10 +32,11 @@ def norm_linear(
     """(linear(norm(x + residual)), x + residual); residual None: (linear(norm(x)), x). SGLang's
     layout, where each residual add is fused into the norm after it; for a decode batch of one token
     the norm also runs inside the projection's GEMV launch."""
-    from nanocp_kernels.gemv import NORM_WINS_UP_TO, gemv
+    if x.is_cuda:
+        from nanocp_kernels.gemv import NORM_WINS_UP_TO, gemv
 
-    if small_rows(x, NORM_WINS_UP_TO):
-        return gemv(x, weight, bias, norm=(residual, norm.weight, norm.eps))
+        if small_rows(x, NORM_WINS_UP_TO):
+            return gemv(x, weight, bias, norm=(residual, norm.weight, norm.eps))
     h, residual = norm(x, residual) if residual is not None else (norm(x), x)
     return linear(h, weight, bias), residual
 

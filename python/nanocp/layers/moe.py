@@ -128,14 +128,14 @@ class FusedMoE(nn.Module):
         """The router: (weights [T, top_k] in x's dtype, global expert ids [T, top_k], h, s). With
         norm: h, s = norm(x + residual), x + residual (residual None: norm(x), x) first, in the
         router's launch for one decode token; without: h = s = x."""
-        from nanocp_kernels.gemv import ROUTER_WINS_UP_TO, router_topk
+        if x.is_cuda and self.top_k & (self.top_k - 1) == 0:
+            from nanocp_kernels.gemv import ROUTER_WINS_UP_TO, router_topk
 
-        if small_rows(x, ROUTER_WINS_UP_TO) and self.top_k & (self.top_k - 1) == 0:
-            if norm is None:  # gate projection and top-k in one launch
-                return *router_topk(x, gate_weight, self.top_k, self.renormalize), x, x
-            return router_topk(
-                x, gate_weight, self.top_k, self.renormalize, (residual, norm.weight, norm.eps)
-            )
+            if small_rows(x, ROUTER_WINS_UP_TO):  # (norm,) gate projection and top-k in one launch
+                if norm is None:
+                    return *router_topk(x, gate_weight, self.top_k, self.renormalize), x, x
+                norm_args = (residual, norm.weight, norm.eps)
+                return router_topk(x, gate_weight, self.top_k, self.renormalize, norm_args)
         h, s = (x, x) if norm is None else norm(x, residual) if residual is not None else (norm(x), x)
         return *select_experts(linear(h, gate_weight), self.top_k, self.renormalize, x.dtype), h, s
 
