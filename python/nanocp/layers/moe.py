@@ -123,7 +123,11 @@ class FusedMoE(nn.Module):
         target.data.copy_(tensor[sl])
 
     def route(
-        self, x: torch.Tensor, gate_weight: torch.Tensor, residual=None, norm: RMSNorm | None = None
+        self,
+        x: torch.Tensor,
+        gate_weight: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        norm: RMSNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The router: (weights [T, top_k] in x's dtype, global expert ids [T, top_k], h, s). With
         norm: h, s = norm(x + residual), x + residual (residual None: norm(x), x) first, in the
@@ -140,7 +144,11 @@ class FusedMoE(nn.Module):
         return *select_experts(linear(h, gate_weight), self.top_k, self.renormalize, x.dtype), h, s
 
     def forward(
-        self, x: torch.Tensor, gate_weight: torch.Tensor, residual=None, norm: RMSNorm | None = None
+        self,
+        x: torch.Tensor,
+        gate_weight: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        norm: RMSNorm | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(experts(h), s) with h, s as in `route` (gate_weight [num_experts, hidden])."""
         weights, ids, h, s = self.route(x, gate_weight, residual, norm)
