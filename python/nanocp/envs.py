@@ -10,6 +10,12 @@ def _get(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+def _flag(name: str) -> bool | None:
+    """A boolean switch: unset or empty -> None (the caller's default), "0"/"false" -> False."""
+    value = _get(name, "")
+    return None if value == "" else value not in ("0", "false", "False")
+
+
 def cpu_kv_cache_gb() -> float:
     """KV cache budget on CPU when --max-total-tokens is not given (GiB)."""
     return float(_get("NANOCP_CPU_KV_CACHE_GB", "1.0"))
@@ -38,18 +44,16 @@ def routing_buffer_bytes() -> int:
 def flashinfer_decode_tensor_cores() -> bool | None:
     """FlashInfer decode on its tensor-core kernels: "1"/"0" force it, unset decides from the GQA
     group size (4+ query heads per KV head: tensor cores, as SGLang does)."""
-    value = _get("NANOCP_FLASHINFER_DECODE_TENSOR_CORES", "")
-    return None if value == "" else value not in ("0", "false", "False")
+    return _flag("NANOCP_FLASHINFER_DECODE_TENSOR_CORES")
 
 
 def small_batch_kernels() -> bool:
     """Decode batches of a few tokens run the GEMV projections and the two-launch MoE
     (nanocp_kernels.gemv / small_moe) on CUDA; "0" keeps cuBLAS and the grouped-GEMM MoE."""
-    return _get("NANOCP_SMALL_BATCH_KERNELS", "1") not in ("0", "false", "False")
+    return _flag("NANOCP_SMALL_BATCH_KERNELS") is not False
 
 
 def pdl() -> bool | None:
     """The decode path's Triton kernels use programmatic dependent launch (each may start while
     its predecessor drains; nanocp_kernels.launch): "1"/"0" force it, unset: on from Hopper (sm90)."""
-    value = _get("NANOCP_PDL", "")
-    return None if value == "" else value not in ("0", "false", "False")
+    return _flag("NANOCP_PDL")
