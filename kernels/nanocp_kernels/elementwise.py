@@ -136,8 +136,8 @@ def _qk_norm_rope_kernel(
     x2 = tl.load(src + HALF + offs).to(tl.float32)
     inv = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=0) + tl.sum(x2 * x2, axis=0)) / (2 * HALF) + eps)
     dt = qo_ptr.dtype.element_ty
-    y1 = (tl.load(w_ptr + offs).to(dt) * (x1 * inv).to(dt)).to(tl.float32)
-    y2 = (tl.load(w_ptr + HALF + offs).to(dt) * (x2 * inv).to(dt)).to(tl.float32)
+    y1 = rms_scale(x1, inv, tl.load(w_ptr + offs), dt).to(tl.float32)
+    y2 = rms_scale(x2, inv, tl.load(w_ptr + HALF + offs), dt).to(tl.float32)
     pos = tl.load(pos_ptr + t)
     cos = tl.load(cache_ptr + pos * 2 * HALF + offs)
     sin = tl.load(cache_ptr + pos * 2 * HALF + HALF + offs)
