@@ -94,6 +94,15 @@ def _skinny_tile(
 
 
 @triton.jit
+def _store_tile(y_ptr, acc, num_rows, N, stride_ym, M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[:num_rows, pid_n * BLOCK_N : +BLOCK_N] = acc, in y's dtype."""
+    rows = tl.arange(0, M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < num_rows)[:, None] & (offs_n < N)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gemv_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, r_ptr, nw_ptr, ro_ptr, num_rows, N, K, stride_xm, stride_wn, stride_ym,
     stride_rm, eps, HAS_BIAS: tl.constexpr, NORM: tl.constexpr, HAS_RES: tl.constexpr, M: tl.constexpr,
@@ -103,12 +112,10 @@ def _gemv_kernel(
         x_ptr, w_ptr, r_ptr, nw_ptr, ro_ptr, ro_ptr, num_rows, N, K, stride_xm, stride_wn, stride_rm, eps,
         NORM, HAS_RES, False, M, BLOCK_N, BLOCK_K, PDL,
     )  # fmt: skip
-    rows = tl.arange(0, M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-    mask = (rows < num_rows)[:, None] & (offs_n < N)[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+    _store_tile(y_ptr, acc, num_rows, N, stride_ym, M, BLOCK_N)
 
 
 @triton.jit
@@ -122,11 +129,8 @@ def _router_topk_kernel(
         x_ptr, w_ptr, r_ptr, nw_ptr, ro_ptr, ho_ptr, num_rows, E, K, stride_xm, K, stride_rm, eps,
         NORM, HAS_RES, NORM, M, BLOCK_N, BLOCK_K, PDL,
     )  # fmt: skip
-    rows = tl.arange(0, M)
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (rows < num_rows)[:, None] & (offs_n < E)[None, :]
     # logits in the model dtype, as the gate's F.linear would hand them to the top-k
-    tl.store(logits_ptr + rows[:, None] * E + offs_n[None, :], acc.to(logits_ptr.dtype.element_ty), mask=mask)
+    _store_tile(logits_ptr, acc, num_rows, E, E, M, BLOCK_N)
     # all of this program's stores are done (CTA barrier) before its acq_rel ticket: the program
     # drawing the last ticket then sees every program's logits (read from L2, past L1)
     tl.debug_barrier()
