@@ -37,7 +37,7 @@ def norm_linear(
 
         if small_rows(x, NORM_WINS_UP_TO):
             return gemv(x, weight, bias, norm=(residual, norm.weight, norm.eps))
-    h, residual = norm(x, residual) if residual is not None else (norm(x), x)
+    h, residual = norm.add_norm(x, residual)
     return linear(h, weight, bias), residual
 
 

@@ -140,7 +140,7 @@ class FusedMoE(nn.Module):
                     return *router_topk(x, gate_weight, self.top_k, self.renormalize), x, x
                 norm_args = (residual, norm.weight, norm.eps)
                 return router_topk(x, gate_weight, self.top_k, self.renormalize, norm_args)
-        h, s = (x, x) if norm is None else norm(x, residual) if residual is not None else (norm(x), x)
+        h, s = (x, x) if norm is None else norm.add_norm(x, residual)
         return *select_experts(linear(h, gate_weight), self.top_k, self.renormalize, x.dtype), h, s
 
     def forward(

@@ -44,6 +44,7 @@ class Qwen3Attention(nn.Module):
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
+        kv_store = None  # with the fused kernel, the new K/V are stored in its launch
         if x.is_cuda and self.head_dim & (self.head_dim - 1) == 0:  # q/k norms, RoPE, KV store: one launch
             from nanocp_kernels.elementwise import qk_norm_rope
 
@@ -59,11 +60,9 @@ class Qwen3Attention(nn.Module):
                 self.rotary_emb._cache(x.device),
                 kv_store,
             )
-            return self.o_proj(
-                self.attn(q.flatten(1), k.flatten(1), v, kv_stored=kv_store is not None)
-            ), residual
-        q, k = self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
-        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v)), residual
+        else:
+            q, k = self.rotary_emb(positions, self.q_norm(q), self.k_norm(k))
+        return self.o_proj(self.attn(q.flatten(1), k.flatten(1), v, kv_stored=kv_store is not None)), residual
 
 
 class Qwen3MLP(nn.Module):
@@ -119,7 +118,7 @@ class Qwen3Model(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             x, residual = layer(positions, x, residual)
-        return self.norm(x, residual)[0] if residual is not None else self.norm(x)
+        return self.norm.add_norm(x, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):
