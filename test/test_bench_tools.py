@@ -269,3 +269,34 @@ def test_simulated_holder_keeps_its_sharded_request_when_retracting():
     assert inst.victim() is chat
     assert inst.reserve_foreign(SimRequest(Request(2.0, 2000, 1), rid=2), 0, 16 * 70)
     assert inst.running == [doc] and chat.retractions == 1 and doc.retractions == 0
+
+
+def test_decode_variants_switch_what_they_name():
+    """Every variant of benchmark.decode_variants patches attributes that exist (a rename in the
+    kernels would otherwise make the A/B silently compare the code with itself)."""
+    import os
+
+    import nanocp_kernels.elementwise as elementwise
+    import nanocp_kernels.gemv as gemv
+    import nanocp_kernels.launch as launch
+    import nanocp_kernels.small_moe as small_moe
+    from benchmark.decode_variants import VARIANTS
+    from nanocp import envs
+    from nanocp.layers.attention.layer import Attention
+
+    before = (small_moe.SMALL_PAIRS, gemv.NORM_WINS_UP_TO, launch.PDL, Attention.kv_store)
+    expect = {
+        "small_pairs_8": lambda: small_moe.SMALL_PAIRS == 8,
+        "no_norm_fusion": lambda: gemv.NORM_WINS_UP_TO == 0,
+        "no_pdl": lambda: launch.PDL is False,
+        "qk_late_release": lambda: elementwise.QK_RELEASE_EARLY is False,
+        "separate_kv_store": lambda: Attention.kv_store(None, None) is None,
+        "no_small_batch": lambda: (
+            envs.small_batch_kernels() is False and "NANOCP_SMALL_BATCH_KERNELS" in os.environ
+        ),
+    }
+    assert set(VARIANTS) == set(expect) | {"main"}
+    for name, check in expect.items():
+        with VARIANTS[name][1]():
+            assert check(), name
+    assert (small_moe.SMALL_PAIRS, gemv.NORM_WINS_UP_TO, launch.PDL, Attention.kv_store) == before

@@ -104,13 +104,13 @@ def fused_add_rmsnorm(
 def _qk_norm_rope_kernel(
     q_ptr, k_ptr, qw_ptr, kw_ptr, qo_ptr, ko_ptr, pos_ptr, cache_ptr, HQ, HKV, eps,
     stride_qt, stride_qh, stride_kt, stride_kh, v_ptr, stride_vt, stride_vh, loc_ptr, kb_ptr, vb_ptr,
-    pad_slot, HALF: tl.constexpr, STORE: tl.constexpr, PDL: tl.constexpr,
+    pad_slot, HALF: tl.constexpr, STORE: tl.constexpr, RELEASE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """One program per (token, head) of q then k (then v with STORE): per-head RMSNorm (float32,
     cast, scaled in the input dtype, as HF's q_norm / k_norm), then neox RoPE from the float32
     cos|sin cache. STORE: the new k and v also go to their KV-cache slot (as store_kv: loc < 0
     writes to pad_slot), which saves the store launch."""
-    pdl_wait(PDL)
+    pdl_wait(PDL, RELEASE)
     t = tl.program_id(0)
     h = tl.program_id(1)
     offs = tl.arange(0, HALF)
@@ -152,6 +152,8 @@ def _qk_norm_rope_kernel(
             tl.store(kdst + HALF + offs, o2.to(kb_ptr.dtype.element_ty))
 
 
+QK_RELEASE_EARLY = True  # whether qk_norm_rope lets its successor (the attention) launch early (PDL)
+
 # (v [T, Hkv, D], loc [T], k_buffer, v_buffer [slots, Hkv, D], pad_slot): where qk_norm_rope also
 # stores the new tokens' K/V (KVCachePool.set_kv's arguments)
 KVStore = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
@@ -183,7 +185,7 @@ def qk_norm_rope(
         _qk_norm_rope_kernel[(t, hq + hkv * (2 if kv_store is not None else 1))](
             q, k, q_weight, k_weight, qo, ko, positions, cos_sin_cache, hq, hkv, eps,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v, v.stride(0), v.stride(1), loc, kb, vb, pad,
-            HALF=d // 2, STORE=kv_store is not None, **pdl_args(q),
+            HALF=d // 2, STORE=kv_store is not None, RELEASE=QK_RELEASE_EARLY, **pdl_args(q),
         )  # fmt: skip
     return qo, ko
 

@@ -30,11 +30,13 @@ def pdl_args(t: torch.Tensor) -> dict:
 
 
 @triton.jit
-def pdl_wait(PDL: tl.constexpr):
-    """First statement of a PDL-aware kernel: wait for the predecessor, release the successor."""
+def pdl_wait(PDL: tl.constexpr, RELEASE: tl.constexpr = True):
+    """First statement of a PDL-aware kernel: wait for the predecessor, release the successor
+    (RELEASE False: the successor launches when this kernel has finished, as without PDL)."""
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+        if RELEASE:
+            tl.extra.cuda.gdc_launch_dependents()
 
 
 _COUNTERS: dict[tuple, torch.Tensor] = {}
