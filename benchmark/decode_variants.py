@@ -50,9 +50,9 @@ VARIANTS: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]]
         "the RMSNorms before qkv_proj / the router in their own launches",
         _attr("nanocp_kernels.gemv.NORM_WINS_UP_TO", 0),
     ),
-    "qk_late_release": (
-        "qk_norm_rope lets the attention launch only when it has finished",
-        _attr("nanocp_kernels.elementwise.QK_RELEASE_EARLY", False),
+    "qk_early_release": (
+        "qk_norm_rope lets the attention launch early (PDL), before it has finished",
+        _attr("nanocp_kernels.elementwise.QK_RELEASE_EARLY", True),
     ),
     "no_pdl": ("no programmatic dependent launch", _attr("nanocp_kernels.launch.PDL", False)),
     "no_small_batch": (

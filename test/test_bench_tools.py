@@ -289,7 +289,7 @@ def test_decode_variants_switch_what_they_name():
         "small_pairs_8": lambda: small_moe.SMALL_PAIRS == 8,
         "no_norm_fusion": lambda: gemv.NORM_WINS_UP_TO == 0,
         "no_pdl": lambda: launch.PDL is False,
-        "qk_late_release": lambda: elementwise.QK_RELEASE_EARLY is False,
+        "qk_early_release": lambda: elementwise.QK_RELEASE_EARLY is True,
         "separate_kv_store": lambda: Attention.kv_store(None, None) is None,
         "no_small_batch": lambda: (
             envs.small_batch_kernels() is False and "NANOCP_SMALL_BATCH_KERNELS" in os.environ

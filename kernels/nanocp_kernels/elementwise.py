@@ -109,7 +109,8 @@ def _qk_norm_rope_kernel(
     """One program per (token, head) of q then k (then v with STORE): per-head RMSNorm (float32,
     cast, scaled in the input dtype, as HF's q_norm / k_norm), then neox RoPE from the float32
     cos|sin cache. STORE: the new k and v also go to their KV-cache slot (as store_kv: loc < 0
-    writes to pad_slot), which saves the store launch."""
+    writes to pad_slot), which saves the store launch. RELEASE: the successor may launch before
+    this kernel ends (see QK_RELEASE_EARLY)."""
     pdl_wait(PDL, RELEASE)
     t = tl.program_id(0)
     h = tl.program_id(1)
@@ -152,7 +153,12 @@ def _qk_norm_rope_kernel(
             tl.store(kdst + HALF + offs, o2.to(kb_ptr.dtype.element_ty))
 
 
-QK_RELEASE_EARLY = True  # whether qk_norm_rope lets its successor (the attention) launch early (PDL)
+# Whether qk_norm_rope lets its successor, the attention, launch early (PDL). Off: the attention
+# is one wave of ~512 programs that, at long contexts, streams the KV for 0.1 ms; launched early,
+# its programs are placed while qk_norm_rope's still hold SMs, so some SMs get more of them and
+# the wave ends later (H200, batch 4 x 128k: 9% slower per step, batch 8 x 32k 6%). Batch 1 at
+# 1k loses 0.7% by waiting (benchmark/results/decode_variants_release_h200).
+QK_RELEASE_EARLY = False
 
 # (v [T, Hkv, D], loc [T], k_buffer, v_buffer [slots, Hkv, D], pad_slot): where qk_norm_rope also
 # stores the new tokens' K/V (KVCachePool.set_kv's arguments)
