@@ -54,6 +54,22 @@ VARIANTS: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]]
         "qk_norm_rope lets the attention launch early (PDL), before it has finished",
         _attr("nanocp_kernels.elementwise.QK_RELEASE_EARLY", True),
     ),
+    "no_short_blocks": (
+        "the Triton decode attention steps 64 keys at a time also through splits of <= 64 keys",
+        _attr("nanocp_kernels.attention.SHORT_BLOCKS", False),
+    ),
+    "split_waves_1": (
+        "Triton decode splits sized to one program per SM (not two)",
+        _attr("nanocp_kernels.attention.SPLIT_WAVES", 1),
+    ),
+    "split_waves_4": (
+        "Triton decode splits sized to four programs per SM",
+        _attr("nanocp_kernels.attention.SPLIT_WAVES", 4),
+    ),
+    "block_n_32": (
+        "Triton decode attention steps 32 keys at a time (not 64)",
+        _attr("nanocp_kernels.attention.DECODE_BLOCK_N", 32),
+    ),
     "no_pdl": ("no programmatic dependent launch", _attr("nanocp_kernels.launch.PDL", False)),
     "no_small_batch": (
         "cuBLAS projections, cuBLAS router + top-k, grouped-GEMM MoE",

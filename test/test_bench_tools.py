@@ -276,6 +276,7 @@ def test_decode_variants_switch_what_they_name():
     kernels would otherwise make the A/B silently compare the code with itself)."""
     import os
 
+    import nanocp_kernels.attention as attention
     import nanocp_kernels.elementwise as elementwise
     import nanocp_kernels.gemv as gemv
     import nanocp_kernels.launch as launch
@@ -290,6 +291,10 @@ def test_decode_variants_switch_what_they_name():
         "no_norm_fusion": lambda: gemv.NORM_WINS_UP_TO == 0,
         "no_pdl": lambda: launch.PDL is False,
         "qk_early_release": lambda: elementwise.QK_RELEASE_EARLY is True,
+        "no_short_blocks": lambda: attention.SHORT_BLOCKS is False,
+        "split_waves_1": lambda: attention.SPLIT_WAVES == 1,
+        "split_waves_4": lambda: attention.SPLIT_WAVES == 4,
+        "block_n_32": lambda: attention.DECODE_BLOCK_N == 32,
         "separate_kv_store": lambda: Attention.kv_store(None, None) is None,
         "no_small_batch": lambda: (
             envs.small_batch_kernels() is False and "NANOCP_SMALL_BATCH_KERNELS" in os.environ

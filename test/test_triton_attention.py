@@ -17,10 +17,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (8, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else []))
-def test_paged_attention_matches_reference(heads, dtype, splits):
+@pytest.mark.parametrize("block_n", [16, 64])  # 64: rows of <= 64 keys per split step 32 keys
+def test_paged_attention_matches_reference(heads, dtype, splits, block_n):
     g = torch.Generator().manual_seed(sum(heads))
     hq, hkv, d = *heads, 32
-    seqs = [(1, 1), (3, 40), (1, 70), (5, 5), (2, 0), (4, 33)]  # (queries, keys): decode, extend, empty
+    # (queries, keys): decode, extend, empty; at block_n 64 both step sizes of the decode kernel
+    seqs = [(1, 1), (3, 40), (1, 70), (5, 5), (2, 0), (4, 33), (1, 130)]
     num_slots = sum(k for _, k in seqs) + 10
     k_cache = torch.randn(num_slots, hkv, d, generator=g).to(dtype)
     v_cache = torch.randn(num_slots, hkv, d, generator=g).to(dtype)
@@ -52,7 +54,7 @@ def test_paged_attention_matches_reference(heads, dtype, splits):
         dev(qpos.to(torch.int32)),
         dev(kpos.to(torch.int32)),
         scale,
-        block_n=16,
+        block_n=block_n,
         num_splits=splits,  # 4: some rows' splits are empty (a row of 1 key), merged as -inf
     )
     tol = 1e-5 if dtype == torch.float32 else 2e-2

@@ -24,37 +24,18 @@ except ImportError:  # pragma: no cover
 if triton is not None:
 
     @triton.jit
-    def _paged_attention_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_seq_ptr, q_pos_ptr, kv_indptr_ptr, kv_indices_ptr,
-        kv_pos_ptr, sm_scale, D, GROUP, stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh,
-        SPLITS: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+    def _attend_split(
+        q, k_ptr, v_ptr, kv_indices_ptr, kv_pos_ptr, qpos, start, end, sp, kvh, sm_scale, D,
+        stride_ks, stride_kh, SPLITS: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):  # fmt: skip
-        """Program (query row t, KV head, split s): the GROUP query heads sharing the KV head
-        (one read of each key for all of them, tensor-core dots) over split s of the row's keys.
-        SPLITS == 1: writes o / lse; else the split's normalized o (float32) and lse at
-        [t, head, s] for _merge_splits_kernel."""
-        pdl_wait(PDL)
-        t = tl.program_id(0)
-        kvh = tl.program_id(1)
-        sp = tl.program_id(2)
-        seq = tl.load(q_seq_ptr + t)
-        qpos = tl.load(q_pos_ptr + t)
-        start = tl.load(kv_indptr_ptr + seq)
-        end = tl.load(kv_indptr_ptr + seq + 1)
+        """Online softmax of q [BLOCK_H, BLOCK_D] over split sp of the keys start:end, BLOCK_N
+        keys a step (splits are whole blocks): (running max, denominator, unnormalized o)."""
         chunk = tl.cdiv(tl.cdiv(end - start, SPLITS), BLOCK_N) * BLOCK_N
         lo = start + sp * chunk
         hi = tl.minimum(end, lo + chunk)
-        offs_h = tl.arange(0, BLOCK_H)
-        hmask = offs_h < GROUP
-        heads = kvh * GROUP + offs_h
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        q = tl.load(
-            q_ptr + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
-            mask=hmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
         m = tl.full([BLOCK_H], float("-inf"), tl.float32)
         denom = tl.zeros([BLOCK_H], dtype=tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
@@ -84,6 +65,57 @@ if triton is not None:
             acc = acc * alpha[:, None] + pv
             denom = denom * alpha + tl.sum(p, axis=1)
             m = m_new
+        return m, denom, acc, hi > lo
+
+    @triton.jit
+    def _paged_attention_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_seq_ptr, q_pos_ptr, kv_indptr_ptr, kv_indices_ptr,
+        kv_pos_ptr, sm_scale, D, GROUP, stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh,
+        SPLITS: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, SHORT_BLOCKS: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """Program (query row t, KV head, split s): the GROUP query heads sharing the KV head
+        (one read of each key for all of them, tensor-core dots) over split s of the row's keys.
+        SPLITS == 1: writes o / lse; else the split's normalized o (float32) and lse at
+        [t, head, s] for _merge_splits_kernel. SHORT_BLOCKS: a row with at most 1.5 * BLOCK_N keys
+        per split steps BLOCK_N / 2 (>= 16, the dot's minimum) keys at a time."""
+        pdl_wait(PDL)
+        t = tl.program_id(0)
+        kvh = tl.program_id(1)
+        sp = tl.program_id(2)
+        seq = tl.load(q_seq_ptr + t)
+        qpos = tl.load(q_pos_ptr + t)
+        start = tl.load(kv_indptr_ptr + seq)
+        end = tl.load(kv_indptr_ptr + seq + 1)
+        offs_h = tl.arange(0, BLOCK_H)
+        hmask = offs_h < GROUP
+        heads = kvh * GROUP + offs_h
+        offs_d = tl.arange(0, BLOCK_D)
+        dmask = offs_d < D
+        q = tl.load(
+            q_ptr + t * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=hmask[:, None] & dmask[None, :],
+            other=0.0,
+        )
+        half: tl.constexpr = BLOCK_N // 2
+        # rows of few keys per split (a split of the short path is at most 3 half blocks) step
+        # half blocks: finer splits, so more of them are busy
+        if SHORT_BLOCKS:
+            if tl.cdiv(end - start, SPLITS) <= BLOCK_N + half:
+                m, denom, acc, nonempty = _attend_split(
+                    q, k_ptr, v_ptr, kv_indices_ptr, kv_pos_ptr, qpos, start, end, sp, kvh, sm_scale, D,
+                    stride_ks, stride_kh, SPLITS, IEEE, BLOCK_H, half, BLOCK_D,
+                )  # fmt: skip
+            else:
+                m, denom, acc, nonempty = _attend_split(
+                    q, k_ptr, v_ptr, kv_indices_ptr, kv_pos_ptr, qpos, start, end, sp, kvh, sm_scale, D,
+                    stride_ks, stride_kh, SPLITS, IEEE, BLOCK_H, BLOCK_N, BLOCK_D,
+                )  # fmt: skip
+        else:
+            m, denom, acc, nonempty = _attend_split(
+                q, k_ptr, v_ptr, kv_indices_ptr, kv_pos_ptr, qpos, start, end, sp, kvh, sm_scale, D,
+                stride_ks, stride_kh, SPLITS, IEEE, BLOCK_H, BLOCK_N, BLOCK_D,
+            )  # fmt: skip
         safe = tl.where(denom > 0, denom, 1.0)
         o = tl.where(denom[:, None] > 0, acc / safe[:, None], 0.0)
         lse = tl.where(denom > 0, m + tl.log(safe), float("-inf"))
@@ -96,7 +128,7 @@ if triton is not None:
             row = (t * GROUP * tl.num_programs(1) + heads) * SPLITS + sp
             # an empty split (short context: most of them) writes only its lse; the merge reads
             # no o of a split whose lse is -inf
-            tl.store(o_ptr + row[:, None] * D + offs_d[None, :], o, mask=omask & (hi > lo))
+            tl.store(o_ptr + row[:, None] * D + offs_d[None, :], o, mask=omask & nonempty)
             tl.store(lse_ptr + row, lse, mask=hmask)
 
     @triton.jit
@@ -241,6 +273,14 @@ def paged_prefill_attention(
     return o, lse
 
 
+# Decode-kernel tuning, each measured in one process against its alternatives (H200, Qwen3-30B-A3B
+# decode step, benchmark/results/decode_variants_{attention,short_blocks}_h200):
+# keys per step: 32 is 1-4% faster at batch 1 below 8k tokens but 4-10% slower from 32k, so 64,
+# with half steps only where a split holds few keys (SHORT_BLOCKS: batch 1 at 1k-8k 2% faster);
+# programs per SM the splits aim at: 1 and 4 were up to 16% and 6% slower than 2.
+DECODE_BLOCK_N = 64
+SHORT_BLOCKS = True
+SPLIT_WAVES = 2
 MAX_SPLITS = 128  # batch 1 at 128k context: 42% -> 60% of the decode roofline vs 32 (H200)
 
 
@@ -248,7 +288,7 @@ def _num_splits(rows: int, kv_heads: int, device: torch.device) -> int:
     """KV splits per (query row, KV head): enough programs for about two waves of the GPU. It
     depends only on the shapes, so a captured graph keeps it for any context length."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return min(MAX_SPLITS, triton.next_power_of_2(max(1, -(-2 * sms // (rows * kv_heads)))))
+    return min(MAX_SPLITS, triton.next_power_of_2(max(1, -(-SPLIT_WAVES * sms // (rows * kv_heads)))))
 
 
 def paged_attention(
@@ -261,7 +301,7 @@ def paged_attention(
     q_pos: torch.Tensor,
     kv_pos: torch.Tensor,
     sm_scale: float,
-    block_n: int = 64,
+    block_n: int | None = None,
     num_splits: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q: [Tq, Hq, D]; k/v_cache: [S, Hkv, D]; q_seq: [Tq] sequence of each query row;
@@ -278,6 +318,7 @@ def paged_attention(
     if tq == 0:
         return o, lse
     group = hq // hkv
+    block_n = block_n or DECODE_BLOCK_N
     splits = num_splits or _num_splits(tq, hkv, q.device)
     block_d = triton.next_power_of_2(d)
     if splits > 1:
@@ -289,7 +330,7 @@ def paged_attention(
         q, k_cache, v_cache, part_o, part_lse, q_seq, q_pos, kv_indptr, kv_indices, kv_pos, sm_scale,
         d, group, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), o.stride(0), o.stride(1),
         SPLITS=splits, IEEE=q.dtype == torch.float32, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=block_d, **pdl_args(q),
+        BLOCK_N=block_n, BLOCK_D=block_d, SHORT_BLOCKS=SHORT_BLOCKS and block_n >= 32, **pdl_args(q),
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(tq, hq)](
