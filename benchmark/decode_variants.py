@@ -70,6 +70,10 @@ VARIANTS: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]]
         "Triton decode attention steps 32 keys at a time (not 64)",
         _attr("nanocp_kernels.attention.DECODE_BLOCK_N", 32),
     ),
+    "attention_late_release": (
+        "the Triton decode attention lets the split merge launch only when it has finished",
+        _attr("nanocp_kernels.attention.RELEASE_EARLY", False),
+    ),
     "no_pdl": ("no programmatic dependent launch", _attr("nanocp_kernels.launch.PDL", False)),
     "no_small_batch": (
         "cuBLAS projections, cuBLAS router + top-k, grouped-GEMM MoE",

@@ -292,6 +292,7 @@ def test_decode_variants_switch_what_they_name():
         "no_pdl": lambda: launch.PDL is False,
         "qk_early_release": lambda: elementwise.QK_RELEASE_EARLY is True,
         "no_short_blocks": lambda: attention.SHORT_BLOCKS is False,
+        "attention_late_release": lambda: attention.RELEASE_EARLY is False,
         "split_waves_1": lambda: attention.SPLIT_WAVES == 1,
         "split_waves_4": lambda: attention.SPLIT_WAVES == 4,
         "block_n_32": lambda: attention.DECODE_BLOCK_N == 32,

@@ -72,14 +72,15 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, q_seq_ptr, q_pos_ptr, kv_indptr_ptr, kv_indices_ptr,
         kv_pos_ptr, sm_scale, D, GROUP, stride_qt, stride_qh, stride_ks, stride_kh, stride_ot, stride_oh,
         SPLITS: tl.constexpr, IEEE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, SHORT_BLOCKS: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, SHORT_BLOCKS: tl.constexpr, RELEASE: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """Program (query row t, KV head, split s): the GROUP query heads sharing the KV head
         (one read of each key for all of them, tensor-core dots) over split s of the row's keys.
         SPLITS == 1: writes o / lse; else the split's normalized o (float32) and lse at
         [t, head, s] for _merge_splits_kernel. SHORT_BLOCKS: a row with at most 1.5 * BLOCK_N keys
-        per split steps BLOCK_N / 2 (>= 16, the dot's minimum) keys at a time."""
-        pdl_wait(PDL)
+        per split steps BLOCK_N / 2 (>= 16, the dot's minimum) keys at a time. RELEASE: the
+        merge may launch before this kernel ends (RELEASE_EARLY)."""
+        pdl_wait(PDL, RELEASE)
         t = tl.program_id(0)
         kvh = tl.program_id(1)
         sp = tl.program_id(2)
@@ -281,6 +282,7 @@ def paged_prefill_attention(
 DECODE_BLOCK_N = 64
 SHORT_BLOCKS = True
 SPLIT_WAVES = 2
+RELEASE_EARLY = True  # the merge's programs may launch (and wait) while the attention runs
 MAX_SPLITS = 128  # batch 1 at 128k context: 42% -> 60% of the decode roofline vs 32 (H200)
 
 
@@ -330,7 +332,8 @@ def paged_attention(
         q, k_cache, v_cache, part_o, part_lse, q_seq, q_pos, kv_indptr, kv_indices, kv_pos, sm_scale,
         d, group, q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), o.stride(0), o.stride(1),
         SPLITS=splits, IEEE=q.dtype == torch.float32, BLOCK_H=max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, BLOCK_D=block_d, SHORT_BLOCKS=SHORT_BLOCKS and block_n >= 32, **pdl_args(q),
+        BLOCK_N=block_n, BLOCK_D=block_d, SHORT_BLOCKS=SHORT_BLOCKS and block_n >= 32, RELEASE=RELEASE_EARLY,
+        **pdl_args(q),
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(tq, hq)](
