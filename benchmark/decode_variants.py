@@ -74,6 +74,18 @@ VARIANTS: dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]]
         "the Triton decode attention lets the split merge launch only when it has finished",
         _attr("nanocp_kernels.attention.RELEASE_EARLY", False),
     ),
+    "gemv_up_to_4": (
+        "the GEMV projections (not cuBLAS) up to 4 rows",
+        _attr("nanocp_kernels.gemv.WINS_UP_TO", 4),
+    ),
+    "router_up_to_2": (
+        "the one-launch router (not cuBLAS + top-k) up to 2 rows",
+        _attr("nanocp_kernels.gemv.ROUTER_WINS_UP_TO", 2),
+    ),
+    "norm_fusion_up_to_2": (
+        "the RMSNorm inside the projection / router launch up to 2 rows",
+        _attr("nanocp_kernels.gemv.NORM_WINS_UP_TO", 2),
+    ),
     "no_pdl": ("no programmatic dependent launch", _attr("nanocp_kernels.launch.PDL", False)),
     "no_small_batch": (
         "cuBLAS projections, cuBLAS router + top-k, grouped-GEMM MoE",
