@@ -149,6 +149,30 @@ def fit_profile(rows: list[dict], kv_capacity: int, device: str) -> ProfileCost:
     )
 
 
+def setup(args: argparse.Namespace) -> tuple[ServerArgs, ModelRunner, KVManager, float]:
+    """The runner for decode batches up to max(args.batch) x max(args.context) (graphs for every
+    batch bucket), its KV manager and the device's measured copy bandwidth."""
+    args.device, args.skip_tokenizer_init = "cuda", True
+    args.max_running_requests = max(args.max_running_requests or 0, max(args.batch))
+    args.cuda_graph_max_bs = max(args.batch)
+    args.context_length = args.context_length or max(args.context) + 1
+    sa = ServerArgs.from_cli_args(args)
+    runner = ModelRunner(sa)
+    return (
+        sa,
+        runner,
+        KVManager(runner.page_allocator, runner.req_to_token_pool),
+        copy_bandwidth(runner.device),
+    )
+
+
+def kv_bytes_per_token(runner: ModelRunner) -> int:
+    cfg = runner.hf_config
+    return runner.kv_pool.bytes_per_token(
+        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, runner.dtype
+    )
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ServerArgs.add_cli_args(p)
@@ -165,19 +189,8 @@ def main(argv=None) -> dict:
         help="kernel breakdown of one step at BATCH x CONTEXT (repeatable; saved in the result)",
     )
     args = p.parse_args(argv)
-    args.device, args.skip_tokenizer_init = "cuda", True
-    args.max_running_requests = max(args.max_running_requests or 0, max(args.batch))
-    args.cuda_graph_max_bs = max(args.batch)
-    args.context_length = args.context_length or max(args.context) + 1
-    sa = ServerArgs.from_cli_args(args)
-    runner = ModelRunner(sa)
-    kv = KVManager(runner.page_allocator, runner.req_to_token_pool)
-    cfg = runner.hf_config
-    dev = runner.device
-    bw = copy_bandwidth(dev)
-    kv_tok = runner.kv_pool.bytes_per_token(
-        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, runner.dtype
-    )
+    sa, runner, kv, bw = setup(args)
+    cfg, kv_tok = runner.hf_config, kv_bytes_per_token(runner)
     rows = []
     for context in args.context:
         for batch in args.batch:

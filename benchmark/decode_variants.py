@@ -24,9 +24,8 @@ from unittest import mock
 import torch
 
 from benchmark.common import RESULTS, environment, pyplot, write_json
-from benchmark.decode_step import copy_bandwidth, decode_batch, step_bytes, time_step
+from benchmark.decode_step import decode_batch, kv_bytes_per_token, setup, step_bytes, time_step
 from nanocp import ServerArgs
-from nanocp.kvcache.manager import KVManager
 from nanocp.model_executor.cuda_graph_runner import CudaGraphRunner
 from nanocp.model_executor.model_runner import ModelRunner
 
@@ -118,18 +117,8 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     for name in {n for v in args.variants for n in v.split("+")} - VARIANTS.keys():
         p.error(f"--variants: unknown variant {name!r} (known: {', '.join(VARIANTS)})")
-    args.device, args.skip_tokenizer_init = "cuda", True
-    args.max_running_requests = max(args.max_running_requests or 0, max(args.batch))
-    args.cuda_graph_max_bs = max(args.batch)
-    args.context_length = args.context_length or max(args.context) + 1
-    sa = ServerArgs.from_cli_args(args)
-    runner = ModelRunner(sa)
-    kv = KVManager(runner.page_allocator, runner.req_to_token_pool)
-    cfg = runner.hf_config
-    bw = copy_bandwidth(runner.device)
-    kv_tok = runner.kv_pool.bytes_per_token(
-        cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, runner.dtype
-    )
+    sa, runner, kv, bw = setup(args)
+    cfg, kv_tok = runner.hf_config, kv_bytes_per_token(runner)
     rows = []
     for rep in range(args.reps):
         for variant in args.variants:
