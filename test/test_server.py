@@ -497,3 +497,36 @@ def test_serve_bench_clients_measure_every_request(server, client, moe_model, tm
     bs = run_bench_serving(server.url, work, moe_model, rate=20.0, out_dir=tmp_path / "bs")
     assert len(bs) == 12 and not any("error" in m for m in bs)
     assert all(m["ttft"] > 0 and m["tpot"] >= 0 for m in bs)
+
+
+def test_a_terminated_caller_stops_the_servers_it_started(tmp_path):
+    """`timeout` (SIGTERM) on a benchmark must not leave its servers holding the GPU: the
+    caller's exit stops every ServerProcess it started (the server runs in its own session,
+    so nothing else would)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "caller.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, time
+            from nanocp.testing.server import ServerProcess
+
+            class Idle(ServerProcess):  # stands in for launch_server
+                def command(self, args):
+                    return [sys.executable, "-c", "import time; time.sleep(600)"]
+
+            print(Idle([]).proc.pid, flush=True)
+            time.sleep(600)
+            """
+        )
+    )
+    caller = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    server_pid = int(caller.stdout.readline())
+    os.kill(server_pid, 0)  # running
+    caller.send_signal(signal.SIGTERM)
+    assert caller.wait(timeout=60) == 128 + signal.SIGTERM
+    with pytest.raises(ProcessLookupError):  # stopped and reaped by the caller before it exited
+        os.kill(server_pid, 0)

@@ -17,8 +17,8 @@ python -m benchmark.compare --model-path benchmark/configs/qwen3-30b-a3b --devic
   --max-total-tokens 262144 --chunked-prefill-size 4096 --mix chat-docs-medium \
   --rates $RATES --timeline-rate "${RATES%% *}" --duration ${DURATION:-20} --min-requests 32 \
   --tpot-slo-ms ${SLO_MS:-50} --ttft-slo-s 10 --tag "$TAG" --only "$MODE" \
-  --server-args --load-format dummy --skip-tokenizer-init --dtype bfloat16 --attention-backend triton \
-  --moe-a2a-backend "$A2A" --cuda-graph-max-bs 64 > "$OUT/compare_$MODE.log" 2>&1 || true
+  --server-args="--load-format dummy --skip-tokenizer-init --dtype bfloat16 --attention-backend triton \
+  --moe-a2a-backend $A2A --cuda-graph-max-bs 64" > "$OUT/compare_$MODE.log" 2>&1 || true
 tail -5 "$OUT/compare_$MODE.log"
 cp benchmark/results/compare_"$TAG".* "$OUT/" 2>/dev/null || true
 tar -czf "$OUT/traces_$MODE.tgz" /tmp/nanocp-compare-traces /tmp/nanocp-compare-*.log 2>/dev/null || true

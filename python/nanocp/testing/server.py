@@ -1,16 +1,50 @@
-"""Run `python -m nanocp.launch_server` in a subprocess (tests, benchmarks)."""
+"""Run `python -m nanocp.launch_server` in a subprocess (tests, benchmarks).
+
+The server runs in its own session (a Ctrl-C of the caller's terminal reaches it only through
+`stop`), so the caller must stop it: a `with` block does, and so does any exit of the calling
+process, a SIGTERM included (`timeout`, a batch system): the first ServerProcess turns SIGTERM
+into SystemExit and registers an atexit hook that stops every server still running. Otherwise
+a killed benchmark leaves its servers holding the GPU.
+"""
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 
 from nanocp_router.ipc import free_tcp_port
+
+_RUNNING: set[ServerProcess] = set()
+
+
+def _stop_running() -> None:
+    for server in list(_RUNNING):
+        server.stop()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds `with` blocks, then atexit runs
+
+
+def _stop_servers_on_exit() -> None:
+    """Once per process: the atexit hook, and SIGTERM -> SystemExit where SIGTERM still has its
+    default action (a handler the program installed is left alone)."""
+    if getattr(_stop_servers_on_exit, "done", False):
+        return
+    _stop_servers_on_exit.done = True
+    atexit.register(_stop_running)
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
 
 
 class ServerProcess:
@@ -21,14 +55,18 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
-        cmd = [sys.executable, "-m", "nanocp.launch_server", "--port", str(self.port), *args]
+        _stop_servers_on_exit()
         self.proc = subprocess.Popen(
-            cmd,
+            self.command(args),
             env={**os.environ, **(env or {})},
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+        _RUNNING.add(self)
+
+    def command(self, args: list[str]) -> list[str]:
+        return [sys.executable, "-m", "nanocp.launch_server", "--port", str(self.port), *args]
 
     def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
         deadline = time.monotonic() + timeout
@@ -52,6 +90,7 @@ class ServerProcess:
             return f.read()[-4000:]
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> int:
+        _RUNNING.discard(self)
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
