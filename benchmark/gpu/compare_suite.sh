@@ -4,6 +4,9 @@
 # call keeps each device call under 10 minutes; results accumulate in the same tag.
 #   source .gpu/env.sh && bash benchmark/gpu/compare_suite.sh none|uniform|dynamic
 # Knobs (env): DP (default: number of GPUs), RATES, SLO_MS, DURATION, TAG, A2A (ipc or deepep).
+# DP above the GPU count puts instances on shared GPUs (IPC exchanges): DP=2 on one H200 fits
+# (~57 GB per instance with this KV budget) but needs the call to itself: one mode with two
+# rates did not finish in 215 s (2026-11-24).
 set -eu
 MODE=${1:?usage: compare_suite.sh none|uniform|dynamic}
 OUT=${OUT:-/tmp/out}
