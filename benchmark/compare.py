@@ -31,6 +31,7 @@ from benchmark.goodput import attainment, goodput_search
 from benchmark.serve_bench import run_workload, server_vocab, summarize
 from benchmark.server_runs import ClusterSampler, modes, plot_timelines, server_flags, wait_idle
 from benchmark.workloads import Request, nested_workload, summary
+from nanocp import envs
 from nanocp.testing.server import ServerProcess
 
 
@@ -96,7 +97,9 @@ def run_mode(args, model: str, mode: str, flags: list[str]) -> dict:
     )
     runs: dict[float, dict] = {}
     with ServerProcess(
-        [*cmd, "--step-trace-file", str(trace)], log_path=f"/tmp/nanocp-compare-{slug(mode)}.log"
+        [*cmd, "--step-trace-file", str(trace)],
+        log_path=f"/tmp/nanocp-compare-{slug(mode)}.log",
+        ready_timeout=envs.startup_timeout_s(),
     ) as s:
         vocab = server_vocab(s.url)
         httpx.post(  # warm-up; the first one may JIT-compile kernels for minutes

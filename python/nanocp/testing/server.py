@@ -49,8 +49,15 @@ def _stop_servers_on_exit() -> None:
 
 class ServerProcess:
     def __init__(
-        self, args: list[str], env: dict[str, str] | None = None, log_path: str | None = None
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        log_path: str | None = None,
+        ready_timeout: float = 120.0,
     ) -> None:
+        """ready_timeout: how long `with` waits for /health (real-size models on GPUs load and
+        capture CUDA graphs for minutes)."""
+        self.ready_timeout = ready_timeout
         self.port = free_tcp_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -103,7 +110,7 @@ class ServerProcess:
         return self.proc.returncode
 
     def __enter__(self) -> ServerProcess:
-        return self.wait_ready()
+        return self.wait_ready(self.ready_timeout)
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
