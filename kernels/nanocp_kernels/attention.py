@@ -287,8 +287,8 @@ MAX_SPLITS = 128  # batch 1 at 128k context: 42% -> 60% of the decode roofline v
 
 
 def _num_splits(rows: int, kv_heads: int, device: torch.device) -> int:
-    """KV splits per (query row, KV head): enough programs for about two waves of the GPU. It
-    depends only on the shapes, so a captured graph keeps it for any context length."""
+    """KV splits per (query row, KV head): about SPLIT_WAVES programs per SM. It depends only on
+    the shapes, so a captured graph keeps it for any context length."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     return min(MAX_SPLITS, triton.next_power_of_2(max(1, -(-SPLIT_WAVES * sms // (rows * kv_heads)))))
 
