@@ -309,3 +309,36 @@ def test_decode_variants_switch_what_they_name():
         with VARIANTS[name][1]():
             assert check(), name
     assert (small_moe.SMALL_PAIRS, gemv.NORM_WINS_UP_TO, launch.PDL, Attention.kv_store) == before
+
+
+def test_compare_suite_script_passes_flags_compare_and_the_server_accept(tmp_path):
+    """benchmark/gpu/compare_suite.sh runs on the GPU machine only; here its command line goes to
+    compare's own parser and its --server-args to launch_server's, through a stand-in `python`."""
+    import os
+    import stat
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    check = (
+        "import argparse, shlex, sys; from benchmark.compare import parse_args; from nanocp import ServerArgs; "
+        "a = parse_args(sys.argv[1:]); p = argparse.ArgumentParser(); ServerArgs.add_cli_args(p); "
+        "p.parse_args(['--model-path', a.model_path, *shlex.split(a.server_args)]); print('PARSED', a.server_args)"
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in {
+        "python": f'#!/bin/bash\nexec {sys.executable} -c "{check}" "${{@:3}}"\n',  # drops "-m benchmark.compare"
+        "nvidia-smi": "#!/bin/bash\necho 'GPU 0: stand-in'\n",
+    }.items():
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "DP": "2",
+           "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    subprocess.run(
+        ["bash", "benchmark/gpu/compare_suite.sh", "none"], cwd=root, env=env, check=True, timeout=120
+    )
+    log = (out / "compare_none.log").read_text()
+    assert "PARSED --load-format dummy" in log and "--moe-a2a-backend ipc" in log, log
