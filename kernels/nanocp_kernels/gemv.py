@@ -170,17 +170,17 @@ def _check(x: torch.Tensor) -> torch.Tensor:
 AddNorm = tuple["torch.Tensor | None", torch.Tensor, float]
 
 
-def _norm_args(x: torch.Tensor, norm: AddNorm | None) -> tuple[list, dict, torch.Tensor]:
-    """Kernel arguments of the norm prologue (residual, norm weight, residual out, its row
-    stride, eps), its constexprs, and the residual stream after it (x + residual, or x)."""
+def _norm_args(x: torch.Tensor, norm: AddNorm | None) -> tuple[list, float, dict, torch.Tensor]:
+    """The norm prologue's kernel arguments [residual, norm weight, residual out] (x where unused),
+    its eps, its constexprs, and the residual stream after it (x + residual, or x)."""
     if norm is None:
-        return [x, x, x], dict(NORM=False, HAS_RES=False), x
+        return [x, x, x], 0.0, dict(NORM=False, HAS_RES=False), x
     residual, weight, eps = norm
     if residual is None:
-        return [x, weight, x], dict(NORM=True, HAS_RES=False), x
+        return [x, weight, x], eps, dict(NORM=True, HAS_RES=False), x
     residual = residual if residual.stride(-1) == 1 else residual.contiguous()
     res_out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return [residual, weight, res_out], dict(NORM=True, HAS_RES=True), res_out
+    return [residual, weight, res_out], eps, dict(NORM=True, HAS_RES=True), res_out
 
 
 def gemv(
@@ -192,12 +192,12 @@ def gemv(
     x = _check(x)
     (m, k), n = x.shape, w.shape[0]
     y = x.new_empty((m, n))
-    (r, nw, ro), flags, res_out = _norm_args(x, norm)
+    (r, nw, ro), eps, flags, res_out = _norm_args(x, norm)
     if m:
         launch = _launch(k, m, norm is not None)
         _gemv_kernel[(triton.cdiv(n, launch["BLOCK_N"]),)](
             x, w, bias if bias is not None else w, y, r, nw, ro, m, n, k, x.stride(0), w.stride(0),
-            y.stride(0), r.stride(0), norm[2] if norm else 0.0, HAS_BIAS=bias is not None, **flags, **launch,
+            y.stride(0), r.stride(0), eps, HAS_BIAS=bias is not None, **flags, **launch,
             **pdl_args(x),
         )  # fmt: skip
     return y if norm is None else (y, res_out)
@@ -214,7 +214,7 @@ def router_topk(
     (m, k), e = x.shape, gate.shape[0]
     wts = x.new_empty((m, topk))
     ids = torch.empty((m, topk), dtype=torch.int64, device=x.device)
-    (r, nw, ro), flags, res_out = _norm_args(x, norm)
+    (r, nw, ro), eps, flags, res_out = _norm_args(x, norm)
     h = torch.empty_like(x, memory_format=torch.contiguous_format) if norm is not None else x
     if m:
         tickets = zeroed_counters("router_topk", 1, x.device)  # the last program zeroes it again
@@ -222,7 +222,7 @@ def router_topk(
         launch = _launch(k, m, norm is not None)
         _router_topk_kernel[(triton.cdiv(e, launch["BLOCK_N"]),)](
             x, gate.contiguous(), r, nw, ro, h, logits, tickets, wts, ids, m, e, k, x.stride(0), r.stride(0),
-            norm[2] if norm else 0.0, TOPK=topk, RENORM=renormalize, BLOCK_E=max(32, triton.next_power_of_2(e)),
+            eps, TOPK=topk, RENORM=renormalize, BLOCK_E=max(32, triton.next_power_of_2(e)),
             **flags, **launch, **pdl_args(x),
         )  # fmt: skip
     return (wts, ids) if norm is None else (wts, ids, h, res_out)
