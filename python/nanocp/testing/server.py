@@ -10,6 +10,7 @@ a killed benchmark leaves its servers holding the GPU.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import signal
 import subprocess
@@ -33,12 +34,10 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds `with` blocks, then atexit runs
 
 
+@functools.cache  # once per process
 def _stop_servers_on_exit() -> None:
-    """Once per process: the atexit hook, and SIGTERM -> SystemExit where SIGTERM still has its
-    default action (a handler the program installed is left alone)."""
-    if getattr(_stop_servers_on_exit, "done", False):
-        return
-    _stop_servers_on_exit.done = True
+    """The atexit hook, and SIGTERM -> SystemExit where SIGTERM still has its default action (a
+    handler the program installed is left alone)."""
     atexit.register(_stop_running)
     if (
         threading.current_thread() is threading.main_thread()
@@ -75,7 +74,9 @@ class ServerProcess:
     def command(self, args: list[str]) -> list[str]:
         return [sys.executable, "-m", "nanocp.launch_server", "--port", str(self.port), *args]
 
-    def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
+    def wait_ready(self, timeout: float | None = None) -> ServerProcess:
+        """Wait for /health, at most timeout seconds (default: the constructor's ready_timeout)."""
+        timeout = self.ready_timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -110,7 +111,7 @@ class ServerProcess:
         return self.proc.returncode
 
     def __enter__(self) -> ServerProcess:
-        return self.wait_ready(self.ready_timeout)
+        return self.wait_ready()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
