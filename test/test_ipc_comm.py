@@ -46,8 +46,8 @@ def _exchange(rank: int, world: int, dtype, device_sync: bool, placement: str) -
     dev = _device(rank, placement)
     comm = IpcAllToAll(rank, world, dist.group.WORLD, dev, capacity_bytes=1 << 16)
     assert comm.shared_gpu == (placement == "one GPU")
-    if comm.shared_gpu:
-        comm.shared_gpu = not device_sync  # the flag protocol is correct on one GPU too, only slow
+    # the flag protocol is correct on one GPU too (only slow when time-sliced, without MPS)
+    comm.host_sync = comm.shared_gpu and not device_sync
     for step in range(12):
         send = [_count(step, rank, j) for j in range(world)]
         recv = [_count(step, j, rank) for j in range(world)]

@@ -142,3 +142,20 @@ def test_sglang_tp_flag_is_accepted_only_as_the_dp_attention_layout(tmp_path):
     assert args.tp_size == 4 and args.dp_size == 4
     with pytest.raises(ServerArgsError, match="--tp-size 8"):
         ServerArgs.from_cli_args(parser.parse_args([*cli, "--tp-size", "8"]))
+
+
+def test_shared_gpu_sync_follows_mps(monkeypatch, tmp_path):
+    """Ranks sharing a GPU spin on device flags only when an MPS daemon's pipe exists (processes
+    then run concurrently); NANOCP_SHARED_GPU_SYNC overrides, and a bad value names the variable."""
+    from nanocp import envs
+
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path))
+    monkeypatch.delenv("NANOCP_SHARED_GPU_SYNC", raising=False)
+    assert not envs.mps_active() and envs.shared_gpu_sync() == "host"
+    (tmp_path / "control").touch()
+    assert envs.mps_active() and envs.shared_gpu_sync() == "device"
+    monkeypatch.setenv("NANOCP_SHARED_GPU_SYNC", "host")
+    assert envs.shared_gpu_sync() == "host"
+    monkeypatch.setenv("NANOCP_SHARED_GPU_SYNC", "spin")
+    with pytest.raises(ValueError, match="NANOCP_SHARED_GPU_SYNC"):
+        envs.shared_gpu_sync()

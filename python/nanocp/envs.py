@@ -41,6 +41,25 @@ def routing_buffer_bytes() -> int:
     return int(float(_get("NANOCP_ROUTING_BUFFER_MB", "64")) * 2**20)
 
 
+def mps_active() -> bool:
+    """An MPS control daemon is running for this user (its pipe exists): CUDA processes sharing a
+    GPU then run concurrently instead of in time slices."""
+    pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return (Path(pipe_dir) / "control").exists()
+
+
+def shared_gpu_sync() -> str:
+    """How CUDA-IPC routing ranks that share one GPU synchronize an eager all-to-all: "host" (a
+    gloo barrier) or "device" (flags, as across GPUs). Time-sliced processes make a device spin
+    wait cost a ~2 ms slice, so unset means "device" under MPS and "host" otherwise."""
+    value = _get("NANOCP_SHARED_GPU_SYNC", "")
+    if value == "":
+        return "device" if mps_active() else "host"
+    if value not in ("host", "device"):
+        raise ValueError(f"NANOCP_SHARED_GPU_SYNC must be 'host' or 'device', not {value!r}")
+    return value
+
+
 def flashinfer_decode_tensor_cores() -> bool | None:
     """FlashInfer decode on its tensor-core kernels: "1"/"0" force it, unset decides from the GQA
     group size (4+ query heads per KV head: tensor cores, as SGLang does)."""

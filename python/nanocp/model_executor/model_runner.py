@@ -107,6 +107,12 @@ class ModelRunner:
                 if self.moe_comm is not None:
                     max_bs = min(max_bs, self.moe_comm.max_tokens)
                 self.graph_runner = CudaGraphRunner(self, max_bs, self._graph_dcp(max_bs))
+                if parallel.world_size > torch.cuda.device_count() and not envs.mps_active():
+                    logger.warning(
+                        "Instances share a GPU without MPS: each exchange inside a CUDA graph spins "
+                        "through a ~2 ms time slice. Start `nvidia-cuda-mps-control -d` before the "
+                        "server, or pass --disable-cuda-graph"
+                    )
 
     def _graph_dcp(self, max_bs: int) -> GraphDCP | None:
         """Fixed routing buffers for context-parallel decode steps inside CUDA graphs."""
