@@ -24,12 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
-
 from benchmark.common import RESULTS, bench_model_path, environment, pyplot, write_json
 from benchmark.goodput import attainment, goodput_search
 from benchmark.serve_bench import run_workload, server_vocab, summarize
-from benchmark.server_runs import ClusterSampler, modes, plot_timelines, server_flags, wait_idle
+from benchmark.server_runs import ClusterSampler, modes, plot_timelines, server_flags, wait_idle, warm_up
 from benchmark.workloads import Request, nested_workload, summary
 from nanocp import envs
 from nanocp.testing.server import ServerProcess
@@ -102,11 +100,7 @@ def run_mode(args, model: str, mode: str, flags: list[str]) -> dict:
         ready_timeout=envs.startup_timeout_s(),
     ) as s:
         vocab = server_vocab(s.url)
-        httpx.post(  # warm-up; the first one may JIT-compile kernels for minutes
-            s.url + "/generate",
-            json={"input_ids": [11] * 8, "sampling_params": {"max_new_tokens": 2}},
-            timeout=900,
-        )
+        warm_up(s.url, args.dp_size, args.chunked_prefill_size)
 
         def measure(rate: float) -> list[dict]:
             if rate not in runs:

@@ -30,6 +30,25 @@ def server_flags(
     ]  # fmt: skip
 
 
+def warm_up(url: str, dp: int, chunked_prefill: int, timeout: float = 900.0) -> None:
+    """Before measuring: per instance one prompt of two prefill chunks beside short ones, so each
+    instance runs extend, extend-with-prefix, mixed and decode steps (and a context-parallel
+    policy shards the long ones). Kernels JIT-compile on their first shapes (seconds each on a
+    GPU); with an 8-token warm-up the first measured run of a fresh machine paid for them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    info = httpx.get(url + "/model_info", timeout=30).json()
+    long_len = min(2 * chunked_prefill + 16, info["context_length"] - 8)
+    prompts = [[11] * long_len] * dp + [[11] * 8] * (2 * dp)
+
+    def send(ids: list[int]) -> None:
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}}
+        httpx.post(url + "/generate", json=body, timeout=timeout).raise_for_status()
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        list(pool.map(send, prompts))
+
+
 def wait_idle(url: str, timeout: float = 600.0) -> None:
     """Until every instance is idle with its KV pool free (between measured runs)."""
     deadline = time.monotonic() + timeout

@@ -331,6 +331,7 @@ def test_compare_suite_script_passes_flags_compare_and_the_server_accept(tmp_pat
     for name, body in {
         "python": f'#!/bin/bash\nexec {sys.executable} -c "{check}" "${{@:3}}"\n',  # drops "-m benchmark.compare"
         "nvidia-smi": "#!/bin/bash\necho 'GPU 0: stand-in'\n",
+        "nvidia-cuda-mps-control": f'#!/bin/bash\necho "mps $* $(cat)" >> {tmp_path}/mps.log\n',
     }.items():
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(stat.S_IRWXU)
@@ -342,3 +343,26 @@ def test_compare_suite_script_passes_flags_compare_and_the_server_accept(tmp_pat
     )
     log = (out / "compare_none.log").read_text()
     assert "PARSED --load-format dummy" in log and "--moe-a2a-backend ipc" in log, log
+    # DP=2 on one GPU: an MPS daemon started before compare and told to quit after it
+    assert (tmp_path / "mps.log").read_text().split("\n")[:2] == ["mps -d ", "mps  quit"]
+
+
+def test_warm_up_runs_every_step_kind_on_every_instance(moe_model, tmp_path):
+    """benchmark.compare's warm-up: before any measured run, each instance has run a prefill
+    chunk with a cached prefix, and decode steps (their kernels' first shapes compile there)."""
+    import json
+
+    from benchmark.server_runs import server_flags, warm_up
+    from nanocp.testing.server import ServerProcess
+
+    trace = tmp_path / "trace.jsonl"
+    cmd = server_flags(moe_model, 2, "cpu", 4096, "--step-trace-file", str(trace), chunked_prefill=64)
+    with ServerProcess(cmd, log_path=str(tmp_path / "log")) as s:
+        warm_up(s.url, dp=2, chunked_prefill=64)
+    for rank in range(2):
+        steps = [json.loads(line) for line in open(f"{trace}.{rank}")]
+        prefill = [st for st in steps if st["mode"] in ("EXTEND", "MIXED")]
+        assert any(st["kv_tokens"] > st["num_tokens"] + 64 for st in prefill), (
+            f"instance {rank}: no chunk after a prefix"
+        )
+        assert any(st["mode"] == "DECODE" for st in steps), f"instance {rank}: no decode step"

@@ -3,10 +3,12 @@
 # DCP routing inside), Qwen3-30B-A3B config with dummy weights, one instance per GPU. One mode per
 # call keeps each device call under 10 minutes; results accumulate in the same tag.
 #   source .gpu/env.sh && bash benchmark/gpu/compare_suite.sh none|uniform|dynamic
-# Knobs (env): DP (default: number of GPUs), RATES, SLO_MS, DURATION, TAG, A2A (ipc or deepep).
-# DP above the GPU count puts instances on shared GPUs (IPC exchanges): DP=2 on one H200 fits
-# (~57 GB per instance with this KV budget) but needs the call to itself: one mode with two
-# rates did not finish in 215 s (2026-11-24).
+# Knobs (env): DP (default: number of GPUs), RATES, SLO_MS, DURATION, TAG, A2A (ipc or deepep),
+# LIMIT_S (stop compare after this many seconds, keeping what it wrote; 0: no limit).
+# DP above the GPU count puts instances on shared GPUs (IPC exchanges; DP=2 on one H200 fits,
+# ~57 GB per instance with this KV budget). Those need MPS: time-sliced processes make every
+# exchange inside a graph cost a ~2 ms slice (one mode took 422 s for one 15 s rate,
+# 2026-11-24), so the script starts an MPS daemon for them and stops it at the end.
 set -eu
 MODE=${1:?usage: compare_suite.sh none|uniform|dynamic}
 OUT=${OUT:-/tmp/out}
@@ -16,7 +18,12 @@ A2A=${A2A:-ipc}
 RATES=${RATES:-4 8 16}
 TAG=${TAG:-h200x${DP}_dp${DP}_graphs_${A2A}}
 [ "$A2A" = deepep ] && source .gpu/deepep_build.sh > "$OUT/deepep_build.log" 2>&1
-python -m benchmark.compare --model-path benchmark/configs/qwen3-30b-a3b --device cuda --dp-size "$DP" \
+if [ "$DP" -gt "$(nvidia-smi -L | wc -l)" ]; then
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY" && nvidia-cuda-mps-control -d
+  trap 'echo quit | nvidia-cuda-mps-control' EXIT
+fi
+timeout "${LIMIT_S:-0}" python -m benchmark.compare --model-path benchmark/configs/qwen3-30b-a3b --device cuda --dp-size "$DP" \
   --max-total-tokens 262144 --chunked-prefill-size 4096 --mix chat-docs-medium \
   --rates $RATES --timeline-rate "${RATES%% *}" --duration ${DURATION:-20} --min-requests 32 \
   --tpot-slo-ms ${SLO_MS:-50} --ttft-slo-s 10 --tag "$TAG" --only "$MODE" \
