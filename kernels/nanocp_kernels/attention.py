@@ -286,7 +286,7 @@ RELEASE_EARLY = True  # the merge's programs may launch (and wait) while the att
 MAX_SPLITS = 128  # batch 1 at 128k context: 42% -> 60% of the decode roofline vs 32 (H200)
 
 
-def _num_splits(rows: int, kv_heads: int, device: torch.device) -> int:
+def decode_splits(rows: int, kv_heads: int, device: torch.device) -> int:
     """KV splits per (query row, KV head): about SPLIT_WAVES programs per SM. It depends only on
     the shapes, so a captured graph keeps it for any context length."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -321,7 +321,7 @@ def paged_attention(
         return o, lse
     group = hq // hkv
     block_n = block_n or DECODE_BLOCK_N
-    splits = num_splits or _num_splits(tq, hkv, q.device)
+    splits = num_splits or decode_splits(tq, hkv, q.device)
     block_d = triton.next_power_of_2(d)
     if splits > 1:
         part_o = torch.empty((tq, hq, splits, d), dtype=torch.float32, device=q.device)
