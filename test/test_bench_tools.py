@@ -339,10 +339,11 @@ def test_compare_suite_script_passes_flags_compare_and_the_server_accept(tmp_pat
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out), "DP": "2",
            "PYTHONPATH": f"{root}:{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
     subprocess.run(
-        ["bash", "benchmark/gpu/compare_suite.sh", "none"], cwd=root, env=env, check=True, timeout=120
+        ["bash", "benchmark/gpu/compare_suite.sh", "all"], cwd=root, env=env, check=True, timeout=120
     )
-    log = (out / "compare_none.log").read_text()
-    assert "PARSED --load-format dummy" in log and "--moe-a2a-backend ipc" in log, log
+    for mode in ("none", "dynamic", "uniform"):  # "all": one compare run per mode
+        log = (out / f"compare_{mode}.log").read_text()
+        assert "PARSED --load-format dummy" in log and "--moe-a2a-backend ipc" in log, log
     # DP=2 on one GPU: an MPS daemon started before compare and told to quit after it
     assert (tmp_path / "mps.log").read_text().split("\n")[:2] == ["mps -d ", "mps  quit"]
 
