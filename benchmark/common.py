@@ -36,6 +36,22 @@ def pyplot():
     return plt
 
 
+def log_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-log axes (x in powers of 2: sizes, batches, counts) with labels and a small legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+
+
+def save_figure(fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
 def bench_model_path() -> str:
     """The benchmark model (random weights), created once in the cache dir."""
     from nanocp.testing.tiny_model import cached_tiny_model

@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from benchmark.common import RESULTS, environment, pyplot, write_json
+from benchmark.common import RESULTS, environment, log_axes, pyplot, save_figure, write_json
 
 HEADS = (32, 4, 128)  # q heads, KV heads, head dim
 
@@ -123,15 +123,13 @@ def plot(result: dict, path) -> None:
         for key, style in (("picked_us", "o-"), ("one_split_us", "s--")):
             label = f"{shard // 1024}k keys, {'picked splits' if key == 'picked_us' else 'one split'}"
             ax.plot([r["queries"] for r in rs], [r[key] for r in rs], style, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("foreign queries in the step")
-    ax.set_ylabel("us per layer")
-    ax.set_title(f"DCP foreign attention in a CUDA graph, {result['device']}", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    log_axes(
+        ax,
+        "foreign queries in the step",
+        "us per layer",
+        f"DCP foreign attention in a CUDA graph, {result['device']}",
+    )
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

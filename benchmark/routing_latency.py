@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from benchmark.common import RESULTS, environment, pyplot, write_json
+from benchmark.common import RESULTS, environment, log_axes, pyplot, save_figure, write_json
 from nanocp.testing.multiproc import run_ranks
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
@@ -113,16 +113,11 @@ def plot(result: dict, path) -> None:
                 ax.plot(
                     kb, [r[key] for r in run["rows"]], style, label=key.removesuffix("_us").replace("_", " ")
                 )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("KB per peer")
-        ax.set_ylabel("us per all-to-all")
-        ax.set_title(f"{run['world']} ranks, {run['ranks_per_gpu']} per GPU", fontsize=9)
-        ax.legend(fontsize=7)
+        log_axes(
+            ax, "KB per peer", "us per all-to-all", f"{run['world']} ranks, {run['ranks_per_gpu']} per GPU"
+        )
     fig.suptitle(f"routing backend vs NCCL, {result['device']} x{result['gpus']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:
