@@ -141,8 +141,14 @@ def test_graph_dcp_merges_to_unsharded_attention(rows_a):
             f_kv_pos=torch.arange(60),
         ),
     ]
+    unrouted = DCPStep(
+        comm=None, kv_send_idx=i64([]), kv_send_counts=[0, 0], kv_recv_counts=[0, 0], kv_recv_slots=i64([]),
+        q_send_idx=i64([]), q_send_counts=[0, 0], q_recv_counts=[0, 0], f_qo_indptr=[0], f_kv_indptr=[0],
+        f_kv_indices=i64([]), f_q_pos=i64([]), f_kv_pos=i64([]),
+    )  # fmt: skip
     exchange = ThreadExchange(2)
     results: dict[int, torch.Tensor] = {}
+    alone: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     errors: list[BaseException] = []
 
     def rank_main(rank: int, rows: list[str], local: dict) -> None:
@@ -156,6 +162,9 @@ def test_graph_dcp_merges_to_unsharded_attention(rows_a):
             for _ in range(2):  # the second step finds the blocks holding the first one's rows
                 dcp.load(plans[rank])
                 results[rank] = dcp.attend(q, k, v, o_local, lse_local, *pools[rank], SCALE)
+            # a step in which no row asks a peer: the peers' answers of the last step are gone
+            dcp.load(unrouted)
+            alone[rank] = (dcp.attend(q, k, v, o_local, lse_local, *pools[rank], SCALE), o_local)
         except BaseException as e:  # surface it in the main thread; break the peer's wait
             errors.append(e)
             exchange.barrier.abort()
@@ -175,5 +184,7 @@ def test_graph_dcp_merges_to_unsharded_attention(rows_a):
             n = lengths[r]
             want, _ = _attend(q_of[r][None], k_full[r], v_full[r], [(range(n), range(n), n - 1)])
             torch.testing.assert_close(results[rank][i], want[0], rtol=1e-5, atol=1e-5, msg=f"{r} on {rank}")
+    for rank, (got, o_local) in alone.items():
+        torch.testing.assert_close(got, o_local, rtol=1e-6, atol=1e-6, msg=f"unrouted step on {rank}")
     # C's current K/V reached its holder's slot
     torch.testing.assert_close(pools[0][0][c_foreign[30]], k_full["C"][80])

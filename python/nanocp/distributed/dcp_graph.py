@@ -86,6 +86,12 @@ class GraphDCP:
         self.back_counts = torch.zeros(W, **i64)
         self.slot = torch.arange(C, **i64)
         self.peer_base = torch.arange(1, W + 1, **i64)
+        # merge input: state 0 local (rows < bs), state p + 1 peer p's answers at the rows that
+        # asked it, every other row -inf (reset by load: a row that asked p last step may not
+        # now); row C of each state takes the unused block rows. Built once per step, not per layer.
+        self.dest = torch.zeros(W * C, **i64)  # state row of each returned block row
+        self.states_o = torch.zeros((W + 1) * (C + 1), num_qo_heads, head_dim, dtype=dtype, device=device)
+        self.states_lse = torch.full(((W + 1) * (C + 1), num_qo_heads), float("-inf"), device=device)
         self.foreign_splits = self._foreign_splits(device)
 
     def _foreign_splits(self, device: torch.device) -> int:
@@ -140,6 +146,9 @@ class GraphDCP:
         self.f_kv_indices[:total].copy_(st.f_kv_indices)
         self.f_kv_pos[:total].copy_(st.f_kv_pos)
         self.f_q_pos.view(-1)[self._on_device(q_slots)] = st.f_q_pos.to(torch.int32)
+        rows = torch.where(self.slot[None, :] < self.q_counts[:, None], self.q_rows, self.cap)
+        self.dest.copy_((rows + self.peer_base[:, None] * (self.cap + 1)).view(-1))
+        self.states_lse.fill_(float("-inf"))  # stale o stays: finite, and weighted 0 by the merge
 
     # ------------------------------------------------------------------ device side, per layer
     def attend(
@@ -173,21 +182,16 @@ class GraphDCP:
         send[:, : self.q_words].copy_(_words(o_f))
         send[:, self.q_words :].copy_(lse_f.view(torch.int32))
         self.comm.exchange(self.o_send, self.q_recv_counts, self.o_back, self.back_counts)
-        back = self.o_back.view(W * C, -1)
-        o_b = back[:, : self.q_words].contiguous().view(self.dtype).view(W * C, hq, d)
-        lse_b = back[:, self.q_words :].contiguous().view(torch.float32)
-        # state 0: local; state p + 1: peer p's answers, at the rows that asked (the rest: row bs)
-        rows = torch.where(self.slot[None, :] < self.q_counts[:, None], self.q_rows, bs)
-        dest = (rows + self.peer_base[:, None] * (bs + 1)).view(-1)
-        states_o = torch.zeros((W + 1) * (bs + 1), hq, d, dtype=o_local.dtype, device=q.device)
-        states_lse = torch.full(((W + 1) * (bs + 1), hq), float("-inf"), device=q.device)
-        states_o[:bs] = o_local
-        states_lse[:bs] = lse_local
-        states_o[dest] = o_b.to(o_local.dtype)
-        states_lse[dest] = lse_b
+        back = self.o_back.view(W * C, -1)  # strided views: index_put reads them in place
+        o_b = back[:, : self.q_words].view(self.dtype).view(W * C, hq, d)
+        lse_b = back[:, self.q_words :].view(torch.float32)
+        self.states_o[:bs] = o_local
+        self.states_lse[:bs] = lse_local
+        self.states_o[self.dest] = o_b
+        self.states_lse[self.dest] = lse_b
         o, _ = merge_states(
-            states_o.view(W + 1, bs + 1, hq, d),
-            states_lse.view(W + 1, bs + 1, hq),
+            self.states_o.view(W + 1, C + 1, hq, d),
+            self.states_lse.view(W + 1, C + 1, hq),
             backend=None if q.is_cuda else "torch",
         )
         return o[:bs]
