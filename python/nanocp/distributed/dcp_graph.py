@@ -167,13 +167,13 @@ class GraphDCP:
         bs = q.shape[0]
         # 1. K/V of own tokens to the holders of their positions
         kv = torch.cat([k.reshape(bs, -1), v.reshape(bs, -1)], 1).to(k_buffer.dtype)
-        self.kv_send.view(W * C, -1).copy_(_words(kv)[self.kv_rows.view(-1)])
+        torch.index_select(_words(kv), 0, self.kv_rows.view(-1), out=self.kv_send.view(W * C, -1))
         self.comm.exchange(self.kv_send, self.kv_counts, self.kv_recv, self.kv_recv_counts)
         got = self.kv_recv.view(W * C, -1).view(k_buffer.dtype).view(W * C, 2, hkv, d)
         k_buffer[self.kv_slots.view(-1)] = got[:, 0]
         v_buffer[self.kv_slots.view(-1)] = got[:, 1]
         # 2. queries to holders, attention over the foreign keys held here
-        self.q_send.view(W * C, -1).copy_(_words(q.to(self.dtype))[self.q_rows.view(-1)])
+        torch.index_select(_words(q.to(self.dtype)), 0, self.q_rows.view(-1), out=self.q_send.view(W * C, -1))
         self.comm.exchange(self.q_send, self.q_counts, self.q_recv, self.q_recv_counts)
         q_recv = self.q_recv.view(W * C, -1).view(self.dtype).view(W * C, hq, d)
         o_f, lse_f = self._foreign_attention(q_recv, k_buffer, v_buffer, scaling)
