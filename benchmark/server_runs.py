@@ -39,10 +39,16 @@ def warm_up(url: str, dp: int, chunked_prefill: int, timeout: float = 900.0) -> 
 
     info = httpx.get(url + "/model_info", timeout=30).json()
     long_len = min(2 * chunked_prefill + 16, info["context_length"] - 8)
-    prompts = [[11] * long_len] * dp + [[11] * 8] * (2 * dp)
+    # (prompt, instance): pinned, so no balancing policy can put both long ones on one instance
+    prompts = [([11] * long_len, i) for i in range(dp)] + [([11] * 8, i % dp) for i in range(2 * dp)]
 
-    def send(ids: list[int]) -> None:
-        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 4, "ignore_eos": True}}
+    def send(prompt: tuple[list[int], int]) -> None:
+        ids, rank = prompt
+        body = {
+            "input_ids": ids,
+            "sampling_params": {"max_new_tokens": 4, "ignore_eos": True},
+            "data_parallel_rank": rank,
+        }
         httpx.post(url + "/generate", json=body, timeout=timeout).raise_for_status()
 
     with ThreadPoolExecutor(len(prompts)) as pool:
