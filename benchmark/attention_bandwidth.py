@@ -18,7 +18,7 @@ import json
 
 import torch
 
-from benchmark.common import RESULTS, environment, pyplot, write_json
+from benchmark.common import RESULTS, environment, pyplot, save_figure, write_json
 from benchmark.decode_step import copy_bandwidth
 from nanocp_kernels.merge import merge_states
 
@@ -137,8 +137,7 @@ def plot(result: dict, tag: str) -> None:
         fontsize=9,
     )
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"attention_bandwidth_{tag}.png", dpi=110)
+    save_figure(fig, RESULTS / f"attention_bandwidth_{tag}.png")
 
 
 if __name__ == "__main__":

@@ -46,9 +46,9 @@ def log_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
     ax.legend(fontsize=7)
 
 
-def save_figure(fig, path) -> None:
+def save_figure(fig, path, dpi: int = 110) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     print(f"wrote {path}")
 
 

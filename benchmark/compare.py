@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmark.common import RESULTS, bench_model_path, environment, pyplot, write_json
+from benchmark.common import RESULTS, bench_model_path, environment, pyplot, save_figure, write_json
 from benchmark.goodput import attainment, goodput_search
 from benchmark.serve_bench import run_workload, server_vocab, summarize
 from benchmark.server_runs import ClusterSampler, modes, plot_timelines, server_flags, wait_idle, warm_up
@@ -192,9 +192,7 @@ def plot(result: dict, path: Path) -> None:
     rows = [[fig.add_subplot(grid[1 + i, 0]), fig.add_subplot(grid[1 + i, 1])] for i in range(len(modes_))]
     plot_timelines(rows, {f"{m} @ {result['timeline_rate']} req/s": t for m, t in timeline.items()})
     fig.suptitle(f"{result['device']}, dp=ep={result['dp_size']}, workload {result['mix']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def write_summary(result: dict, path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmark.common import RESULTS, bench_model_path, environment, pyplot, write_json
+from benchmark.common import RESULTS, bench_model_path, environment, pyplot, save_figure, write_json
 from benchmark.serve_bench import run_workload, server_vocab
 from benchmark.server_runs import ClusterSampler, modes, plot_timelines, server_flags
 from benchmark.workloads import make_workload, summary
@@ -61,9 +61,7 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(n, 2, figsize=(11, 2.8 * n), squeeze=False)
     plot_timelines(axes, result["modes"])
     fig.suptitle(f"dp={result['dp_size']} on {result['device']}, workload {result['mix']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

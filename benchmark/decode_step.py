@@ -21,7 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from benchmark.common import RESULTS, environment, kernel_profile, print_kernel_profile, pyplot, write_json
+from benchmark.common import (
+    RESULTS,
+    environment,
+    kernel_profile,
+    print_kernel_profile,
+    pyplot,
+    save_figure,
+    write_json,
+)
 from benchmark.simulator.cost import ProfileCost
 from nanocp import ServerArgs
 from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
@@ -269,8 +277,7 @@ def plot(result: dict, tag: str) -> None:
         f"{result['copy_bandwidth_Bps'] / 1e12:.2f} TB/s",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"decode_step_{tag}.png", dpi=110)
+    save_figure(fig, RESULTS / f"decode_step_{tag}.png")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from unittest import mock
 
 import torch
 
-from benchmark.common import RESULTS, environment, pyplot, write_json
+from benchmark.common import RESULTS, environment, pyplot, save_figure, write_json
 from benchmark.decode_step import decode_batch, kv_bytes_per_token, setup, step_bytes, time_step
 from nanocp import ServerArgs
 from nanocp.model_executor.cuda_graph_runner import CudaGraphRunner
@@ -189,8 +189,7 @@ def plot(result: dict, tag: str) -> None:
     ax.set_ylabel("% of roofline (CUDA graphs, best of reps)")
     ax.legend(fontsize=7)
     ax.set_title(f"Decode-step variants, one process, {result['device']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"decode_variants_{tag}.png", dpi=110)
+    save_figure(fig, RESULTS / f"decode_variants_{tag}.png")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-from benchmark.common import RESULTS, environment, pyplot, write_json
+from benchmark.common import RESULTS, environment, pyplot, save_figure, write_json
 
 
 def _timer(device: torch.device):
@@ -159,8 +159,7 @@ def plot(result: dict, tag: str) -> None:
     ax.set_ylabel("step time (ms)")
     ax.set_title(f"EP decode step, {result['world']} ranks ({result.get('device', '')})", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"ep_decode_step_{tag}.png", dpi=110)
+    save_figure(fig, RESULTS / f"ep_decode_step_{tag}.png")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-from benchmark.common import RESULTS, environment, kernel_profile, print_kernel_profile, pyplot, write_json
+from benchmark.common import (
+    RESULTS,
+    environment,
+    kernel_profile,
+    print_kernel_profile,
+    pyplot,
+    save_figure,
+    write_json,
+)
 from benchmark.routing_latency import GRAPH_CALLS, _graph, _time
 from nanocp.testing.multiproc import run_ranks
 
@@ -158,9 +166,7 @@ def plot(result: dict, path) -> None:
         f"{result['device']} x{result['world']}, hidden {HIDDEN}, {EXPERTS} experts top-{TOP_K}", fontsize=9
     )
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from benchmark.common import RESULTS, pyplot, write_json
+from benchmark.common import RESULTS, pyplot, save_figure, write_json
 from benchmark.compare import scored, workload
 from benchmark.goodput import attainment, goodput_search, percentiles
 from benchmark.server_runs import server_flags
@@ -381,8 +381,7 @@ def write_report(result: dict, compare: dict, tag: str) -> None:
     bx.set_ylabel(f"goodput (req/s, TPOT <= {compare['slo']['tpot_ms']:.0f} ms)")
     bx.legend(fontsize=7)
     fig.suptitle(f"Simulator vs real run ({compare['device']}, dp={compare['dp_size']})", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"sim_validation_{tag}.png", dpi=110)
+    save_figure(fig, RESULTS / f"sim_validation_{tag}.png")
     lines = [
         "| mode | rate | real P99 TPOT (ms) | sim P99 TPOT (ms) | error | sim, jittered arrivals: min / median / max |"
         " real / sim attainment |",

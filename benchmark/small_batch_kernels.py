@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.attention_bandwidth import graph_time
-from benchmark.common import RESULTS, environment, pyplot, write_json
+from benchmark.common import RESULTS, environment, pyplot, save_figure, write_json
 from benchmark.decode_step import copy_bandwidth
 from nanocp.layers.moe import select_experts
 from nanocp_kernels import gemv as gv
@@ -176,8 +176,7 @@ def plot(result: dict, path) -> None:
     ax.set_ylabel("% of copy-bandwidth roofline")
     ax.set_title(f"Decode-batch kernels, {result['device']} (CUDA graphs)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from statistics import mean
 
 import httpx
 
-from benchmark.common import RESULTS, bench_model_path, environment, pyplot, write_json
+from benchmark.common import RESULTS, bench_model_path, environment, pyplot, save_figure, write_json
 from nanocp.testing.server import ServerProcess
 
 PARTS = ("attention", "moe_compute", "moe_comm")
@@ -110,9 +110,7 @@ def plot(summary: dict, path: Path, title: str) -> None:
     ax.set_ylabel("mean decode step time (ms)")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> dict:
