@@ -27,6 +27,7 @@ class ParallelState:
     cpu_group: dist.ProcessGroup | None = None  # control collectives
     device: torch.device | None = None
     a2a: A2AComm | None = None  # variable-size data exchange between the ranks
+    shared_gpu: bool = False  # more instances than GPUs: some share a device (CUDA-IPC routing)
 
     def all_gather_ints(self, values: list[int]) -> list[list[int]]:
         """Every rank's `values` (same length on all ranks), in rank order."""
@@ -95,6 +96,7 @@ def init_parallel_state(
         cpu_group=cpu_group,
         device=device,
         a2a=a2a,
+        shared_gpu=shared_gpu,
     )
 
 

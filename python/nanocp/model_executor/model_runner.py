@@ -107,7 +107,7 @@ class ModelRunner:
                 if self.moe_comm is not None:
                     max_bs = min(max_bs, self.moe_comm.max_tokens)
                 self.graph_runner = CudaGraphRunner(self, max_bs, self._graph_dcp(max_bs))
-                if parallel.world_size > torch.cuda.device_count() and not envs.mps_active():
+                if parallel.shared_gpu and not envs.mps_active():
                     logger.warning(
                         "Instances share a GPU without MPS: each exchange inside a CUDA graph spins "
                         "through a ~2 ms time slice. Start `nvidia-cuda-mps-control -d` before the "
