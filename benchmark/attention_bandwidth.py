@@ -18,7 +18,7 @@ import json
 
 import torch
 
-from benchmark.common import RESULTS, environment, pyplot, save_figure, write_json
+from benchmark.common import RESULTS, environment, gpu_tag, pyplot, save_figure, write_json
 from benchmark.decode_step import copy_bandwidth
 from nanocp_kernels.merge import merge_states
 
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
             print(
                 json.dumps({k: round(v, 7) if isinstance(v, float) else v for k, v in r.items()}), flush=True
             )
-    tag = args.tag or torch.cuda.get_device_name().split()[1].lower()
+    tag = args.tag or gpu_tag()
     result = {
         "benchmark": "attention_bandwidth",
         **environment("cuda"),

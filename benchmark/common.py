@@ -36,6 +36,13 @@ def pyplot():
     return plt
 
 
+def gpu_tag() -> str:
+    """The GPU's short name, lower case ("h200", "h100"): the default tag of result files."""
+    import torch
+
+    return torch.cuda.get_device_name().split()[1].lower()
+
+
 def log_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
     """Log-log axes (x in powers of 2: sizes, batches, counts) with labels and a small legend."""
     ax.set_xscale("log", base=2)

@@ -24,6 +24,7 @@ import torch
 from benchmark.common import (
     RESULTS,
     environment,
+    gpu_tag,
     kernel_profile,
     print_kernel_profile,
     pyplot,
@@ -226,7 +227,7 @@ def main(argv=None) -> dict:
                 flush=True,
             )
     profiles = [profile_step(runner, kv, *bc) for bc in args.profile or []]
-    tag = args.tag or f"{sa.attention_backend}_{torch.cuda.get_device_name().split()[1].lower()}"
+    tag = args.tag or f"{sa.attention_backend}_{gpu_tag()}"
     result = {
         "benchmark": "decode_step",
         "command": "python -m benchmark.decode_step " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from benchmark.common import RESULTS, environment, log_axes, pyplot, save_figure, write_json
+from benchmark.common import RESULTS, environment, gpu_tag, log_axes, pyplot, save_figure, write_json
 
 HEADS = (32, 4, 128)  # q heads, KV heads, head dim
 
@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
                 json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}),
                 flush=True,
             )
-    tag = args.tag or torch.cuda.get_device_name().split()[1].lower()
+    tag = args.tag or gpu_tag()
     result = {
         "benchmark": "foreign_attention",
         **environment("cuda"),

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from benchmark.common import (
     RESULTS,
     environment,
+    gpu_tag,
     kernel_profile,
     print_kernel_profile,
     pyplot,
@@ -183,7 +184,7 @@ def main(argv=None) -> dict:
     queue = mp.get_context("spawn").SimpleQueue()
     run_ranks(_bench, args.world, args.iters, args.profile, queue)
     run = queue.get()
-    tag = args.tag or torch.cuda.get_device_name().split()[1].lower() + f"x{args.world}"
+    tag = args.tag or gpu_tag() + f"x{args.world}"
     result = {
         "benchmark": "moe_comm_latency",
         **environment("cuda"),

@@ -16,7 +16,7 @@ import json
 import torch
 
 from benchmark.attention_bandwidth import graph_time
-from benchmark.common import RESULTS, environment, write_json
+from benchmark.common import RESULTS, environment, gpu_tag, write_json
 from benchmark.decode_step import copy_bandwidth
 from nanocp_kernels import fused_moe as fm
 from nanocp_kernels.reference import fused_moe_ref
@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
         row["triton_pct_of_roofline"] = 100 * roof / row["triton_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    tag = args.tag or torch.cuda.get_device_name().split()[1].lower()
+    tag = args.tag or gpu_tag()
     result = {"benchmark": "moe_kernel", **environment("cuda"), "copy_bandwidth_Bps": bw, "rows": rows}
     write_json(RESULTS / f"moe_kernel_{tag}.json", result)
     return result

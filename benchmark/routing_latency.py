@@ -22,7 +22,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from benchmark.common import RESULTS, environment, log_axes, pyplot, save_figure, write_json
+from benchmark.common import RESULTS, environment, gpu_tag, log_axes, pyplot, save_figure, write_json
 from nanocp.testing.multiproc import run_ranks
 
 SIZES = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
         runs.append(queue.get())
         print(json.dumps(runs[-1]), flush=True)
     gpus = torch.cuda.device_count()
-    tag = args.tag or torch.cuda.get_device_name().split()[1].lower() + (f"x{gpus}" if gpus > 1 else "")
+    tag = args.tag or gpu_tag() + (f"x{gpus}" if gpus > 1 else "")
     result = {
         "benchmark": "routing_latency",
         **environment("cuda"),

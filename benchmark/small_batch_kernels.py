@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmark.attention_bandwidth import graph_time
-from benchmark.common import RESULTS, environment, pyplot, save_figure, write_json
+from benchmark.common import RESULTS, environment, gpu_tag, pyplot, save_figure, write_json
 from benchmark.decode_step import copy_bandwidth
 from nanocp.layers.moe import select_experts
 from nanocp_kernels import gemv as gv
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
             sm.GATE_UP_CONFIG, sm.DOWN_CONFIG = saved
             row["best_after_s"], row["best_config"] = best_down[0], [best_up[1], best_down[1]]
         rows.append(finish(row))
-    tag = args.tag or torch.cuda.get_device_name().split()[1].lower()
+    tag = args.tag or gpu_tag()
     result = {
         "benchmark": "small_batch_kernels",
         "command": "python -m benchmark.small_batch_kernels "

@@ -14,7 +14,7 @@ trap 'echo quit | nvidia-cuda-mps-control' EXIT
 python -m pytest -q -p no:cacheprovider test/test_dcp_graph.py test/test_ipc_moe.py test/test_ipc_comm.py \
   test/test_triton_attention.py test/test_multi_instance_gpu.py > "$OUT/pytest_dcp.log" 2>&1
 echo "pytest: $(tail -1 "$OUT/pytest_dcp.log")"
-GPU=$(python -c "import torch; print(torch.cuda.get_device_name().split()[1].lower())")
+GPU=$(python -c "from benchmark.common import gpu_tag; print(gpu_tag())")
 python -m benchmark.foreign_attention --world 2 --cap 64 --tag "$GPU" > "$OUT/foreign_attention.log" 2>&1
 echo "foreign_attention rc=$?"; tail -3 "$OUT/foreign_attention.log"
 cp benchmark/results/foreign_attention_"$GPU".* "$OUT/" 2>/dev/null || true
