@@ -16,16 +16,13 @@ MODES="$*"
 [ "$MODES" = all ] && MODES="none dynamic uniform"
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-DP=${DP:-$(nvidia-smi -L | wc -l)}
+GPUS=$(nvidia-smi -L | wc -l)
+DP=${DP:-$GPUS}
 A2A=${A2A:-ipc}
 RATES=${RATES:-4 8 16}
 TAG=${TAG:-h200x${DP}_dp${DP}_graphs_${A2A}}
 [ "$A2A" = deepep ] && source .gpu/deepep_build.sh > "$OUT/deepep_build.log" 2>&1
-if [ "$DP" -gt "$(nvidia-smi -L | wc -l)" ]; then
-  export CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log
-  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY" && nvidia-cuda-mps-control -d
-  trap 'echo quit | nvidia-cuda-mps-control' EXIT
-fi
+if [ "$DP" -gt "$GPUS" ]; then source benchmark/gpu/mps.sh; fi
 for MODE in $MODES; do
   timeout "${LIMIT_S:-0}" python -m benchmark.compare --model-path benchmark/configs/qwen3-30b-a3b --device cuda --dp-size "$DP" \
     --max-total-tokens 262144 --chunked-prefill-size 4096 --mix chat-docs-medium \

@@ -8,9 +8,7 @@
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-export CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps CUDA_MPS_LOG_DIRECTORY=/tmp/nvidia-mps-log
-mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY" && nvidia-cuda-mps-control -d
-trap 'echo quit | nvidia-cuda-mps-control' EXIT
+source benchmark/gpu/mps.sh
 python -m pytest -q -p no:cacheprovider test/test_dcp_graph.py test/test_ipc_moe.py test/test_ipc_comm.py \
   test/test_triton_attention.py test/test_multi_instance_gpu.py > "$OUT/pytest_dcp.log" 2>&1
 echo "pytest: $(tail -1 "$OUT/pytest_dcp.log")"
