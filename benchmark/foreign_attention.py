@@ -1,11 +1,13 @@
-"""Context-parallel decode inside CUDA graphs: the foreign attention of one layer, by split count.
+"""Context-parallel decode inside CUDA graphs: the foreign attention of one layer, three ways.
 
 In a graph-captured DCP decode step (nanocp.distributed.dcp_graph.GraphDCP) each holder attends
 the queries its peers sent (W x C fixed query slots, most of them empty) against the shards of
-KV it holds. This times that call (`GraphDCP._foreign_attention`, one layer) from a CUDA graph
-with the split count GraphDCP picks and with one split (what it picked before 47e7ff5: the
-splits were sized for all W x C slots), for `--queries` foreign requests of `--shard` keys each.
-Both must give the same output (checked on every point). Shape: Qwen3-30B-A3B attention, bf16.
+KV it holds. This times that call from a CUDA graph, for `--queries` foreign requests of
+`--shard` keys each, as GraphDCP makes it (`balanced`: BalancedDecode, work planned per step
+from the shard lengths) and as it made it before: `fixed_splits` (47e7ff5: `paged_attention`
+over all W x C slots, KV splits sized for ~one query per peer within 64 MB of scratch) and
+`one_split` (before 47e7ff5). All three must give the same output (checked on every point).
+Shape: Qwen3-30B-A3B attention, bf16.
 
     python -m benchmark.foreign_attention --world 2 --cap 64 --queries 1 2 4 8 --shard 8192 32768 131072
 """
@@ -20,13 +22,15 @@ import torch
 from benchmark.common import RESULTS, environment, gpu_tag, log_axes, pyplot, save_figure, write_json
 
 HEADS = (32, 4, 128)  # q heads, KV heads, head dim
+VARIANTS = ("balanced", "fixed_splits", "one_split")
+OLD_SCRATCH_BYTES = 64 << 20  # fixed_splits: the split scratch 47e7ff5 allowed
 
 
 def scenario(
     world: int, cap: int, queries: int, shard: int, heads=HEADS, device="cuda", dtype=torch.bfloat16
 ):
-    """A GraphDCP whose step has `queries` foreign queries (one per request, spread over the
-    peers' blocks) of `shard` keys each, and the inputs of its foreign attention."""
+    """A GraphDCP loaded with a step of `queries` foreign queries (one per request, spread over
+    the peers' blocks) of `shard` keys each, and the inputs of its foreign attention."""
     from nanocp.distributed.dcp_graph import GraphDCP
 
     hq, hkv, d = heads
@@ -36,7 +40,8 @@ def scenario(
     slots = [(i % world) * cap + i // world for i in range(queries)]  # slot of query i
     lens = torch.zeros(world * cap, dtype=torch.int64)
     lens[slots] = shard
-    g.f_kv_indptr[1:].copy_(lens.cumsum(0))
+    g.f_kv_indptr = [0, *lens.cumsum(0).tolist()]
+    g.foreign.plan(lens, torch.tensor(g.f_kv_indptr[:-1]))
     g.f_kv_indices[: queries * shard].copy_(torch.arange(queries * shard))
     g.f_kv_pos[: queries * shard].copy_(torch.arange(shard).repeat(queries))
     g.f_q_pos.zero_()[slots] = shard  # every key visible
@@ -47,42 +52,58 @@ def scenario(
     return g, (q, k, v, d**-0.5), slots
 
 
-def foreign(g, inputs, splits: int):
-    """The foreign attention over g's step with `splits` KV splits (GraphDCP._foreign_attention's
-    kernel call on CUDA, here with any split count and on CPU too, through Triton's interpreter)."""
+def old_splits(g) -> int:
+    """47e7ff5's split count: ~one query per peer, within OLD_SCRATCH_BYTES of float32 scratch."""
+    from nanocp_kernels.attention import decode_splits
+
+    hq, hkv, d = g.heads
+    per_split = g.world * g.cap * hq * d * 4
+    return max(1, min(decode_splits(g.world, hkv, g.f_q_pos.device), OLD_SCRATCH_BYTES // per_split))
+
+
+def foreign(g, inputs, variant: str):
+    """g's foreign attention: `balanced` is GraphDCP's own call; the others launch
+    `paged_attention` over every slot with a fixed split count, as GraphDCP did before."""
     from nanocp_kernels.attention import paged_attention
 
     q, k, v, scale = inputs
-    meta = (g.f_q_seq, g.f_kv_indptr, g.f_kv_indices, g.f_q_pos, g.f_kv_pos)
+    if variant == "balanced":
+        return g.foreign.run(q, k, v, g.f_q_pos, g.f_kv_indices, g.f_kv_pos, scale)
+    splits = old_splits(g) if variant == "fixed_splits" else 1
+    seq = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)
+    indptr = torch.tensor(g.f_kv_indptr, dtype=torch.int32, device=q.device)
+    meta = (seq, indptr, g.f_kv_indices, g.f_q_pos, g.f_kv_pos)
     return paged_attention(q, k, v, *meta, scale, num_splits=splits)
 
 
-def max_diff(g, inputs, slots: list[int], splits: int) -> float:
-    """Largest difference between `splits` splits and one split over the slots holding a query
-    (empty slots must stay empty: lse -inf in both)."""
-    o_new, lse_new = foreign(g, inputs, splits)
-    o_old, lse_old = foreign(g, inputs, 1)
-    assert torch.equal(torch.isinf(lse_new), torch.isinf(lse_old)), "empty slots differ"
-    assert not torch.isinf(lse_new[slots]).any(), "a slot with keys came out empty"
-    return max(
-        (o_new[slots].float() - o_old[slots].float()).abs().max().item(),
-        (lse_new[slots] - lse_old[slots]).abs().max().item(),
-    )
+def max_diff(g, inputs, slots: list[int]) -> float:
+    """Largest difference of any variant from one split over the slots holding a query (empty
+    slots must stay empty: lse -inf in all)."""
+    o_ref, lse_ref = foreign(g, inputs, "one_split")
+    assert not torch.isinf(lse_ref[slots]).any(), "a slot with keys came out empty"
+    worst = 0.0
+    for variant in VARIANTS[:-1]:
+        o, lse = foreign(g, inputs, variant)
+        assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)), f"{variant}: empty slots differ"
+        worst = max(
+            worst,
+            (o[slots].float() - o_ref[slots].float()).abs().max().item(),
+            (lse[slots] - lse_ref[slots]).abs().max().item(),
+        )
+    return worst
 
 
 def measure(world: int, cap: int, queries: int, shard: int, reps: int) -> dict:
     from benchmark.attention_bandwidth import graph_time
 
     g, inputs, slots = scenario(world, cap, queries, shard)
-    picked = g.foreign_splits
-    row = {"world": world, "cap": cap, "queries": queries, "shard_tokens": shard, "splits": picked}
-    row["max_abs_diff"] = max_diff(g, inputs, slots, picked)
+    row = {"world": world, "cap": cap, "queries": queries, "shard_tokens": shard}
+    row["fixed_splits"], row["work_items"] = old_splits(g), int(g.foreign.n_items)
+    row["max_abs_diff"] = max_diff(g, inputs, slots)
     kv_bytes = queries * shard * HEADS[1] * HEADS[2] * 2 * 2
-    for name, splits in (("picked", picked), ("one_split", 1)):
-        g.foreign_splits = splits  # the real call, as a captured decode step makes it
-        row[f"{name}_us"] = 1e6 * graph_time(lambda: g._foreign_attention(*inputs), reps)
-        row[f"{name}_GBps"] = kv_bytes / row[f"{name}_us"] / 1e3
-    g.foreign_splits = picked
+    for variant in VARIANTS:
+        row[f"{variant}_us"] = 1e6 * graph_time(lambda variant=variant: foreign(g, inputs, variant), reps)
+        row[f"{variant}_GBps"] = kv_bytes / row[f"{variant}_us"] / 1e3
     return row
 
 
@@ -120,9 +141,13 @@ def plot(result: dict, path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for shard in sorted({r["shard_tokens"] for r in result["rows"]}):
         rs = [r for r in result["rows"] if r["shard_tokens"] == shard]
-        for key, style in (("picked_us", "o-"), ("one_split_us", "s--")):
-            label = f"{shard // 1024}k keys, {'picked splits' if key == 'picked_us' else 'one split'}"
-            ax.plot([r["queries"] for r in rs], [r[key] for r in rs], style, label=label)
+        color = None
+        for variant, style in zip(VARIANTS, ("o-", "s--", "x:")):
+            line = ax.plot(
+                [r["queries"] for r in rs], [r[f"{variant}_us"] for r in rs], style, color=color,
+                label=f"{shard // 1024}k keys, {variant.replace('_', ' ')}",
+            )  # fmt: skip
+            color = line[0].get_color()
     log_axes(
         ax,
         "foreign queries in the step",

@@ -371,12 +371,13 @@ def test_warm_up_runs_every_step_kind_on_every_instance(moe_model, tmp_path):
 
 def test_foreign_attention_scenario_splits_agree():
     """benchmark.foreign_attention's step (a few foreign queries among W x C mostly empty
-    slots): the Triton kernel with several KV splits equals one split on the slots that hold a
-    query, and empty slots stay empty (interpreter on CPU; the GPU run checks every point too)."""
+    slots): GraphDCP's balanced kernels and the fixed-split one equal one split on the slots that
+    hold a query, and empty slots stay empty (interpreter on CPU; the GPU run checks every point)."""
     import torch
 
-    from benchmark.foreign_attention import max_diff, scenario
+    from benchmark.foreign_attention import max_diff, old_splits, scenario
 
-    g, inputs, slots = scenario(2, 4, 3, 40, heads=(4, 2, 16), device="cpu", dtype=torch.float32)
-    assert slots == [0, 4, 1] and g.foreign_splits == 1  # off the GPU GraphDCP keeps one split
-    assert max_diff(g, inputs, slots, 4) < 1e-5
+    g, inputs, slots = scenario(2, 4, 3, 200, heads=(4, 2, 16), device="cpu", dtype=torch.float32)
+    assert slots == [0, 4, 1] and old_splits(g) == 2
+    assert int(g.foreign.n_items) == 6  # 600 keys * 2 heads over 8 programs: 192-key chunks
+    assert max_diff(g, inputs, slots) < 1e-5

@@ -8,7 +8,8 @@ of positions on the control group) and `load` scatters it into the static buffer
 inside the graph:
   1. K/V rows to their holders, written at the holder's slots (unused block rows: the pad slot);
   2. queries to holders; every received query slot attends the request's keys held here
-     (causal by position; an empty slot has no keys: o = 0, lse = -inf);
+     (causal by position; an empty slot has no keys: o = 0, lse = -inf), through a
+     BalancedDecode whose work `load` plans from the step's shard lengths (most slots are empty);
   3. (o, lse) go back to the same block positions; the home merges its local state with one
      state per peer by log-sum-exp, a peer that got no query of a row contributing -inf.
 """
@@ -18,11 +19,9 @@ from __future__ import annotations
 import torch
 
 from nanocp.distributed.dcp import DCPStep
-from nanocp_kernels.attention import decode_splits, paged_attention
+from nanocp_kernels.balanced_attention import BalancedDecode
 from nanocp_kernels.merge import merge_states
 from nanocp_kernels.reference import paged_attention_ref
-
-FOREIGN_SCRATCH_BYTES = 64 << 20  # split scratch of the foreign attention (graph memory pool)
 
 
 def _words(t: torch.Tensor) -> torch.Tensor:
@@ -69,9 +68,8 @@ class GraphDCP:
         self.kv_slots = torch.full((W, C), pad_slot, **i64)  # where K/V received from src go here
         self.q_rows = torch.zeros(W, C, **i64)  # own rows whose queries go to peer p
         self.q_counts = torch.zeros(W, **i64)
-        self.f_q_seq = torch.arange(W * C, **i32)  # received query slot s = sequence s
         self.f_q_pos = torch.zeros(W * C, **i32)
-        self.f_kv_indptr = torch.zeros(W * C + 1, **i32)
+        self.f_kv_indptr = [0] * (W * C + 1)  # host: the torch reference's sequences
         self.f_kv_indices = torch.zeros(num_slots, **i32)
         self.f_kv_pos = torch.zeros(num_slots, **i32)
         # exchange blocks and the counts they report
@@ -92,19 +90,10 @@ class GraphDCP:
         self.dest = torch.zeros(W * C, **i64)  # state row of each returned block row
         self.states_o = torch.zeros((W + 1) * (C + 1), num_qo_heads, head_dim, dtype=dtype, device=device)
         self.states_lse = torch.full(((W + 1) * (C + 1), num_qo_heads), float("-inf"), device=device)
-        self.foreign_splits = self._foreign_splits(device)
-
-    def _foreign_splits(self, device: torch.device) -> int:
-        """KV splits of the foreign attention. Its W * C query slots are mostly empty (one per
-        sharded request decoding on a peer), so the splits are sized for about one query per
-        peer, as far as the float32 scratch of all slots stays within FOREIGN_SCRATCH_BYTES.
-        Sized for all slots (one split), a 50k-key shard ran on 4 programs: CP decode steps
-        took twice static DP's on 2x H200 (2026-11-24)."""
-        if device.type != "cuda":
-            return 1  # the torch reference runs off the GPU
-        hq, hkv, d = self.heads
-        per_split = self.world * self.cap * hq * d * 4
-        return max(1, min(decode_splits(self.world, hkv, device), FOREIGN_SCRATCH_BYTES // per_split))
+        # the foreign attention: W * C query slots, mostly empty, shards of any length. Its work
+        # is planned per step from the lengths (fixed split counts: a 50k-key shard ran on 4
+        # programs and CP decode steps took twice static DP's on 2x H200, 2026-11-24).
+        self.foreign = BalancedDecode(W * C, num_qo_heads, num_kv_heads, head_dim, device)
 
     # ------------------------------------------------------------------ host side, per step
     def _flat_host(self, counts: list[int]) -> list[int]:
@@ -136,13 +125,14 @@ class GraphDCP:
         if st.f_qo_indptr != list(range(num_q + 1)):
             raise RuntimeError("context-parallel graph step: only decode steps (one query per sequence)")
         q_slots = self._flat_host(st.q_recv_counts)  # slot of received query i (host list: no sync)
-        lens = [0] * (self.world * self.cap)
-        f = st.f_kv_indptr
-        for i, s in enumerate(q_slots):
-            lens[s] = f[i + 1] - f[i]
-        ends = torch.tensor(lens, dtype=torch.int64).cumsum(0).to(dev, non_blocking=True)
-        self.f_kv_indptr[1:].copy_(ends)
-        total = f[-1]
+        lens = torch.zeros(self.world * self.cap, dtype=torch.int64)
+        starts = torch.zeros_like(lens)  # slots are in arrival order: slot s's keys start at f[i]
+        f = torch.as_tensor(st.f_kv_indptr, dtype=torch.int64)
+        lens[q_slots] = f[1:] - f[:-1]
+        starts[q_slots] = f[:-1]
+        self.foreign.plan(lens, starts)
+        self.f_kv_indptr = [0, *lens.cumsum(0).tolist()]
+        total = st.f_kv_indptr[-1]
         self.f_kv_indices[:total].copy_(st.f_kv_indices)
         self.f_kv_pos[:total].copy_(st.f_kv_pos)
         self.f_q_pos.view(-1)[self._on_device(q_slots)] = st.f_q_pos.to(torch.int32)
@@ -197,19 +187,18 @@ class GraphDCP:
         return o[:bs]
 
     def _foreign_attention(self, q_recv, k_buffer, v_buffer, scaling: float):
-        """Every received query slot over its keys here: the Triton decode kernel (one program
-        per slot and head; empty slots end at once), the torch reference off the GPU (tests)."""
+        """Every received query slot over its keys here: BalancedDecode's kernels on the GPU, the
+        torch reference off it (CPU tests run ranks as threads; Triton's interpreter is not
+        thread-safe, so BalancedDecode has its own test against the reference)."""
         if q_recv.is_cuda:
-            meta = (self.f_kv_indptr, self.f_kv_indices, self.f_q_pos, self.f_kv_pos)
-            return paged_attention(
-                q_recv, k_buffer, v_buffer, self.f_q_seq, *meta, scaling, num_splits=self.foreign_splits
-            )
+            meta = (self.f_q_pos, self.f_kv_indices, self.f_kv_pos)
+            return self.foreign.run(q_recv, k_buffer, v_buffer, *meta, scaling)
         return paged_attention_ref(
             q_recv,
             k_buffer,
             v_buffer,
             list(range(q_recv.shape[0] + 1)),  # one query per sequence
-            self.f_kv_indptr.tolist(),
+            self.f_kv_indptr,
             self.f_kv_indices.long(),
             self.f_q_pos.long(),
             self.f_kv_pos.long(),
