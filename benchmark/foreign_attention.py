@@ -49,7 +49,10 @@ def scenario(
     q = torch.randn(world * cap, hq, d, generator=gen, device=dev).to(dtype)
     k = torch.randn(num_slots, hkv, d, generator=gen, device=dev).to(dtype)
     v = torch.randn(num_slots, hkv, d, generator=gen, device=dev).to(dtype)
-    return g, (q, k, v, d**-0.5), slots
+    # the fixed-split variants' sequences: slot s = sequence s, keys by g.f_kv_indptr
+    i32 = dict(dtype=torch.int32, device=dev)
+    seqs = (torch.arange(world * cap, **i32), torch.tensor(g.f_kv_indptr, **i32))
+    return g, (q, k, v, d**-0.5, *seqs), slots
 
 
 def old_splits(g) -> int:
@@ -66,12 +69,10 @@ def foreign(g, inputs, variant: str):
     `paged_attention` over every slot with a fixed split count, as GraphDCP did before."""
     from nanocp_kernels.attention import paged_attention
 
-    q, k, v, scale = inputs
+    q, k, v, scale, seq, indptr = inputs
     if variant == "balanced":
         return g.foreign.run(q, k, v, g.f_q_pos, g.f_kv_indices, g.f_kv_pos, scale)
     splits = old_splits(g) if variant == "fixed_splits" else 1
-    seq = torch.arange(q.shape[0], dtype=torch.int32, device=q.device)
-    indptr = torch.tensor(g.f_kv_indptr, dtype=torch.int32, device=q.device)
     meta = (seq, indptr, g.f_kv_indices, g.f_q_pos, g.f_kv_pos)
     return paged_attention(q, k, v, *meta, scale, num_splits=splits)
 
@@ -114,8 +115,13 @@ def main(argv=None) -> dict:
     p.add_argument("--queries", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--shard", type=int, nargs="+", default=[8192, 32768, 131072])
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--waves", type=int, default=None, help="BalancedDecode's programs per SM (tuning)")
     p.add_argument("--tag", default=None)
     args = p.parse_args(argv)
+    if args.waves:
+        import nanocp_kernels.balanced_attention as balanced
+
+        balanced.BALANCED_WAVES = args.waves
     rows = []
     for shard in args.shard:
         for queries in args.queries:

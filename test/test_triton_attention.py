@@ -214,8 +214,12 @@ def test_balanced_decode_matches_reference_across_plans(dtype):
             idx, qpos, kpos, scale,
         )  # fmt: skip
         bd.plan(lens_t, starts)
-        # first plan: the 900-key row is cut into 3 items; second: fewer items than the first
-        assert int(bd.n_items) == (6 if lens[2] else 2)
+        n_items = int(bd.n_items)
+        if lens[2]:  # first plan: the 900-key row is cut
+            assert n_items > sum(1 for n in lens if n)
+            first = n_items
+        else:
+            assert n_items < first
         dev = lambda x: x.to(DEVICE)  # noqa: E731
         i32 = [x.to(DEVICE, torch.int32) for x in (qpos, idx, kpos)]
         o, lse = bd.run(dev(q), dev(k_cache), dev(v_cache), *i32, scale)

@@ -6,7 +6,7 @@ sharded request decoding on a peer) with shards of any length. `paged_attention`
 shard then runs on few programs, and every empty row still costs its programs (an H200 spent
 ~90 us on one 8k-key shard among 128 rows, 2026-11-25). Here the host cuts this step's keys into
 equal chunks of whole key blocks (`BalancedDecode.plan`, before the replay) and a grid of about
-SPLIT_WAVES programs per SM, fixed at capture, runs one chunk per program:
+BALANCED_WAVES programs per SM, fixed at capture, runs one chunk per program:
   1. program (k, KV head): work item k (a row and a key range) for the KV head's query heads,
      its normalized partial o and lse into scratch row k (items k >= n_items attend nothing);
   2. program (row, q head): LSE merge of the row's items base[row] : base[row] + n[row]
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from nanocp_kernels.attention import DECODE_BLOCK_N, SPLIT_WAVES, _attend_split
+from nanocp_kernels.attention import DECODE_BLOCK_N, _attend_split
 
 try:
     import triton
@@ -113,10 +113,16 @@ if triton is not None:
         tl.store(lse_ptr + t * HQ + h, tl.where(total > 0, m_safe + tl.log(safe), float("-inf")))
 
 
+# programs per SM the work is cut for; GraphDCP's foreign attention on H100 (W=2, C=64, 1-8
+# queries of 8k-128k keys, benchmark.foreign_attention --waves, 2026-12-06): 4 was within 2 us of 2
+# on one 8k shard and 8-16% faster from 4 x 32k up; 8 and 16 cost 3-30 us more on small steps.
+BALANCED_WAVES = 4
+
+
 def target_programs(device: torch.device) -> int:
-    """Programs of the attention launch: SPLIT_WAVES per SM (4 SMs assumed off the GPU)."""
+    """Programs of the attention launch: BALANCED_WAVES per SM (4 SMs assumed off the GPU)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return SPLIT_WAVES * sms
+    return BALANCED_WAVES * sms
 
 
 def plan_items(
