@@ -381,3 +381,17 @@ def test_foreign_attention_scenario_splits_agree():
     assert slots == [0, 4, 1] and old_splits(g) == 2
     assert int(g.foreign.n_items) == 6  # 600 keys * 2 heads over 8 programs: 192-key chunks
     assert max_diff(g, inputs, slots) < 1e-5
+
+
+def test_decode_attention_longtail_scenario_kernels_agree():
+    """benchmark.decode_attention_longtail's batch (one long row among short ones): the balanced
+    kernels equal the fixed-split one (interpreter on CPU; the GPU run checks every point)."""
+    import torch
+
+    from benchmark.decode_attention_longtail import attend, scenario
+
+    lens, inputs, meta, bd = scenario(3, 300, 40, heads=(4, 2, 16), device="cpu", dtype=torch.float32)
+    assert lens == [300, 40, 40] and int(bd.n_items) > 3  # the long row was cut
+    (o_b, lse_b), (o_f, lse_f) = (attend(v, inputs, meta, bd) for v in ("balanced", "fixed_splits"))
+    torch.testing.assert_close(o_b, o_f, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse_b, lse_f, rtol=1e-5, atol=1e-5)

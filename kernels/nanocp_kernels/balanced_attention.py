@@ -44,9 +44,12 @@ if triton is not None:
         pdl_wait(PDL)
         k = tl.program_id(0)
         kvh = tl.program_id(1)
-        t = tl.load(item_row_ptr + k)
+        # items past this step's count are stale (an earlier plan, maybe of more rows than q has):
+        # row 0, no keys
+        live = k < tl.load(n_items_ptr)
+        t = tl.where(live, tl.load(item_row_ptr + k), 0)
         lo = tl.load(item_lo_ptr + k)
-        hi = tl.where(k < tl.load(n_items_ptr), tl.load(item_hi_ptr + k), lo)  # stale items: no keys
+        hi = tl.where(live, tl.load(item_hi_ptr + k), lo)
         offs_h = tl.arange(0, BLOCK_H)
         hmask = offs_h < GROUP
         heads = kvh * GROUP + offs_h
@@ -143,8 +146,9 @@ def plan_items(
 
 
 class BalancedDecode:
-    """Device buffers of the plan and scratch for `rows` query rows, sized once (graph-safe):
-    `plan` before each replay (host -> device copies), `run` inside the graph."""
+    """Device buffers of the plan and scratch for up to `rows` query rows, sized once (graph-safe):
+    `plan` before each replay (host -> device copies), `run` inside the graph (graphs of fewer
+    rows share the buffers: one replays at a time)."""
 
     def __init__(self, rows: int, num_qo_heads: int, num_kv_heads: int, head_dim: int, device: torch.device):
         self.rows, self.heads = rows, (num_qo_heads, num_kv_heads, head_dim)
@@ -160,17 +164,18 @@ class BalancedDecode:
         self.part_lse = torch.zeros(self.max_items, num_qo_heads, dtype=torch.float32, device=device)
 
     def plan(self, lens: torch.Tensor, starts: torch.Tensor) -> None:
-        """lens / starts: int64 CPU [rows], each row's key range in the kv_indices given to run."""
+        """lens / starts: int64 CPU [rows of the next run], each row's key range in the kv_indices
+        given to run."""
         item_row, lo, hi, base, per_row = plan_items(lens, starts, self.heads[1], self.target, self.block_n)
-        n = item_row.numel()
+        n, rows = item_row.numel(), lens.numel()
         if n > self.max_items:  # cannot happen (module docstring); a bug must not write past scratch
             raise RuntimeError(f"balanced decode: {n} work items > {self.max_items}")
         host = torch.cat([torch.tensor([n]), item_row, lo, hi, base, per_row]).to(torch.int32)
         host = host.to(self.items.device, non_blocking=True)
         self.n_items.copy_(host[:1])
         self.items[:, :n].copy_(host[1 : 1 + 3 * n].view(3, n))
-        self.row_base.copy_(host[1 + 3 * n : 1 + 3 * n + self.rows])
-        self.row_items.copy_(host[1 + 3 * n + self.rows :])
+        self.row_base[:rows].copy_(host[1 + 3 * n : 1 + 3 * n + rows])
+        self.row_items[:rows].copy_(host[1 + 3 * n + rows :])
 
     def run(
         self,
@@ -182,11 +187,13 @@ class BalancedDecode:
         kv_pos: torch.Tensor,
         sm_scale: float,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [rows, Hq, D] with the planned rows' keys in kv_indices / kv_pos (as `paged_attention`);
-        returns o [rows, Hq, D] (q.dtype), lse [rows, Hq] (-inf where a row has no visible key)."""
+        """q [rows, Hq, D] (the rows planned) with their keys in kv_indices / kv_pos (as
+        `paged_attention`); returns o [rows, Hq, D] (q.dtype), lse [rows, Hq] (-inf where a row has
+        no visible key)."""
         hq, hkv, d = self.heads
+        rows = q.shape[0]
         o = torch.empty_like(q)
-        lse = torch.empty((self.rows, hq), dtype=torch.float32, device=q.device)
+        lse = torch.empty((rows, hq), dtype=torch.float32, device=q.device)
         block_d = triton.next_power_of_2(d)
         _item_attention_kernel[(self.max_items, hkv)](
             q, k_cache, v_cache, self.part_o, self.part_lse, self.n_items, *self.items, q_pos,
@@ -195,7 +202,7 @@ class BalancedDecode:
             BLOCK_H=max(16, triton.next_power_of_2(hq // hkv)), BLOCK_N=self.block_n, BLOCK_D=block_d,
             **pdl_args(q),
         )  # fmt: skip
-        _merge_items_kernel[(self.rows, hq)](
+        _merge_items_kernel[(rows, hq)](
             self.part_o, self.part_lse, self.row_base, self.row_items, o, lse, d, hq, o.stride(0),
             o.stride(1), BLOCK_S=16, BLOCK_D=block_d, **pdl_args(q),
         )  # fmt: skip

@@ -1,4 +1,9 @@
-"""Triton attention backend: the torch backend's metadata, one Triton kernel per layer."""
+"""Triton attention backend: the torch backend's metadata, one Triton kernel per layer.
+
+Decode from CUDA graphs runs BalancedDecode: a replayed batch's lengths change every step (one
+128k request among short ones), and `paged_attention`'s split count, fixed at capture by the
+batch size, would leave a long row on a handful of programs; the balanced kernel's work is cut
+from the step's lengths before each replay."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 from nanocp.layers.attention.base import ragged_index, register_attention_backend
 from nanocp.layers.attention.torch_backend import TorchAttnBackend
 from nanocp_kernels.attention import paged_attention, paged_prefill_attention
+from nanocp_kernels.balanced_attention import BalancedDecode
 
 if TYPE_CHECKING:
     from nanocp.engine.forward_batch import ForwardBatch
@@ -18,9 +24,19 @@ if TYPE_CHECKING:
 
 @register_attention_backend("triton")
 class TritonAttnBackend(TorchAttnBackend):
-    def __init__(self, device: torch.device | None = None, **kwargs: object) -> None:
+    def __init__(
+        self,
+        device: torch.device | None = None,
+        num_qo_heads: int | None = None,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        **kwargs: object,
+    ) -> None:
         super().__init__(**kwargs)
         self.device = device
+        self.heads = (num_qo_heads, num_kv_heads, head_dim) if num_qo_heads else None
+        self.balanced: BalancedDecode | None = None  # decode graphs (init_cuda_graph_state)
+        self.graph_step = False
         if (
             device is not None
             and torch.device(device).type != "cuda"
@@ -42,6 +58,7 @@ class TritonAttnBackend(TorchAttnBackend):
         # extend / prefill chunks: blocks of queries share key loads (tensor-core kernel)
         self.prefill_qo = qo_indptr if max(counts.tolist(), default=0) > 16 else None
         self.q_pos = batch.positions.to(torch.int32)  # once per step, not per layer
+        self.graph_step = False
         self.triton_meta = (
             q_seq,
             torch.tensor(kv_indptr, dtype=torch.int32, device=device),
@@ -58,6 +75,8 @@ class TritonAttnBackend(TorchAttnBackend):
         self.g_kv_indices = torch.zeros(num_slots, dtype=torch.int32, device=dev)
         self.g_kv_pos = torch.zeros(num_slots, dtype=torch.int32, device=dev)
         self.g_q_pos = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        if self.heads is not None:
+            self.balanced = BalancedDecode(max_bs, *self.heads, torch.device(dev))
 
     def init_forward_metadata_capture(self, batch: ForwardBatch) -> None:
         self.init_forward_metadata_replay(batch)
@@ -69,7 +88,8 @@ class TritonAttnBackend(TorchAttnBackend):
         for context-parallel requests only the position ranges held here (kv_ranges_cpu)."""
         bs = batch.batch_size
         if batch.kv_ranges_cpu is None:
-            total = sum(batch.seq_lens_cpu)
+            held = batch.seq_lens_cpu
+            total = sum(held)
             ends, rows, pos = ragged_index(batch.req_pool_indices, batch.seq_lens, total)
         else:
             segs = [(i, s, e - s) for i, rs in enumerate(batch.kv_ranges_cpu) for s, e in rs if e > s]
@@ -86,6 +106,10 @@ class TritonAttnBackend(TorchAttnBackend):
         self.g_q_pos[:bs].copy_(batch.positions)  # the graph's static positions, already written
         self.q_pos = self.g_q_pos[:bs]
         self.triton_meta = (self.g_q_seq[:bs], self.g_kv_indptr[: bs + 1], self.g_kv_indices, self.g_kv_pos)
+        self.graph_step = self.balanced is not None
+        if self.graph_step:
+            lens = torch.tensor(held, dtype=torch.int64)
+            self.balanced.plan(lens, lens.cumsum(0) - lens)
 
     def forward_with_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
@@ -100,6 +124,16 @@ class TritonAttnBackend(TorchAttnBackend):
                 kv_indptr,
                 kv_indices,
                 self.q_pos,
+                kv_pos,
+                layer.scaling,
+            )
+        if self.graph_step:
+            return self.balanced.run(
+                q.contiguous(),
+                batch.kv_pool.k_buffer[layer.layer_id],
+                batch.kv_pool.v_buffer[layer.layer_id],
+                self.q_pos,
+                kv_indices,
                 kv_pos,
                 layer.scaling,
             )
