@@ -131,12 +131,13 @@ def test_triton_backend_engine_matches_transformers(moe_model, hf_oracle):
 def test_graph_replay_metadata_equals_eager(sharded):
     """The decode metadata a CUDA-graph replay builds on the device (static buffers) lists the
     same KV slots and positions as the eager path, also for context-parallel requests whose
-    home holds only some position ranges (kv_ranges_cpu); the replay's attention (BalancedDecode,
-    planned from those lengths) equals the eager kernel's."""
+    home holds only some position ranges (kv_ranges_cpu); the attention of both (BalancedDecode,
+    planned from those lengths) equals the torch backend's."""
     from types import SimpleNamespace
 
     from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
     from nanocp.kvcache.pool import ReqToTokenPool
+    from nanocp.layers.attention.torch_backend import TorchAttnBackend
     from nanocp.layers.attention.triton_backend import TritonAttnBackend
 
     pool = ReqToTokenPool(4, 64, DEVICE)
@@ -161,15 +162,20 @@ def test_graph_replay_metadata_equals_eager(sharded):
     q = torch.randn(3, hq, d, generator=g).to(DEVICE)
     backend = TritonAttnBackend(device=torch.device(DEVICE), num_qo_heads=hq, num_kv_heads=hkv, head_dim=d)
     backend.init_forward_metadata(batch)
+    o_ref, lse_ref = TorchAttnBackend.forward_with_lse(backend, q, None, None, layer, batch)
+    backend.eager_balanced.block_n = 16  # chunks of 16 keys: rows this short are cut too
+    backend.init_forward_metadata(batch)
     _, kv_indptr, kv_indices, kv_pos = backend.triton_meta
+    assert backend.step_balanced is backend.eager_balanced and int(backend.eager_balanced.n_items) > 3
     o_eager, lse_eager = backend.forward_with_lse(q, None, None, layer, batch)
     backend.init_cuda_graph_state(8, 4 * 64)
-    backend.balanced.block_n = 16  # chunks of 16 keys: rows this short are cut too
+    backend.balanced.block_n = 16
     backend.init_forward_metadata_replay(batch)
-    assert backend.graph_step and int(backend.balanced.n_items) > 3
+    assert backend.step_balanced is backend.balanced and int(backend.balanced.n_items) > 3
     o_graph, lse_graph = backend.forward_with_lse(q, None, None, layer, batch)
-    torch.testing.assert_close(o_graph, o_eager, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse_graph, lse_eager, rtol=1e-5, atol=1e-5)
+    for o, lse in ((o_eager, lse_eager), (o_graph, lse_graph)):
+        torch.testing.assert_close(o, o_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, lse_ref, rtol=1e-5, atol=1e-5)
     _, g_indptr, g_indices, g_pos = backend.triton_meta
     total = int(kv_indptr[-1])
     assert g_indptr.tolist() == kv_indptr.tolist()

@@ -1,9 +1,9 @@
 """Triton attention backend: the torch backend's metadata, one Triton kernel per layer.
 
-Decode from CUDA graphs runs BalancedDecode: a replayed batch's lengths change every step (one
-128k request among short ones), and `paged_attention`'s split count, fixed at capture by the
-batch size, would leave a long row on a handful of programs; the balanced kernel's work is cut
-from the step's lengths before each replay."""
+Decode steps (one query per request; eager or replayed from CUDA graphs) run BalancedDecode:
+`paged_attention` gives every row the same split count (for graphs, fixed at capture by the
+batch size), which leaves a long row among short ones (a 128k request in a batch of 2k ones) on
+a handful of programs; the balanced kernels' work is cut from the step's lengths."""
 
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ class TritonAttnBackend(TorchAttnBackend):
         self.device = device
         self.heads = (num_qo_heads, num_kv_heads, head_dim) if num_qo_heads else None
         self.balanced: BalancedDecode | None = None  # decode graphs (init_cuda_graph_state)
-        self.graph_step = False
+        self.eager_balanced: BalancedDecode | None = None  # eager decode steps (grown as needed)
+        self.step_balanced: BalancedDecode | None = None  # this step's, if it is a decode step
         if (
             device is not None
             and torch.device(device).type != "cuda"
@@ -58,7 +59,13 @@ class TritonAttnBackend(TorchAttnBackend):
         # extend / prefill chunks: blocks of queries share key loads (tensor-core kernel)
         self.prefill_qo = qo_indptr if max(counts.tolist(), default=0) > 16 else None
         self.q_pos = batch.positions.to(torch.int32)  # once per step, not per layer
-        self.graph_step = False
+        self.step_balanced = None
+        if self.heads is not None and qo_indptr[-1] == len(qo_indptr) - 1 > 0:  # decode
+            rows = len(qo_indptr) - 1
+            if self.eager_balanced is None or self.eager_balanced.rows < rows:
+                self.eager_balanced = BalancedDecode(max(rows, 64), *self.heads, device)
+            self.step_balanced = self.eager_balanced
+            self._plan(self.step_balanced, [b - a for a, b in zip(kv_indptr, kv_indptr[1:])])
         self.triton_meta = (
             q_seq,
             torch.tensor(kv_indptr, dtype=torch.int32, device=device),
@@ -106,10 +113,15 @@ class TritonAttnBackend(TorchAttnBackend):
         self.g_q_pos[:bs].copy_(batch.positions)  # the graph's static positions, already written
         self.q_pos = self.g_q_pos[:bs]
         self.triton_meta = (self.g_q_seq[:bs], self.g_kv_indptr[: bs + 1], self.g_kv_indices, self.g_kv_pos)
-        self.graph_step = self.balanced is not None
-        if self.graph_step:
-            lens = torch.tensor(held, dtype=torch.int64)
-            self.balanced.plan(lens, lens.cumsum(0) - lens)
+        self.step_balanced = self.balanced
+        if self.balanced is not None:
+            self._plan(self.balanced, held)
+
+    @staticmethod
+    def _plan(balanced: BalancedDecode, lens: list[int]) -> None:
+        """Rows' keys are consecutive in kv_indices: row i's start at the sum of the ones before."""
+        held = torch.tensor(lens, dtype=torch.int64)
+        balanced.plan(held, held.cumsum(0) - held)
 
     def forward_with_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
@@ -127,8 +139,8 @@ class TritonAttnBackend(TorchAttnBackend):
                 kv_pos,
                 layer.scaling,
             )
-        if self.graph_step:
-            return self.balanced.run(
+        if self.step_balanced is not None:
+            return self.step_balanced.run(
                 q.contiguous(),
                 batch.kv_pool.k_buffer[layer.layer_id],
                 batch.kv_pool.v_buffer[layer.layer_id],
