@@ -88,31 +88,30 @@ if triton is not None:
         n = tl.load(row_items_ptr + t)
         offs_d = tl.arange(0, BLOCK_D)
         dmask = offs_d < D
-        # one pass, online: BLOCK_S items a step (a row of at most BLOCK_S items: one step)
-        m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), axis=0)
-        total = tl.sum(tl.zeros([BLOCK_S], tl.float32), axis=0)
-        acc = tl.zeros([BLOCK_D], tl.float32)
+        m_vec = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for j0 in range(0, n, BLOCK_S):
+            offs = j0 + tl.arange(0, BLOCK_S)
+            lse = tl.load(part_lse_ptr + (base + offs) * HQ + h, mask=offs < n, other=float("-inf"))
+            m_vec = tl.maximum(m_vec, lse)
+        m = tl.max(m_vec, axis=0)
+        m_safe = tl.where(m > float("-inf"), m, 0.0)
+        w_vec = tl.zeros([BLOCK_S], tl.float32)
+        acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
         for j0 in range(0, n, BLOCK_S):
             offs = j0 + tl.arange(0, BLOCK_S)
             lse = tl.load(part_lse_ptr + (base + offs) * HQ + h, mask=offs < n, other=float("-inf"))
             live = lse > float("-inf")
-            # not masked by live (one round trip less): an item without keys keeps a finite o
-            # from an earlier plan (or the zeros the scratch starts with), weighted 0
+            w = tl.where(live, tl.exp(lse - m_safe), 0.0)
             parts = tl.load(
                 part_o_ptr + ((base + offs) * HQ + h)[:, None] * D + offs_d[None, :],
-                mask=(offs < n)[:, None] & dmask[None, :],
+                mask=live[:, None] & dmask[None, :],
                 other=0.0,
             )
-            m_new = tl.maximum(m, tl.max(lse, axis=0))
-            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-            rescale = tl.where(m > float("-inf"), tl.exp(m - m_safe), 0.0)
-            w = tl.where(live, tl.exp(lse - m_safe), 0.0)
-            acc = acc * rescale + tl.sum(parts * w[:, None], axis=0)
-            total = total * rescale + tl.sum(w, axis=0)
-            m = m_new
-        m_safe = tl.where(m > float("-inf"), m, 0.0)
+            acc += parts * w[:, None]
+            w_vec += w
+        total = tl.sum(w_vec, axis=0)
         safe = tl.where(total > 0, total, 1.0)
-        o = tl.where(total > 0, acc / safe, 0.0)
+        o = tl.where(total > 0, tl.sum(acc, axis=0) / safe, 0.0)
         tl.store(o_ptr + t * stride_ot + h * stride_oh + offs_d, o.to(o_ptr.dtype.element_ty), mask=dmask)
         tl.store(lse_ptr + t * HQ + h, tl.where(total > 0, m_safe + tl.log(safe), float("-inf")))
 
@@ -205,6 +204,6 @@ class BalancedDecode:
         )  # fmt: skip
         _merge_items_kernel[(rows, hq)](
             self.part_o, self.part_lse, self.row_base, self.row_items, o, lse, d, hq, o.stride(0),
-            o.stride(1), BLOCK_S=32, BLOCK_D=block_d, **pdl_args(q),
+            o.stride(1), BLOCK_S=16, BLOCK_D=block_d, **pdl_args(q),
         )  # fmt: skip
         return o, lse
