@@ -86,6 +86,21 @@ def write_json(path: Path, data: Any) -> None:
     print(f"wrote {path}")
 
 
+def print_row(row: dict[str, Any]) -> None:
+    """One measured point as a JSON line (floats rounded), as the GPU benchmarks print them."""
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+
+
+def save_rows(name: str, tag: str | None, args, rows: list[dict[str, Any]], plot) -> dict[str, Any]:
+    """results/<name>_<tag>.{json,png} (tag: the GPU's) of a GPU benchmark's rows, with the
+    device, date and command; plot(result, path) draws the figure."""
+    tag = tag or gpu_tag()
+    result = {"benchmark": name, **environment("cuda"), "command": f"{vars(args)}", "rows": rows}
+    write_json(RESULTS / f"{name}_{tag}.json", result)
+    plot(result, RESULTS / f"{name}_{tag}.png")
+    return result
+
+
 def kernel_profile(fn, reps: int = 5, per_call: int = 1, top: int = 25) -> list[dict[str, Any]]:
     """GPU kernels of `fn` (e.g. a CUDA-graph replay: its kernels are traced one by one), as
     [{kernel, us, calls}] per call of the measured unit (reps runs of fn, each holding per_call

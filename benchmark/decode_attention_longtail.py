@@ -13,11 +13,10 @@ point). Shape: Qwen3-30B-A3B attention, bf16.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from benchmark.common import RESULTS, environment, gpu_tag, log_axes, pyplot, save_figure, write_json
+from benchmark.common import log_axes, print_row, pyplot, save_figure, save_rows
 
 HEADS = (32, 4, 128)  # q heads, KV heads, head dim
 
@@ -94,20 +93,8 @@ def main(argv=None) -> dict:
     for long in args.long:
         for batch in args.batch:
             rows.append(measure(batch, long, args.short, args.reps))
-            print(
-                json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}),
-                flush=True,
-            )
-    tag = args.tag or gpu_tag()
-    result = {
-        "benchmark": "decode_attention_longtail",
-        **environment("cuda"),
-        "command": f"{vars(args)}",
-        "rows": rows,
-    }
-    write_json(RESULTS / f"decode_attention_longtail_{tag}.json", result)
-    plot(result, RESULTS / f"decode_attention_longtail_{tag}.png")
-    return result
+            print_row(rows[-1])
+    return save_rows("decode_attention_longtail", args.tag, args, rows, plot)
 
 
 def plot(result: dict, path) -> None:

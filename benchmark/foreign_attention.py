@@ -15,11 +15,10 @@ Shape: Qwen3-30B-A3B attention, bf16.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
-from benchmark.common import RESULTS, environment, gpu_tag, log_axes, pyplot, save_figure, write_json
+from benchmark.common import log_axes, print_row, pyplot, save_figure, save_rows
 
 HEADS = (32, 4, 128)  # q heads, KV heads, head dim
 VARIANTS = ("balanced", "fixed_splits", "one_split")
@@ -126,20 +125,8 @@ def main(argv=None) -> dict:
     for shard in args.shard:
         for queries in args.queries:
             rows.append(measure(args.world, args.cap, queries, shard, args.reps))
-            print(
-                json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}),
-                flush=True,
-            )
-    tag = args.tag or gpu_tag()
-    result = {
-        "benchmark": "foreign_attention",
-        **environment("cuda"),
-        "command": f"{vars(args)}",
-        "rows": rows,
-    }
-    write_json(RESULTS / f"foreign_attention_{tag}.json", result)
-    plot(result, RESULTS / f"foreign_attention_{tag}.png")
-    return result
+            print_row(rows[-1])
+    return save_rows("foreign_attention", args.tag, args, rows, plot)
 
 
 def plot(result: dict, path) -> None:

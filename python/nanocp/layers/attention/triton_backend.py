@@ -127,36 +127,11 @@ class TritonAttnBackend(TorchAttnBackend):
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q_seq, kv_indptr, kv_indices, kv_pos = self.triton_meta
+        q = q.contiguous()
+        cache = (batch.kv_pool.k_buffer[layer.layer_id], batch.kv_pool.v_buffer[layer.layer_id])
         if self.prefill_qo is not None:
-            return paged_prefill_attention(
-                q.contiguous(),
-                batch.kv_pool.k_buffer[layer.layer_id],
-                batch.kv_pool.v_buffer[layer.layer_id],
-                self.prefill_qo,
-                kv_indptr,
-                kv_indices,
-                self.q_pos,
-                kv_pos,
-                layer.scaling,
-            )
+            meta = (self.prefill_qo, kv_indptr, kv_indices, self.q_pos, kv_pos)
+            return paged_prefill_attention(q, *cache, *meta, layer.scaling)
         if self.step_balanced is not None:
-            return self.step_balanced.run(
-                q.contiguous(),
-                batch.kv_pool.k_buffer[layer.layer_id],
-                batch.kv_pool.v_buffer[layer.layer_id],
-                self.q_pos,
-                kv_indices,
-                kv_pos,
-                layer.scaling,
-            )
-        return paged_attention(
-            q.contiguous(),
-            batch.kv_pool.k_buffer[layer.layer_id],
-            batch.kv_pool.v_buffer[layer.layer_id],
-            q_seq,
-            kv_indptr,
-            kv_indices,
-            self.q_pos,
-            kv_pos,
-            layer.scaling,
-        )
+            return self.step_balanced.run(q, *cache, self.q_pos, kv_indices, kv_pos, layer.scaling)
+        return paged_attention(q, *cache, q_seq, kv_indptr, kv_indices, self.q_pos, kv_pos, layer.scaling)
