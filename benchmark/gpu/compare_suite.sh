@@ -5,7 +5,9 @@
 # the modes it finished; "all" = none dynamic uniform (2 rates: ~5 min on 2x H200).
 #   source .gpu/env.sh && bash benchmark/gpu/compare_suite.sh none|uniform|dynamic|all ...
 # Knobs (env): DP (default: number of GPUs), RATES, SLO_MS, DURATION, TAG, A2A (ipc or deepep),
-# LIMIT_S (stop each mode's compare after this many seconds, keeping what it wrote; 0: none).
+# LIMIT_S (stop each mode's compare after this many seconds, keeping what it wrote; 0: none),
+# CHUNK (--chunked-prefill-size, 4096: every instance's decoders wait for a prefill chunk in
+# lockstep, 0.3-0.7 s for 4k tokens after a 20-30k prefix on 2x H200).
 # DP above the GPU count puts instances on shared GPUs (IPC exchanges; DP=2 on one H200 fits,
 # ~57 GB per instance with this KV budget). Those need MPS: time-sliced processes make every
 # exchange inside a graph cost a ~2 ms slice (one mode took 422 s for one 15 s rate,
@@ -25,7 +27,7 @@ TAG=${TAG:-h200x${DP}_dp${DP}_graphs_${A2A}}
 if [ "$DP" -gt "$GPUS" ]; then source benchmark/gpu/mps.sh; fi
 for MODE in $MODES; do
   timeout "${LIMIT_S:-0}" python -m benchmark.compare --model-path benchmark/configs/qwen3-30b-a3b --device cuda --dp-size "$DP" \
-    --max-total-tokens 262144 --chunked-prefill-size 4096 --mix chat-docs-medium \
+    --max-total-tokens 262144 --chunked-prefill-size ${CHUNK:-4096} --mix chat-docs-medium \
     --rates $RATES --timeline-rate "${RATES%% *}" --duration ${DURATION:-20} --min-requests 32 \
     --tpot-slo-ms ${SLO_MS:-50} --ttft-slo-s 10 --tag "$TAG" --only "$MODE" \
     --server-args="--load-format dummy --skip-tokenizer-init --dtype bfloat16 --attention-backend triton \
