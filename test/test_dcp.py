@@ -143,3 +143,39 @@ def test_foreign_sequence_stops_at_the_queries_last_position():
     assert torch.equal(slots, fk.slots(7, pos))
     assert fk.sequence(7, 10)[1].tolist() == list(range(10))
     assert fk.sequence(7, 1000)[1].tolist() == [*range(40), *range(100, 140)]
+
+
+def test_foreign_attention_of_a_decode_step_is_balanced_and_exact():
+    """An eager step's foreign attention for decode queries (one per sequence) runs BalancedDecode,
+    planned once per step (the first layer) and reused by every layer; it equals the torch
+    reference (Triton's interpreter on CPU; the CPU servers take the reference itself)."""
+    import math
+
+    import torch
+
+    from nanocp.distributed.dcp import DCPStep, foreign_attention
+    from nanocp_kernels.reference import paged_attention_ref
+
+    g = torch.Generator().manual_seed(5)
+    hq, hkv, d, slots = 4, 2, 16, 600
+    lens = [500, 0, 30]  # a long shard, a query whose keys are all on other holders, a short one
+    kv_indptr = [0, *torch.tensor(lens).cumsum(0).tolist()]
+    kv_idx = torch.randperm(slots, generator=g)[: sum(lens)]
+    kv_pos = torch.cat([torch.arange(n) for n in lens])
+    q_pos = torch.tensor([520, 3, 29])  # the short one's last key is its own query's: visible
+    e = torch.empty(0, dtype=torch.int64)
+    st = DCPStep(
+        None, e, [], [], e, e, [], [], list(range(len(lens) + 1)), kv_indptr, kv_idx, q_pos, kv_pos
+    )  # fmt: skip
+    k_buf, v_buf = (torch.randn(slots, hkv, d, generator=g) for _ in range(2))
+    scale = 1 / math.sqrt(d)
+    for _layer in range(2):  # the plan of the first layer serves the second
+        q = torch.randn(len(lens), hq, d, generator=g)
+        o, lse = foreign_attention(q, k_buf, v_buf, scale, st, kernels=True)
+        ref_o, ref_lse = paged_attention_ref(
+            q, k_buf, v_buf, st.f_qo_indptr, kv_indptr, kv_idx, q_pos, kv_pos, scale
+        )
+        torch.testing.assert_close(o, ref_o, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+        balanced = st.device_meta[-1]
+        assert balanced is not None and int(balanced.n_items) > 2  # the 500-key shard was cut

@@ -12,10 +12,10 @@ Backends: "triton" (one program per (token, head); also runs on CPU under TRITON
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
+from nanocp_kernels import triton_runs_on
 from nanocp_kernels.reference import merge_states_ref
 
 try:
@@ -96,7 +96,7 @@ def _merge_torch(v: torch.Tensor, s: torch.Tensor, base2: bool) -> tuple[torch.T
 
 
 def default_backend(device: torch.device) -> str:
-    if triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):
+    if triton is not None and triton_runs_on(device):
         return "triton"
     return "torch"
 

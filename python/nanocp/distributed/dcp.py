@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from nanocp.distributed.parallel_state import A2AComm
 from nanocp.kvcache.pool import PageAllocator
+from nanocp_kernels.balanced_attention import BalancedDecode
 from nanocp_kernels.merge import merge_states
 from nanocp_kernels.reference import paged_attention_ref
 
@@ -232,22 +233,45 @@ def build_dcp_step(
 
 
 def foreign_attention(
-    q: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor, scaling: float, st: DCPStep
+    q: torch.Tensor,
+    k_buffer: torch.Tensor,
+    v_buffer: torch.Tensor,
+    scaling: float,
+    st: DCPStep,
+    kernels: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Received queries over this instance's foreign segments (causal by absolute position):
-    the blocked Triton kernel on CUDA (its int32 metadata built once per step), the torch
-    reference elsewhere (exact on CPU)."""
+    """Received queries over this instance's foreign segments (causal by absolute position).
+    With the Triton kernels (kernels None: on CUDA; True on the CPU needs Triton's interpreter,
+    too slow for the CPU servers): decode steps (one query per sequence) run BalancedDecode,
+    planned once per step from the segments' lengths (one program per head and query would
+    walk a whole long shard alone); queries of prefill chunks the blocked prefill kernel.
+    Without: the torch reference (exact). Device metadata is built at the step's first layer."""
     args = (st.f_qo_indptr, st.f_kv_indptr, st.f_kv_indices, st.f_q_pos, st.f_kv_pos)
-    if not q.is_cuda:
+    if not (q.is_cuda if kernels is None else kernels):
         return paged_attention_ref(q, k_buffer, v_buffer, *args, scaling)
-    from nanocp_kernels.attention import paged_prefill_attention
-
+    rows = len(st.f_qo_indptr) - 1
+    decode = rows > 0 and st.f_qo_indptr[-1] == rows
     if st.device_meta is None:
         i32 = lambda t: torch.as_tensor(t, device=q.device).to(torch.int32)  # noqa: E731
-        st.device_meta = (i32(st.f_kv_indptr), i32(st.f_kv_indices), i32(st.f_q_pos), i32(st.f_kv_pos))
-    kv_indptr, kv_indices, q_pos, kv_pos = st.device_meta
+        balanced = None
+        if decode:
+            balanced = BalancedDecode(rows, q.shape[1], k_buffer.shape[1], q.shape[2], q.device)
+            ends = torch.tensor(st.f_kv_indptr, dtype=torch.int64)
+            balanced.plan(ends[1:] - ends[:-1], ends[:-1])
+        st.device_meta = (
+            i32(st.f_kv_indptr),
+            i32(st.f_kv_indices),
+            i32(st.f_q_pos),
+            i32(st.f_kv_pos),
+            balanced,
+        )
+    kv_indptr, kv_indices, q_pos, kv_pos, balanced = st.device_meta
+    if balanced is not None:
+        return balanced.run(q, k_buffer, v_buffer, q_pos, kv_indices, kv_pos, scaling)
+    from nanocp_kernels.attention import paged_prefill_attention
+
     max_q = max((b - a for a, b in zip(st.f_qo_indptr, st.f_qo_indptr[1:])), default=0)
-    block_m = 16 if max_q <= 16 else 64  # decode: one query per sequence
     return paged_prefill_attention(
-        q, k_buffer, v_buffer, st.f_qo_indptr, kv_indptr, kv_indices, q_pos, kv_pos, scaling, block_m=block_m
-    )
+        q, k_buffer, v_buffer, st.f_qo_indptr, kv_indptr, kv_indices, q_pos, kv_pos, scaling,
+        block_m=16 if max_q <= 16 else 64,
+    )  # fmt: skip

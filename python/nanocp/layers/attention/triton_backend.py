@@ -7,13 +7,13 @@ a handful of programs; the balanced kernels' work is cut from the step's lengths
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import torch
 
 from nanocp.layers.attention.base import ragged_index, register_attention_backend
 from nanocp.layers.attention.torch_backend import TorchAttnBackend
+from nanocp_kernels import triton_runs_on
 from nanocp_kernels.attention import paged_attention, paged_prefill_attention
 from nanocp_kernels.balanced_attention import BalancedDecode
 
@@ -38,11 +38,7 @@ class TritonAttnBackend(TorchAttnBackend):
         self.balanced: BalancedDecode | None = None  # decode graphs (init_cuda_graph_state)
         self.eager_balanced: BalancedDecode | None = None  # eager decode steps (grown as needed)
         self.step_balanced: BalancedDecode | None = None  # this step's, if it is a decode step
-        if (
-            device is not None
-            and torch.device(device).type != "cuda"
-            and os.environ.get("TRITON_INTERPRET") != "1"
-        ):
+        if device is not None and not triton_runs_on(torch.device(device)):
             raise ValueError(
                 "--attention-backend triton needs a CUDA device (on CPU only under TRITON_INTERPRET=1, for tests); "
                 "use --attention-backend torch"
