@@ -169,13 +169,14 @@ def test_foreign_attention_of_a_decode_step_is_balanced_and_exact():
     )  # fmt: skip
     k_buf, v_buf = (torch.randn(slots, hkv, d, generator=g) for _ in range(2))
     scale = 1 / math.sqrt(d)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     for _layer in range(2):  # the plan of the first layer serves the second
         q = torch.randn(len(lens), hq, d, generator=g)
-        o, lse = foreign_attention(q, k_buf, v_buf, scale, st, kernels=True)
+        o, lse = foreign_attention(q.to(dev), k_buf.to(dev), v_buf.to(dev), scale, st, kernels=True)
         ref_o, ref_lse = paged_attention_ref(
             q, k_buf, v_buf, st.f_qo_indptr, kv_indptr, kv_idx, q_pos, kv_pos, scale
         )
-        torch.testing.assert_close(o, ref_o, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o.cpu(), ref_o, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse.cpu(), ref_lse, rtol=1e-5, atol=1e-5)
         balanced = st.device_meta[-1]
         assert balanced is not None and int(balanced.n_items) > 2  # the 500-key shard was cut
