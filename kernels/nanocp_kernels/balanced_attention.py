@@ -4,7 +4,9 @@ GraphDCP's foreign attention has W x C fixed query rows, of which a step fills a
 sharded request decoding on a peer) with shards of any length. `paged_attention` launches
 (row, KV head, split) programs for all rows with a split count fixed at capture: one lone long
 shard then runs on few programs, and every empty row still costs its programs (an H200 spent
-~90 us on one 8k-key shard among 128 rows, 2026-11-25). Here the host cuts this step's keys into
+~90 us on one 8k-key shard among 128 rows, 2026-11-25). A decode batch of one long request among
+short ones has the same problem (the triton backend's decode and eager DCP steps run this too).
+Here the host cuts this step's keys into
 equal chunks of whole key blocks (`BalancedDecode.plan`, before the replay) and a grid of about
 BALANCED_WAVES programs per SM, fixed at capture, runs one chunk per program:
   1. program (k, KV head): work item k (a row and a key range) for the KV head's query heads,
