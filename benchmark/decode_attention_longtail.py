@@ -44,7 +44,7 @@ def scenario(batch: int, long: int, short: int, heads=HEADS, device="cuda", dtyp
         "kv_pos": torch.cat([torch.arange(n, **i32) for n in lens]),
     }
     bd = BalancedDecode(batch, hq, hkv, d, dev)
-    bd.plan(lens_t, lens_t.cumsum(0) - lens_t)
+    bd.plan([0, *lens_t.cumsum(0).tolist()])
     return lens, (q, k, v, d**-0.5), meta, bd
 
 

@@ -40,7 +40,7 @@ def scenario(
     lens = torch.zeros(world * cap, dtype=torch.int64)
     lens[slots] = shard
     g.f_kv_indptr = [0, *lens.cumsum(0).tolist()]
-    g.foreign.plan(lens, torch.tensor(g.f_kv_indptr[:-1]))
+    g.foreign.plan(g.f_kv_indptr)
     g.f_kv_indices[: queries * shard].copy_(torch.arange(queries * shard))
     g.f_kv_pos[: queries * shard].copy_(torch.arange(shard).repeat(queries))
     g.f_q_pos.zero_()[slots] = shard  # every key visible

@@ -197,9 +197,9 @@ def test_balanced_plan_covers_every_key_once_within_its_bound(lens, kv_heads, ta
     from nanocp_kernels.balanced_attention import plan_items
 
     block_n = 64
-    lens_t = torch.tensor(lens, dtype=torch.int64)
-    starts = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0)[:-1] + 7
-    row, lo, hi, base, per_row = plan_items(lens_t, starts, kv_heads, target, block_n)
+    kv_indptr = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0) + 7  # keys from slot 7 on
+    starts = kv_indptr[:-1]
+    row, lo, hi, base, per_row = plan_items(kv_indptr, kv_heads, target, block_n)
     assert row.numel() <= target // kv_heads + len(lens)
     for r, n in enumerate(lens):
         b, c = int(base[r]), int(per_row[r])
@@ -224,18 +224,17 @@ def test_balanced_decode_matches_reference_across_plans(dtype):
     v_cache = torch.randn(num_slots, hkv, d, generator=g).to(dtype)
     bd = BalancedDecode(rows, hq, hkv, d, torch.device(DEVICE))
     for lens in ([0, 0, 900, 0, 1, 0, 0, 70, 0, 0, 0, 130], [0, 5, 0, 0, 0, 0, 0, 0, 0, 0, 64, 0]):
-        lens_t = torch.tensor(lens, dtype=torch.int64)
-        starts = lens_t.cumsum(0) - lens_t
+        kv_indptr = [0, *torch.tensor(lens).cumsum(0).tolist()]
         idx = torch.randperm(num_slots, generator=g)[: sum(lens)]
         kpos = torch.cat([torch.arange(n) for n in lens])
         qpos = torch.tensor([max(n - 3, 0) for n in lens])  # the last two keys of a row are hidden
         q = torch.randn(rows, hq, d, generator=g).to(dtype)
         scale = d**-0.5
         ref_o, ref_lse = paged_attention_ref(
-            q.float(), k_cache.float(), v_cache.float(), list(range(rows + 1)), [0, *lens_t.cumsum(0).tolist()],
+            q.float(), k_cache.float(), v_cache.float(), list(range(rows + 1)), kv_indptr,
             idx, qpos, kpos, scale,
         )  # fmt: skip
-        bd.plan(lens_t, starts)
+        bd.plan(kv_indptr)
         n_items = int(bd.n_items)
         if lens[2]:  # first plan: the 900-key row is cut
             assert n_items > sum(1 for n in lens if n)

@@ -131,11 +131,14 @@ def target_programs(device: torch.device) -> int:
 
 
 def plan_items(
-    lens: torch.Tensor, starts: torch.Tensor, kv_heads: int, target: int, block_n: int
+    kv_indptr: torch.Tensor, kv_heads: int, target: int, block_n: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Host plan of one step: rows' key ranges starts:starts+lens (int64, CPU) cut into chunks of
-    whole blocks of at least total * kv_heads / target keys. Returns (item_row, item_lo, item_hi,
-    row_base, row_items); a row's items are consecutive, in key order."""
+    """Host plan of one step: row i's keys kv_indptr[i]:kv_indptr[i + 1] (int64, CPU; the
+    `paged_attention` convention) cut into chunks of whole blocks of at least
+    total * kv_heads / target keys. Returns (item_row, item_lo, item_hi, row_base, row_items); a
+    row's items are consecutive, in key order."""
+    starts, ends = kv_indptr[:-1], kv_indptr[1:]
+    lens = ends - starts
     total = int(lens.sum())
     chunk = block_n * max(1, -(-total * kv_heads // (target * block_n)))
     per_row = (lens + chunk - 1) // chunk
@@ -143,7 +146,7 @@ def plan_items(
     item_row = torch.repeat_interleave(torch.arange(lens.numel()), per_row)
     j = torch.arange(item_row.numel()) - row_base[item_row]
     item_lo = starts[item_row] + j * chunk
-    item_hi = torch.minimum(item_lo + chunk, (starts + lens)[item_row])
+    item_hi = torch.minimum(item_lo + chunk, ends[item_row])
     return item_row, item_lo, item_hi, row_base, per_row
 
 
@@ -165,11 +168,12 @@ class BalancedDecode:
         self.part_o = torch.zeros(self.max_items, num_qo_heads, head_dim, dtype=torch.float32, device=device)
         self.part_lse = torch.zeros(self.max_items, num_qo_heads, dtype=torch.float32, device=device)
 
-    def plan(self, lens: torch.Tensor, starts: torch.Tensor) -> None:
-        """lens / starts: int64 CPU [rows of the next run], each row's key range in the kv_indices
-        given to run."""
-        item_row, lo, hi, base, per_row = plan_items(lens, starts, self.heads[1], self.target, self.block_n)
-        n, rows = item_row.numel(), lens.numel()
+    def plan(self, kv_indptr: list[int] | torch.Tensor) -> None:
+        """kv_indptr: host [rows of the next run + 1], row i's keys at kv_indptr[i]:kv_indptr[i + 1]
+        of the kv_indices given to run."""
+        kv_indptr = torch.as_tensor(kv_indptr, dtype=torch.int64)
+        item_row, lo, hi, base, per_row = plan_items(kv_indptr, self.heads[1], self.target, self.block_n)
+        n, rows = item_row.numel(), kv_indptr.numel() - 1
         if n > self.max_items:  # cannot happen (module docstring); a bug must not write past scratch
             raise RuntimeError(f"balanced decode: {n} work items > {self.max_items}")
         host = torch.cat([torch.tensor([n]), item_row, lo, hi, base, per_row]).to(torch.int32)

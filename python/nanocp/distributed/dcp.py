@@ -256,8 +256,7 @@ def foreign_attention(
         balanced = None
         if decode:
             balanced = BalancedDecode(rows, q.shape[1], k_buffer.shape[1], q.shape[2], q.device)
-            ends = torch.tensor(st.f_kv_indptr, dtype=torch.int64)
-            balanced.plan(ends[1:] - ends[:-1], ends[:-1])
+            balanced.plan(st.f_kv_indptr)
         st.device_meta = (
             i32(st.f_kv_indptr),
             i32(st.f_kv_indices),

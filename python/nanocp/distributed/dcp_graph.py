@@ -125,13 +125,12 @@ class GraphDCP:
         if st.f_qo_indptr != list(range(num_q + 1)):
             raise RuntimeError("context-parallel graph step: only decode steps (one query per sequence)")
         q_slots = self._flat_host(st.q_recv_counts)  # slot of received query i (host list: no sync)
+        # slots ascend in arrival order, so slot s's keys follow those of the slots before it
         lens = torch.zeros(self.world * self.cap, dtype=torch.int64)
-        starts = torch.zeros_like(lens)  # slots are in arrival order: slot s's keys start at f[i]
         f = torch.as_tensor(st.f_kv_indptr, dtype=torch.int64)
         lens[q_slots] = f[1:] - f[:-1]
-        starts[q_slots] = f[:-1]
-        self.foreign.plan(lens, starts)
         self.f_kv_indptr = [0, *lens.cumsum(0).tolist()]
+        self.foreign.plan(self.f_kv_indptr)
         total = st.f_kv_indptr[-1]
         self.f_kv_indices[:total].copy_(st.f_kv_indices)
         self.f_kv_pos[:total].copy_(st.f_kv_pos)

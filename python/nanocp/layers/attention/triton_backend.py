@@ -7,6 +7,7 @@ a handful of programs; the balanced kernels' work is cut from the step's lengths
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,7 +62,7 @@ class TritonAttnBackend(TorchAttnBackend):
             if self.eager_balanced is None or self.eager_balanced.rows < rows:
                 self.eager_balanced = BalancedDecode(max(rows, 64), *self.heads, device)
             self.step_balanced = self.eager_balanced
-            self._plan(self.step_balanced, [b - a for a, b in zip(kv_indptr, kv_indptr[1:])])
+            self.step_balanced.plan(kv_indptr)
         self.triton_meta = (
             q_seq,
             torch.tensor(kv_indptr, dtype=torch.int32, device=device),
@@ -110,14 +111,8 @@ class TritonAttnBackend(TorchAttnBackend):
         self.q_pos = self.g_q_pos[:bs]
         self.triton_meta = (self.g_q_seq[:bs], self.g_kv_indptr[: bs + 1], self.g_kv_indices, self.g_kv_pos)
         self.step_balanced = self.balanced
-        if self.balanced is not None:
-            self._plan(self.balanced, held)
-
-    @staticmethod
-    def _plan(balanced: BalancedDecode, lens: list[int]) -> None:
-        """Rows' keys are consecutive in kv_indices: row i's start at the sum of the ones before."""
-        held = torch.tensor(lens, dtype=torch.int64)
-        balanced.plan(held, held.cumsum(0) - held)
+        if self.balanced is not None:  # rows' keys are consecutive in g_kv_indices, as above
+            self.balanced.plan([0, *itertools.accumulate(held)])
 
     def forward_with_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
