@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import torch
 
-from nanocp_kernels.attention import DECODE_BLOCK_N, _attend_split
+from nanocp_kernels.attention import DECODE_BLOCK_N
 
 try:
     import triton
     import triton.language as tl
 
+    from nanocp_kernels.attention import _attend_split
     from nanocp_kernels.launch import pdl_args, pdl_wait
-except ImportError:  # pragma: no cover
+except ImportError:  # a torch without triton (CPU wheels, macOS): callers use the torch reference
     triton = None
 
 if triton is not None:
