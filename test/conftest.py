@@ -17,10 +17,16 @@ if not torch.cuda.is_available():
 
 from nanocp import envs  # noqa: E402
 from nanocp.testing import make_tiny_model  # noqa: E402
-from nanocp_kernels.launch import set_pdl  # noqa: E402
+from nanocp_kernels import has_triton  # noqa: E402
 
 if torch.cuda.is_available():  # kernel tests launch as the model runner does (NANOCP_PDL)
+    from nanocp_kernels.launch import set_pdl
+
     set_pdl(envs.pdl(), torch.device("cuda"))
+
+# Tests of the Triton kernels need triton; on a torch without it (CPU wheels, macOS) they are
+# skipped, and everything else runs on the torch references (test_no_triton checks that path).
+needs_triton = pytest.mark.skipif(not has_triton(), reason="needs triton")
 
 
 @pytest.fixture(scope="session")

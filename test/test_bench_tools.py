@@ -9,6 +9,7 @@ from benchmark.goodput import attainment, goodput_search
 from benchmark.simulator.cost import H200, QWEN3_235B, CostModel
 from benchmark.simulator.sim import Simulator
 from benchmark.workloads import Request, arrivals, load, make_workload, nested_workload, save
+from conftest import needs_triton
 from nanocp_router.planner import PlannerConfig, create_cp_policy
 
 
@@ -271,6 +272,7 @@ def test_simulated_holder_keeps_its_sharded_request_when_retracting():
     assert inst.running == [doc] and chat.retractions == 1 and doc.retractions == 0
 
 
+@needs_triton
 def test_decode_variants_switch_what_they_name():
     """Every variant of benchmark.decode_variants patches attributes that exist (a rename in the
     kernels would otherwise make the A/B silently compare the code with itself)."""
@@ -369,6 +371,7 @@ def test_warm_up_runs_every_step_kind_on_every_instance(moe_model, tmp_path):
         assert any(st["mode"] == "DECODE" for st in steps), f"instance {rank}: no decode step"
 
 
+@needs_triton
 def test_foreign_attention_scenario_splits_agree():
     """benchmark.foreign_attention's step (a few foreign queries among W x C mostly empty
     slots): GraphDCP's balanced kernels and the fixed-split one equal one split on the slots that
@@ -383,6 +386,7 @@ def test_foreign_attention_scenario_splits_agree():
     assert max_diff(g, inputs, slots) < 1e-5
 
 
+@needs_triton
 def test_decode_attention_longtail_scenario_kernels_agree():
     """benchmark.decode_attention_longtail's batch (one long row among short ones): the balanced
     kernels equal the fixed-split one (interpreter on CPU; the GPU run checks every point)."""

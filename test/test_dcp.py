@@ -10,7 +10,7 @@ import pytest
 from test_dp_ep import _post_all
 from test_server import wait_idle
 
-from conftest import BackgroundRequest, greedy_params, random_prompts
+from conftest import BackgroundRequest, greedy_params, needs_triton, random_prompts
 from nanocp.testing.server import ServerProcess
 
 LONG = [300, 180, 257]
@@ -145,6 +145,7 @@ def test_foreign_sequence_stops_at_the_queries_last_position():
     assert fk.sequence(7, 1000)[1].tolist() == [*range(40), *range(100, 140)]
 
 
+@needs_triton
 def test_foreign_attention_of_a_decode_step_is_balanced_and_exact():
     """An eager step's foreign attention for decode queries (one per sequence) runs BalancedDecode,
     planned once per step (the first layer) and reused by every layer; it equals the torch

@@ -7,7 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanocp_kernels.dispatch import pack_pairs
+pytest.importorskip(
+    "triton", reason="Triton kernels (skipped on a torch without triton)", exc_type=ImportError
+)
+
+from nanocp_kernels.dispatch import pack_pairs  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -8,9 +8,13 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig
 
-from nanocp.layers.layernorm import RMSNorm
-from nanocp.layers.rotary import RotaryEmbedding
-from nanocp_kernels.elementwise import (
+pytest.importorskip(
+    "triton", reason="Triton kernels (skipped on a torch without triton)", exc_type=ImportError
+)
+
+from nanocp.layers.layernorm import RMSNorm  # noqa: E402
+from nanocp.layers.rotary import RotaryEmbedding  # noqa: E402
+from nanocp_kernels.elementwise import (  # noqa: E402
     fused_add_rmsnorm,
     qk_norm_rope,
     rmsnorm,

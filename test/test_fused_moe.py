@@ -6,8 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nanocp_kernels.fused_moe import fused_moe, moe_align, moe_sum
-from nanocp_kernels.reference import expert_ffn_ref, fused_moe_ref, moe_align_ref
+pytest.importorskip(
+    "triton", reason="Triton kernels (skipped on a torch without triton)", exc_type=ImportError
+)
+
+from nanocp_kernels.fused_moe import fused_moe, moe_align, moe_sum  # noqa: E402
+from nanocp_kernels.reference import expert_ffn_ref, fused_moe_ref, moe_align_ref  # noqa: E402
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton interpreter (conftest)

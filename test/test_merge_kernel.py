@@ -7,8 +7,12 @@ import math
 import pytest
 import torch
 
-from nanocp_kernels.merge import merge_states
-from nanocp_kernels.reference import merge_states_ref
+pytest.importorskip(
+    "triton", reason="Triton kernels (skipped on a torch without triton)", exc_type=ImportError
+)
+
+from nanocp_kernels.merge import merge_states  # noqa: E402
+from nanocp_kernels.reference import merge_states_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -7,10 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanocp.layers.moe import select_experts
-from nanocp_kernels.gemv import gemv, router_topk
-from nanocp_kernels.reference import fused_moe_ref
-from nanocp_kernels.small_moe import small_fused_moe
+pytest.importorskip(
+    "triton", reason="Triton kernels (skipped on a torch without triton)", exc_type=ImportError
+)
+
+from nanocp.layers.moe import select_experts  # noqa: E402
+from nanocp_kernels.gemv import gemv, router_topk  # noqa: E402
+from nanocp_kernels.reference import fused_moe_ref  # noqa: E402
+from nanocp_kernels.small_moe import small_fused_moe  # noqa: E402
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: Triton interpreter (conftest)

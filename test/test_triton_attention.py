@@ -9,9 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import greedy_params, random_prompts
-from nanocp_kernels.attention import paged_attention
-from nanocp_kernels.reference import paged_attention_ref
+pytest.importorskip(
+    "triton", reason="Triton kernels (skipped on a torch without triton)", exc_type=ImportError
+)
+
+from conftest import greedy_params, random_prompts  # noqa: E402
+from nanocp_kernels.attention import paged_attention  # noqa: E402
+from nanocp_kernels.reference import paged_attention_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
