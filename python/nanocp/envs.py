@@ -76,3 +76,16 @@ def pdl() -> bool | None:
     """The decode path's Triton kernels use programmatic dependent launch (each may start while
     its predecessor drains; nanocp_kernels.launch): "1"/"0" force it, unset: on from Hopper (sm90)."""
     return _flag("NANOCP_PDL")
+
+
+def fault_inject() -> str:
+    """Test-only fault injection (nanocp.fault_injection): comma-separated faults, each
+    "forward:INSTANCE:STEP" / "sample:INSTANCE:STEP" (raise in that instance's STEP-th non-idle
+    forward, at its start / in sampling) or "LOOP:RID" with LOOP one of worker, router, tokenizer,
+    detokenizer (raise while that process handles request RID). Unset: no faults."""
+    return _get("NANOCP_FAULT_INJECT", "")
+
+
+def max_request_body_bytes() -> int:
+    """Largest HTTP request body the server reads (larger: 413)."""
+    return int(float(_get("NANOCP_MAX_REQUEST_BODY_MB", "64")) * 2**20)

@@ -12,8 +12,7 @@ import torch
 
 from nanocp.errors import InvalidRequestError
 from nanocp.model_executor.model_runner import ModelRunner
-from nanocp.sampling.sampling_params import SamplingParams
-from nanocp.scheduler.request import Req, RequestFactory
+from nanocp.scheduler.request import Req, RequestFactory, check_generate
 from nanocp.scheduler.scheduler import ReqOutput, Scheduler
 from nanocp.server_args import ServerArgs
 from nanocp.tokenizer.detokenizer import eos_token_ids, load_tokenizer
@@ -72,11 +71,14 @@ class Engine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ requests
-    def _make_requests(self, prompt, input_ids, sampling_params) -> tuple[list[Req], bool]:
+    def _make_requests(
+        self, prompt, input_ids, sampling_params, return_logprob=False, top_logprobs_num=0
+    ) -> tuple[list[Req], bool]:
         if (prompt is None) == (input_ids is None):
             raise InvalidRequestError("prompt", "exactly one of prompt and input_ids must be given")
         single = isinstance(prompt, str) or (
-            input_ids is not None and (len(input_ids) == 0 or not isinstance(input_ids[0], list))
+            input_ids is not None
+            and not (isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list))
         )
         if prompt is not None:
             if self.tokenizer is None:
@@ -88,26 +90,19 @@ class Engine:
                 raise InvalidRequestError("prompt", "must be a string or a list of strings")
             ids_list = [self.tokenizer.encode(p) for p in prompts]
         else:
-            ids_list = [input_ids] if single else list(input_ids)
-            for ids in ids_list:
-                if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                    raise InvalidRequestError(
-                        "input_ids", "must be a list of integers (or a list of such lists)"
-                    )
+            ids_list = [input_ids] if single else list(input_ids)  # checked by check_generate
         if isinstance(sampling_params, list):
             if len(sampling_params) != len(ids_list):
                 raise InvalidRequestError("sampling_params", "one dict per prompt, or a single dict for all")
             params_list = sampling_params
         else:
             params_list = [sampling_params] * len(ids_list)
-        params = [SamplingParams.from_dict(p) for p in params_list]
-        for ids, p in zip(ids_list, params):  # validate the whole batch before submitting any of it
-            if p.stop_strs and self.tokenizer is None:
-                raise InvalidRequestError(
-                    "stop", "stop strings need a tokenizer (--skip-tokenizer-init is set)"
-                )
-            self.scheduler.check_request(ids, p.max_new_tokens)
-            p.verify(self.runner.vocab_size)
+        limits = self.scheduler.limits(self.tokenizer is not None)
+        # the whole batch is validated before any of it is submitted
+        params = [
+            check_generate(ids, p, limits, return_logprob, top_logprobs_num)
+            for ids, p in zip(ids_list, params_list)
+        ]
         rids = [f"{next(self._rid_counter)}-{uuid.uuid4().hex[:8]}" for _ in ids_list]
         return [self.make_req(rid, ids, p) for rid, ids, p in zip(rids, ids_list, params)], single
 
@@ -122,21 +117,12 @@ class Engine:
     ) -> dict | list[dict] | Iterator[dict]:
         """return_logprob: meta_info gets "output_token_logprobs" [(logprob, token_id, None), ...]
         and, with top_logprobs_num > 0, "output_top_logprobs" (as in SGLang; raw model logits)."""
-        if (
-            isinstance(top_logprobs_num, bool)
-            or not isinstance(top_logprobs_num, int)
-            or top_logprobs_num < 0
-        ):
-            raise InvalidRequestError(
-                "top_logprobs_num", f"must be an integer >= 0, got {top_logprobs_num!r}"
-            )
-        reqs, single = self._make_requests(prompt, input_ids, sampling_params)
+        reqs, single = self._make_requests(
+            prompt, input_ids, sampling_params, return_logprob, top_logprobs_num
+        )
         for req in reqs:
-            req.return_logprob, req.top_logprobs_num = (
-                return_logprob,
-                top_logprobs_num if return_logprob else 0,
-            )
-        for req in reqs:
+            req.return_logprob = return_logprob
+            req.top_logprobs_num = top_logprobs_num if return_logprob else 0
             self.scheduler.add_request(req)
         if stream:
             return self._stream(reqs)

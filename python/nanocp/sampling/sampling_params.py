@@ -1,13 +1,27 @@
-"""SamplingParams with SGLang's names and defaults, validated with errors that name the field."""
+"""SamplingParams with SGLang's names and defaults, validated with errors that name the field.
+
+Every value a client can send is checked here, whatever its type: null means the default (OpenAI
+semantics), numbers must be finite, integers fit in 64 bits (what goes over the wire to the
+workers), and lists are bounded. Error messages quote a value shortened (reprlib), never whole.
+"""
 
 from __future__ import annotations
 
+import math
+import reprlib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from nanocp.errors import InvalidRequestError
 
 _EPS = 1e-6
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STOP_STRINGS = 256  # stop strings are matched against every new token's text
+
+
+def short_repr(value: Any) -> str:
+    """A value as an error message may quote it: bounded in length and depth."""
+    return reprlib.repr(value)
 
 
 class SamplingParamsError(InvalidRequestError):
@@ -37,11 +51,12 @@ class SamplingParams:
 
     @classmethod
     def from_dict(cls, params: dict[str, Any] | None) -> SamplingParams:
-        params = dict(params or {})
+        # null means "the default" (OpenAI semantics); an omitted field is the same
+        params = {k: v for k, v in (params or {}).items() if v is not None}
         if "seed" in params and "sampling_seed" not in params:  # OpenAI / vLLM spelling
             params["sampling_seed"] = params.pop("seed")
         names = {f.name for f in fields(cls) if f.init}
-        unknown = sorted(set(params) - names)
+        unknown = sorted(str(k)[:100] for k in set(params) - names)
         if unknown:
             raise SamplingParamsError(
                 unknown[0], f"unknown sampling parameter (known: {', '.join(sorted(names))})"
@@ -91,30 +106,32 @@ class SamplingParams:
             "repetition_penalty",
         )
         for name in ints:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise SamplingParamsError(name, f"must be an integer, got {v!r}")
+            check_int(name, getattr(self, name))
         for name in floats:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise SamplingParamsError(name, f"must be a number, got {v!r}")
+                raise SamplingParamsError(name, f"must be a number, got {short_repr(v)}")
+            if not math.isfinite(v):
+                raise SamplingParamsError(name, f"must be a finite number, got {v}")
         for name in ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim"):
             if not isinstance(getattr(self, name), bool):
-                raise SamplingParamsError(name, f"must be a boolean, got {getattr(self, name)!r}")
-        if self.sampling_seed is not None and (
-            isinstance(self.sampling_seed, bool) or not isinstance(self.sampling_seed, int)
+                raise SamplingParamsError(name, f"must be a boolean, got {short_repr(getattr(self, name))}")
+        if self.sampling_seed is not None:
+            check_int("sampling_seed", self.sampling_seed)
+        stop = self.stop
+        if stop is not None and not (
+            isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
         ):
-            raise SamplingParamsError("sampling_seed", f"must be an integer, got {self.sampling_seed!r}")
-        if self.stop is not None and not (
-            isinstance(self.stop, str)
-            or (isinstance(self.stop, list) and all(isinstance(s, str) for s in self.stop))
-        ):
-            raise SamplingParamsError("stop", f"must be a string or a list of strings, got {self.stop!r}")
+            raise SamplingParamsError(
+                "stop", f"must be a string or a list of strings, got {short_repr(stop)}"
+            )
+        if isinstance(stop, list) and len(stop) > MAX_STOP_STRINGS:
+            raise SamplingParamsError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
         ids = self.stop_token_ids
         if ids is not None and not (
             isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
         ):
-            raise SamplingParamsError("stop_token_ids", f"must be a list of integers, got {ids!r}")
+            raise SamplingParamsError("stop_token_ids", f"must be a list of integers, got {short_repr(ids)}")
 
     def to_dict(self) -> dict[str, Any]:
         """The constructor arguments (normalised), e.g. to send the request to a worker."""
@@ -122,11 +139,11 @@ class SamplingParams:
 
     def verify(self, vocab_size: int) -> None:
         """Checks that need the model."""
-        for t in self.stop_token_ids or []:
-            if not 0 <= t < vocab_size:
-                raise SamplingParamsError(
-                    "stop_token_ids", f"token id {t} outside the vocabulary [0, {vocab_size})"
-                )
+        bad = next((t for t in self.stop_token_ids or [] if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise SamplingParamsError(
+                "stop_token_ids", f"token id {short_repr(bad)} outside the vocabulary [0, {vocab_size})"
+            )
 
     @property
     def is_greedy(self) -> bool:
@@ -135,3 +152,12 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.frequency_penalty != 0 or self.presence_penalty != 0 or self.repetition_penalty != 1
+
+
+def check_int(name: str, value: Any, lo: int = INT64_MIN, hi: int = INT64_MAX) -> int:
+    """`value` is an integer (not a bool) in [lo, hi]; the error names `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SamplingParamsError(name, f"must be an integer, got {short_repr(value)}")
+    if not lo <= value <= hi:
+        raise SamplingParamsError(name, f"must be an integer in [{lo}, {hi}], got {short_repr(value)}")
+    return value

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from nanocp.errors import InvalidRequestError
-from nanocp.sampling.sampling_params import SamplingParams
+from nanocp.sampling.sampling_params import SamplingParams, check_int, short_repr
 from nanocp.tokenizer.detokenizer import TextStream
 
 _ARRIVAL = itertools.count()
@@ -116,6 +116,49 @@ class Req:
         self.finished_reason = reason
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request is checked against: the model's bounds and the KV cache's."""
+
+    vocab_size: int
+    context_length: int
+    max_total_tokens: int
+    has_tokenizer: bool = True
+
+
+def check_token_ids(name: str, ids: Any) -> list[int]:
+    if not isinstance(ids, list) or not all(type(t) is int for t in ids):
+        bad = ids if not isinstance(ids, list) else next(t for t in ids if type(t) is not int)
+        raise InvalidRequestError(name, f"must be a list of integers, got {short_repr(bad)}")
+    return ids
+
+
+def check_generate(
+    input_ids: Any,
+    sampling_params: Any,
+    limits: RequestLimits,
+    return_logprob: Any = False,
+    top_logprobs_num: Any = 0,
+) -> SamplingParams:
+    """The one validator of a generate request, whatever its values' types: the HTTP boundary, the
+    offline engine and the worker (again, on what it receives) apply these same rules. Raises
+    InvalidRequestError naming the field; returns the parsed sampling parameters."""
+    check_token_ids("input_ids", input_ids)
+    if sampling_params is not None and not isinstance(sampling_params, dict):
+        raise InvalidRequestError("sampling_params", f"must be an object, got {short_repr(sampling_params)}")
+    params = SamplingParams.from_dict(sampling_params)
+    if params.stop_strs and not limits.has_tokenizer:
+        raise InvalidRequestError("stop", "stop strings need a tokenizer (--skip-tokenizer-init is set)")
+    params.verify(limits.vocab_size)
+    if not isinstance(return_logprob, bool):
+        raise InvalidRequestError("return_logprob", f"must be a boolean, got {short_repr(return_logprob)}")
+    check_int("top_logprobs_num", top_logprobs_num, 0, limits.vocab_size)
+    validate_input(
+        input_ids, params.max_new_tokens, limits.vocab_size, limits.context_length, limits.max_total_tokens
+    )
+    return params
+
+
 def validate_input(
     input_ids: list[int],
     max_new_tokens: int,
@@ -129,7 +172,14 @@ def validate_input(
         raise InvalidRequestError("input_ids", "the prompt is empty")
     bad = next((t for t in input_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
-        raise InvalidRequestError("input_ids", f"token id {bad} outside the vocabulary [0, {vocab_size})")
+        raise InvalidRequestError(
+            "input_ids", f"token id {short_repr(bad)} outside the vocabulary [0, {vocab_size})"
+        )
+    if len(input_ids) >= context_length:
+        raise InvalidRequestError(
+            "input_ids",
+            f"the prompt ({len(input_ids)} tokens) leaves no room for output in the context length {context_length}",
+        )
     total = len(input_ids) + max_new_tokens
     if total > context_length:
         raise InvalidRequestError(
