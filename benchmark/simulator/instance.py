@@ -61,6 +61,14 @@ class SimRequest:
     def degree(self) -> int:
         return len({s[0] for s in self.segments}) if self.segments else 1
 
+    def future(self, ratio: NewTokenRatio, scheduled: int) -> float:
+        """KV it may still need on its home after `scheduled` more tokens (Scheduler._future_tokens:
+        a plan's unallocated home positions; without one, the ratio's share of the output)."""
+        if self.segments is not None:
+            upto = self.computed + scheduled
+            return ratio.future_tokens(self.local_tokens(self.planned_end) - self.local_tokens(upto), 0)
+        return ratio.future_tokens(self.pending - scheduled, self.remaining_output)
+
     def local_tokens(self, upto: int) -> int:
         """Positions below `upto` held on the home."""
         if self.segments is None:
@@ -164,17 +172,17 @@ class SimInstance:
         for sr, n in work:
             self._allocate(sr, n)
         # what the running requests may still need (Scheduler._can_admit sums it per candidate)
-        reserved = sum(self.ratio.future_tokens(r.pending, r.remaining_output) for r in self.running)
+        reserved = sum(r.future(self.ratio, 0) for r in self.running)
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             sr = self.waiting[0]
             n = min(sr.runnable, budget)
             if n <= 0:
                 break
             need = self.pages_needed(sr, sr.computed + n)
-            future = self.ratio.future_tokens(sr.pending - n, sr.remaining_output) + reserved
+            future = sr.future(self.ratio, n) + reserved
             if need > self.free_pages or not self.ratio.fits(need, future, self.page_size, self.free_pages):
                 break
-            reserved += self.ratio.future_tokens(sr.pending, sr.remaining_output)
+            reserved += sr.future(self.ratio, 0)
             self.waiting.pop(0)
             self.running.append(sr)
             if sr.generated and sr.first_token_s is None:  # prefilled elsewhere (disaggregated)

@@ -50,6 +50,7 @@ class ServerArgs:
     mem_fraction_static: float = 0.85
     chunked_prefill_size: int = 8192
     max_running_requests: int = 256
+    max_queued_requests: int | None = None  # per instance and in the router's queue; past it: 503
     # scales the KV reserved for running requests' future outputs at admission (SGLang's flag):
     # < 1 admits more (and retracts more often), > 1 admits fewer
     schedule_conservativeness: float = 1.0
@@ -96,6 +97,7 @@ class ServerArgs:
         self._check_int("page_size", minimum=1)
         self._check_int("chunked_prefill_size", minimum=1)
         self._check_int("max_running_requests", minimum=1)
+        self._check_int("max_queued_requests", minimum=1, optional=True)
         self._check_int("cuda_graph_max_bs", minimum=1)
         self._check_int("random_seed", minimum=0)
         self._check_int("port", minimum=1)
@@ -273,6 +275,13 @@ class ServerArgs:
             help="Max tokens of one forward step (prefill chunks + decodes).",
         )
         a("--max-running-requests", type=int, default=ServerArgs.max_running_requests)
+        a(
+            "--max-queued-requests",
+            type=int,
+            default=ServerArgs.max_queued_requests,
+            help="Requests waiting on one instance (or in the router's placement queue) beyond which a new "
+            "request is refused with 503 and Retry-After (default: no limit)",
+        )
         a(
             "--schedule-conservativeness",
             type=float,

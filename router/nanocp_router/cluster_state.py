@@ -18,6 +18,10 @@ class InstanceLoad:
     running: int = 0  # requests in the running batch
     waiting: int = 0  # requests queued on the instance
     kv_tokens: int = 0  # tokens held in the KV cache
+    # KV the instance's requests were promised here but have not allocated yet (placed positions
+    # of waiting / running requests): free pages minus these are what a new plan may use, or
+    # requests waiting at their homes could be starved by segments reserved after them
+    committed_tokens: int = 0
     retractions: int = 0  # requests retracted so far (KV freed, recomputed later)
     step_kinds: dict | None = None  # forward steps so far: eager / graph / graph_dcp
     trace: dict | None = None  # cumulative step timings (--step-trace-file)
@@ -42,6 +46,7 @@ class ClusterState:
         inst = self.instances[report["instance"]]
         for key in ("total_pages", "free_pages", "page_size", "running", "waiting", "kv_tokens"):
             setattr(inst, key, report[key])
+        inst.committed_tokens = report.get("committed_tokens", 0)
         inst.trace = report.get("trace")
         inst.retractions = report.get("retractions", 0)
         inst.step_kinds = report.get("step_kinds")

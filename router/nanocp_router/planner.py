@@ -81,11 +81,11 @@ def causal_pairs(q0: int, q1: int, s: int, e: int) -> int:
 
 
 def free_tokens(inst: InstanceLoad) -> int:
-    return inst.free_pages * inst.page_size - inst.pending_tokens
+    return inst.free_pages * inst.page_size - inst.pending_tokens - inst.committed_tokens
 
 
 def used_tokens(inst: InstanceLoad) -> int:
-    return (inst.total_pages - inst.free_pages) * inst.page_size + inst.pending_tokens
+    return (inst.total_pages - inst.free_pages) * inst.page_size + inst.pending_tokens + inst.committed_tokens
 
 
 def home_load(inst: InstanceLoad) -> tuple[int, int, int]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from nanocp.fault_injection import request_fault  # torch-free, as all of the router
 from nanocp_router.cluster_state import ClusterState
 from nanocp_router.ipc import PortArgs, drain, dumps, pull, push
 from nanocp_router.planner import CPPolicy, Plan, PlannerConfig, apply_growth, apply_plan, create_cp_policy
@@ -20,6 +21,7 @@ from nanocp_router.policy import create_policy
 
 logger = logging.getLogger("nanocp.router")
 SNAPSHOT_INTERVAL_S = 0.1
+QUEUE_FULL_RETRY_AFTER_S = 1  # Retry-After of a request refused by --max-queued-requests
 
 
 @dataclass
@@ -33,7 +35,12 @@ class CPRequest:
 
 class Router:
     def __init__(
-        self, ports: PortArgs, dp_size: int, load_balance_method: str, cp: dict | None = None
+        self,
+        ports: PortArgs,
+        dp_size: int,
+        load_balance_method: str,
+        cp: dict | None = None,
+        max_queued_requests: int | None = None,
     ) -> None:
         self.ctx = zmq.Context()
         self.inbox = pull(self.ctx, ports.router)
@@ -51,6 +58,7 @@ class Router:
             cfg = PlannerConfig(cp["cp_size"], cp["cp_max_degree"], cp["cp_min_shard_tokens"])
             self.cp = create_cp_policy(cp["policy"], cfg)
         self.queue: list[dict] = []
+        self.max_queued_requests = max_queued_requests  # bounds self.queue (503 past it)
         self.pending: dict[int, dict] = {}  # cp_key -> {"msg", "plan", "waiting", "ok"}
         self.placed: dict[str, CPRequest] = {}  # rid -> placed request, until its home finishes it
         self.growing: dict[tuple[int, int], tuple[str, int, int]] = {}  # (cp_key, start) -> (rid, inst, end)
@@ -180,27 +188,50 @@ class Router:
         self.growth_segments["home" if segment[0] == home else "moved"] += 1
         self.send_work(home, {"type": "grown", "rid": rid, "segment": segment})
 
-    def abort_output(self, req: dict) -> None:
-        """Finish a request that never reached an instance."""
+    def abort_output(self, req: dict, reason: dict | None = None) -> None:
+        """Finish a request that never reached an instance (aborted, refused or failed here)."""
+        ids = req.get("input_ids")
         out = {
             "rid": req["rid"],
             "ids": [],
             "text": "",
             "finished": True,
-            "reason": {"type": "abort", "message": "aborted by request"},
-            "prompt_tokens": len(req["input_ids"]),
+            "reason": reason or {"type": "abort", "message": "aborted by request"},
+            "prompt_tokens": len(ids) if isinstance(ids, list) else 0,
             "completion_tokens": 0,
         }
         self.to_tokenizer.send(dumps({"type": "out", "outputs": [out]}))
 
+    def handle_safely(self, msg: dict) -> None:
+        """handle(msg); an error it raises fails only the request the message is about (500)."""
+        try:
+            self.handle(msg)
+        except Exception as e:
+            logger.exception("router: %s message of request %s failed", msg.get("type"), msg.get("rid"))
+            if msg.get("type") == "generate" and isinstance(msg.get("rid"), str):
+                self.queue = [m for m in self.queue if m is not msg]
+                reason = {"type": "abort", "status_code": 500, "message": f"router: {type(e).__name__}: {e}"}
+                self.abort_output(msg, reason)
+
     def handle(self, msg: dict) -> None:
         kind = msg["type"]
         if kind == "generate":
+            request_fault("router", msg["rid"])  # tests only (envs.fault_inject)
             budget = len(msg["input_ids"]) + msg["sampling_params"].get("max_new_tokens", 128)
             inst = msg.get("data_parallel_rank")
             if inst is not None:
                 self.dispatch(inst, msg, budget)
             elif self.cp is not None:
+                limit = self.max_queued_requests
+                if limit is not None and len(self.queue) >= limit:
+                    reason = {
+                        "type": "abort",
+                        "status_code": 503,
+                        "retry_after": QUEUE_FULL_RETRY_AFTER_S,
+                        "message": f"router: the placement queue is full ({limit} waiting, --max-queued-requests)",
+                    }
+                    self.abort_output(msg, reason)
+                    return
                 self.queue.append(msg)
                 self.place()
             else:
@@ -251,6 +282,7 @@ class Router:
                 "instances": self.state.snapshot(),
                 "cp_degrees": {str(k): v for k, v in sorted(self.degrees.items())},
                 "cp_growth_segments": dict(self.growth_segments),
+                "router_queue": len(self.queue),
             }
             self.to_tokenizer.send(dumps(snapshot))
 
@@ -259,16 +291,21 @@ class Router:
     def run_forever(self) -> None:
         while True:
             for msg in drain(self.inbox, timeout_ms=int(SNAPSHOT_INTERVAL_S * 1000)):
-                self.handle(msg)
+                self.handle_safely(msg)
             if self.queue:
                 self.place()
             self.maybe_publish()
 
 
 def run_router_process(
-    ports: dict, dp_size: int, load_balance_method: str, cp: dict | None = None, log_level: str = "info"
+    ports: dict,
+    dp_size: int,
+    load_balance_method: str,
+    cp: dict | None = None,
+    log_level: str = "info",
+    max_queued_requests: int | None = None,
 ) -> None:
     from nanocp_router.process import child_process_setup
 
     child_process_setup("router", log_level)
-    Router(PortArgs(**ports), dp_size, load_balance_method, cp).run_forever()
+    Router(PortArgs(**ports), dp_size, load_balance_method, cp, max_queued_requests).run_forever()

@@ -67,6 +67,10 @@ class ForwardBatch:
     dcp: DCPStep | GraphDCP | None = None  # context-parallel routing of this step (None: nothing sharded)
     cp_work: list | None = None  # (req, row_offset, start, end) of requests with a placement
     cuda_graph: bool = False  # set when the step was replayed from a CUDA graph
+    # set once this instance entered a collective of the step (MoE exchange, DCP routing, a graph
+    # holding them): from then on its peers wait for it inside the step, so a fault cannot be
+    # recovered by running the step again (Scheduler.run_batch)
+    collectives_begun: bool = False
 
     @property
     def num_tokens(self) -> int:

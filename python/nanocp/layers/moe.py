@@ -156,4 +156,5 @@ class FusedMoE(nn.Module):
         if batch.moe_comm is None:
             with trace_section("moe_compute"):
                 return self.run_experts(h, weights, ids, self.expert_offset), s
+        batch.collectives_begun = True
         return batch.moe_comm.forward(h, weights, ids, self, batch.global_num_tokens), s

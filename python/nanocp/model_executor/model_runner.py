@@ -14,6 +14,7 @@ from nanocp.distributed.parallel_state import (
     instance_device,
 )
 from nanocp.engine.forward_batch import ForwardBatch, forward_context
+from nanocp.fault_injection import step_fault
 from nanocp.kvcache.pool import KVCachePool, PageAllocator, ReqToTokenPool
 from nanocp.layers.attention import create_attention_backend
 from nanocp.layers.moe import FusedMoE
@@ -90,6 +91,7 @@ class ModelRunner:
         )
 
         self.sampler = Sampler()
+        self.forward_steps = 0  # non-idle forwards run (fault injection counts steps by it)
         self.graph_runner: CudaGraphRunner | None = None
         if self.device.type == "cuda" and not args.disable_cuda_graph:
             if not self.attn_backend.supports_cuda_graph:
@@ -177,7 +179,11 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         """Runs the model; returns float32 logits for the rows in batch.logits_indices."""
+        if not batch.forward_mode.is_idle():
+            self.forward_steps += 1
+            step_fault("forward", self.parallel.rank, self.forward_steps)  # tests only (envs.fault_inject)
         if self.graph_runner is not None and self.graph_runner.can_run(batch):
+            batch.collectives_begun = self.parallel.world_size > 1  # the exchanges are inside the graphs
             return self.graph_runner.replay(batch)
         self.attn_backend.init_forward_metadata(batch)
         with forward_context(batch):

@@ -59,7 +59,8 @@ class SamplingParams:
         unknown = sorted(str(k)[:100] for k in set(params) - names)
         if unknown:
             raise SamplingParamsError(
-                unknown[0], f"unknown sampling parameter (known: {', '.join(sorted(names))})"
+                unknown[0] or '""',
+                f"unknown sampling parameter (known: {', '.join(sorted(names))})",  # an empty key is named too
             )
         return cls(**params)
 

@@ -18,10 +18,11 @@ import torch
 from nanocp.distributed.dcp import ForeignKV
 from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
 from nanocp.engine.step_trace import StepTracer
+from nanocp.fault_injection import step_fault
 from nanocp.kvcache.manager import KVManager, held_tokens, local_ranges
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.scheduler.admission import GROWTH_AHEAD_TOKENS, NewTokenRatio, retraction_victim
-from nanocp.scheduler.request import Req, ReqStatus, validate_input
+from nanocp.scheduler.request import Req, ReqStatus, RequestLimits
 from nanocp.utils import get_logger
 from nanocp_router.planner import causal_pairs
 
@@ -61,6 +62,8 @@ class Scheduler:
         self.foreign = ForeignKV(runner.page_allocator, runner.device)
         self.instance = runner.parallel.rank if runner.parallel is not None else 0
         self.growth_requests: list[dict] = []  # asks for the next tail quota, for the router
+        self._step_reqs: list[Req] = []  # the requests of the step being run (fail_step)
+        self.num_failed_steps = 0
 
     # ------------------------------------------------------- context parallelism
     def reserve_foreign(self, key: int, start: int, end: int) -> bool:
@@ -76,7 +79,7 @@ class Scheduler:
 
     def apply_growth(self, rid: str, segment: tuple[int, int, int]) -> None:
         """The router placed the next positions of a request (on this home or on a holder)."""
-        req = next((r for q in (self.running, self.waiting) for r in q if r.rid == rid), None)
+        req = self.find(rid)
         if req is not None and req.placement is not None and req.planned_end == segment[1]:
             req.set_placement([*req.placement, segment], self.instance)
 
@@ -91,24 +94,33 @@ class Scheduler:
             self.growth_requests.append({"type": "grow", "rid": req.rid, "start": end, "need": need})
 
     # ----------------------------------------------------------------- requests
-    def check_request(self, input_ids: list[int], max_new_tokens: int) -> None:
+    def limits(self, has_tokenizer: bool) -> RequestLimits:
+        """What this instance's requests are validated against (request.check_generate)."""
         r = self.runner
-        validate_input(input_ids, max_new_tokens, r.vocab_size, r.context_length, r.max_total_num_tokens)
+        return RequestLimits(r.vocab_size, r.context_length, r.max_total_num_tokens, has_tokenizer)
 
     def add_request(self, req: Req) -> None:
-        self.check_request(req.origin_input_ids, req.sampling_params.max_new_tokens)
-        req.sampling_params.verify(self.runner.vocab_size)
+        """Queue a request that passed request.check_generate against `limits`."""
         self._enqueue(req)
 
-    def abort_request(self, rid: str) -> Req | None:
-        for queue in (self.waiting, self.running):
-            for req in queue:
-                if req.rid == rid:
-                    queue.remove(req)
-                    self.kv.release(req)
-                    req.finish({"type": "abort", "message": "aborted by request"})
-                    return req
-        return None
+    def find(self, rid: str) -> Req | None:
+        return next((r for q in (self.waiting, self.running) for r in q if r.rid == rid), None)
+
+    def abort_request(self, rid: str) -> ReqOutput | None:
+        req = self.find(rid)
+        return None if req is None else self.fail(req, {"type": "abort", "message": "aborted by request"})
+
+    def committed_tokens(self) -> int:
+        """KV tokens this instance's requests may still allocate here without a new plan: the
+        placed positions it holds that are not allocated yet (a request without a placement: the
+        rest of its prompt + max_new_tokens). The router's planner counts them as taken."""
+        total = 0
+        for req in (*self.running, *self.waiting):
+            if req.placement is None:
+                total += len(req.origin_input_ids) + req.sampling_params.max_new_tokens - req.kv_len
+            else:
+                total += held_tokens(req, req.planned_end) - held_tokens(req)
+        return max(total, 0)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -124,6 +136,7 @@ class Scheduler:
         if self.tracer is not None:
             self.tracer.begin_step()
         work = self._schedule()
+        self._step_reqs = [req for req, _ in work]
         if self.tracer is not None:
             self._traced_work = [[req.rid, n] for req, n in work]
         return self._build_batch(work) if work else None
@@ -133,10 +146,24 @@ class Scheduler:
         if self.tracer is not None:
             self.tracer.begin_step()
             self._traced_work = []
+        self._step_reqs = []
         return self._build_batch([])[0]
 
     def run_batch(self, batch: ForwardBatch, sampling: list[Req]) -> list[ReqOutput]:
-        logits = self.runner.forward(batch)
+        """Run the step and sample. A fault in it fails this step's requests (fail_step) and the
+        instance goes on; in lockstep it first completes the step with its peers (see below)."""
+        try:
+            logits = self.runner.forward(batch)
+        except Exception as e:
+            peers = batch.global_num_tokens is not None and len(batch.global_num_tokens) > 1
+            if peers and batch.collectives_begun:
+                raise  # its peers wait inside this step's collectives: the instance cannot rejoin
+            if peers:  # they will enter this step's collectives: run it again with them, discarded
+                logger.error(
+                    "instance %d: step fault (%s); completing the step with its peers", self.instance, e
+                )
+                self.runner.forward(batch)  # a second fault leaves the loop: the instance exits
+            return self.fail_step(e)
         if self.tracer is not None:
             self.tracer.end_step(
                 {
@@ -146,11 +173,18 @@ class Scheduler:
                     "work": self._traced_work,  # [rid, tokens] run by this instance's own requests
                 }
             )
-
-        next_ids, logprobs = self.runner.sampler(logits, sampling) if sampling else ([], [])
         self.forward_ct += 1
         kind = ("graph_dcp" if batch.dcp is not None else "graph") if batch.cuda_graph else "eager"
         self.step_kinds[kind] += 1
+        try:  # from here on nothing waits for peers
+            return self._sample(logits, sampling)
+        except Exception as e:
+            return self.fail_step(e)
+
+    def _sample(self, logits: torch.Tensor, sampling: list[Req]) -> list[ReqOutput]:
+        if sampling:
+            step_fault("sample", self.instance, self.runner.forward_steps)  # tests only
+        next_ids, logprobs = self.runner.sampler(logits, sampling) if sampling else ([], [])
         outputs = []
         for req, token, lp in zip(sampling, next_ids, logprobs):
             req.append_token(token)
@@ -175,6 +209,37 @@ class Scheduler:
                 self.kv.release(req)
         self.new_token_ratio.step()
         return outputs
+
+    def fail_step(self, error: BaseException) -> list[ReqOutput]:
+        """The step raised: its requests fail (HTTP 500 naming the instance), their KV is freed,
+        and the scheduler goes on with the others. Outputs of a token sampled before the fault
+        are not sent: the failed request's output is just its failure."""
+        self.num_failed_steps += 1
+        logger.error(
+            "instance %d: step failed, failing its %d requests",
+            self.instance,
+            len(self._step_reqs),
+            exc_info=error,
+        )
+        message = f"internal error in instance {self.instance}'s step: {type(error).__name__}: {error}"
+        outs = [
+            self.fail(req, {"type": "abort", "status_code": 500, "message": message})
+            for req in self._step_reqs
+            if not req.finished
+        ]
+        self._step_reqs = []
+        return outs
+
+    def fail(self, req: Req, reason: dict[str, Any]) -> ReqOutput:
+        """Finish a queued or running request with `reason` and free its KV."""
+        for queue in (self.waiting, self.running):
+            if req in queue:
+                queue.remove(req)
+        self.kv.release(req)
+        req.finish(reason)
+        return ReqOutput(
+            req.rid, [], "", True, req.finished_reason, len(req.origin_input_ids), len(req.output_ids)
+        )
 
     @staticmethod
     def _trace_info(batch: ForwardBatch) -> dict[str, Any]:
@@ -240,7 +305,15 @@ class Scheduler:
         return work
 
     def _future_tokens(self, req: Req, scheduled: int) -> float:
-        """KV tokens a request may still need after this step's `scheduled` tokens."""
+        """KV tokens a request may still need here after this step's `scheduled` tokens. A
+        context-parallel plan says exactly which: its positions held here not yet allocated (what
+        its holders store, and growth past the plan, which the router places, take none here);
+        counting all of its tokens would keep it waiting behind pages it never uses."""
+        if req.placement is not None:
+            upto = req.kv_len + scheduled
+            return self.new_token_ratio.future_tokens(
+                held_tokens(req, req.planned_end) - held_tokens(req, upto), 0
+            )
         remaining_out = req.sampling_params.max_new_tokens - len(req.output_ids)
         return self.new_token_ratio.future_tokens(req.num_pending - scheduled, remaining_out)
 

@@ -19,9 +19,10 @@ from nanocp.distributed.dcp import build_dcp_step
 from nanocp.distributed.parallel_state import init_parallel_state, instance_device
 from nanocp.engine.step_trace import StepTracer
 from nanocp.errors import InvalidRequestError
+from nanocp.fault_injection import request_fault
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.sampling.sampling_params import SamplingParams
-from nanocp.scheduler.request import Req, RequestFactory
+from nanocp.scheduler.request import Req, RequestFactory, check_generate
 from nanocp.scheduler.scheduler import ReqOutput, Scheduler
 from nanocp.server_args import ServerArgs
 from nanocp.tokenizer.detokenizer import eos_token_ids, load_tokenizer
@@ -36,6 +37,7 @@ logger = logging.getLogger("nanocp.worker")
 IDLE_POLL_MS = 20
 IDLE_MAX_POLL_MS = 200
 IDLE_BACKOFF_S = 1.0
+QUEUE_FULL_RETRY_AFTER_S = 1  # Retry-After of a request refused by --max-queued-requests
 
 
 def detok_params(p: SamplingParams) -> dict[str, Any]:
@@ -69,6 +71,8 @@ class Worker:
             path = f"{server_args.step_trace_file}.{instance}" if dp > 1 else server_args.step_trace_file
             tracer = StepTracer(path, instance, self.runner.device)
         self.scheduler = Scheduler(self.runner, tracer)
+        self.limits = self.scheduler.limits(has_tokenizer=tokenizer is not None)
+        self.max_queued_requests = server_args.max_queued_requests
         self._cluster_busy = False
         self._idle_since = time.monotonic()
         eos = eos_token_ids(tokenizer, self.runner.hf_config, server_args.model_path)
@@ -97,10 +101,67 @@ class Worker:
         }
 
     # ---------------------------------------------------------------- messages
+    def handle_safely(self, msg: dict) -> list[dict]:
+        """handle(msg); an error it raises fails only the request the message is about."""
+        try:
+            return self.handle(msg)
+        except Exception as e:
+            kind, rid = msg.get("type"), msg.get("rid")
+            logger.error(
+                "instance %d: %s message of request %s failed", self.instance, kind, rid, exc_info=True
+            )
+            if kind == "reserve":  # the router waits for every holder's answer
+                reply = {
+                    "type": "reserved",
+                    "cp_key": msg.get("cp_key"),
+                    "start": msg.get("start"),
+                    "ok": False,
+                }
+                self.to_router.send(dumps({**reply, "instance": self.instance}))
+            if kind != "generate" or not isinstance(rid, str):
+                return []
+            status = 400 if isinstance(e, InvalidRequestError) else 500
+            message = str(e) if status == 400 else f"instance {self.instance}: {type(e).__name__}: {e}"
+            req = self.scheduler.find(rid)
+            if req is not None:  # queued before the error: take it out again
+                return [
+                    self._encode(
+                        self.scheduler.fail(req, {"type": "abort", "status_code": status, "message": message})
+                    )
+                ]
+            return [
+                self._finished_output(rid, msg, {"type": "abort", "status_code": status, "message": message})
+            ]
+
+    def _finished_output(self, rid: str, msg: dict, reason: dict) -> dict:
+        """The output of a request this instance refuses before queueing it."""
+        ids = msg.get("input_ids")
+        prompt_tokens = len(ids) if isinstance(ids, list) else 0
+        self._placed.pop(rid, None)
+        self._announced.pop(rid, None)
+        return self._encode(ReqOutput(rid, [], "", True, reason, prompt_tokens, 0))
+
     def handle(self, msg: dict) -> list[dict]:
         kind = msg["type"]
         if kind == "generate":
-            params = SamplingParams.from_dict(msg["sampling_params"])
+            request_fault("worker", msg["rid"])  # tests only (envs.fault_inject)
+            params = check_generate(
+                msg["input_ids"],
+                msg["sampling_params"],
+                self.limits,
+                msg.get("return_logprob", False),
+                msg.get("top_logprobs_num", 0),
+            )
+            limit = self.max_queued_requests
+            if limit is not None and len(self.scheduler.waiting) >= limit:
+                reason = {
+                    "type": "abort",
+                    "status_code": 503,
+                    "retry_after": QUEUE_FULL_RETRY_AFTER_S,
+                    "message": f"instance {self.instance}: the request queue is full "
+                    f"({limit} waiting, --max-queued-requests)",
+                }
+                return [self._finished_output(msg["rid"], msg, reason)]
             req = self.make_req(
                 msg["rid"],
                 msg["input_ids"],
@@ -114,15 +175,7 @@ class Worker:
                 req.set_placement([tuple(seg) for seg in msg["placement"]], self.instance)
                 req.cp_key = msg["cp_key"]
                 self._placed[req.rid] = req
-            try:
-                self.scheduler.add_request(req)
-            except InvalidRequestError as e:
-                req.finish({"type": "abort", "message": str(e), "status_code": 400})
-                return [
-                    self._encode(
-                        ReqOutput(req.rid, [], "", True, req.finished_reason, len(req.origin_input_ids), 0)
-                    )
-                ]
+            self.scheduler.add_request(req)
         elif kind == "reserve":
             ok = self.scheduler.reserve_foreign(msg["cp_key"], msg["start"], msg["end"])
             reply = {"type": "reserved", "cp_key": msg["cp_key"], "start": msg["start"], "ok": ok}
@@ -132,11 +185,8 @@ class Worker:
         elif kind == "release":
             self.scheduler.release_foreign(msg["cp_key"])
         elif kind == "abort":
-            req = self.scheduler.abort_request(msg["rid"])
-            if req is not None:
-                out = ReqOutput(
-                    req.rid, [], "", True, req.finished_reason, len(req.origin_input_ids), len(req.output_ids)
-                )
+            out = self.scheduler.abort_request(msg["rid"])
+            if out is not None:
                 return [self._encode(out)]
         elif kind == "flush_cache":
             pass  # no prefix cache yet: nothing is kept beyond running requests
@@ -193,6 +243,7 @@ class Worker:
                     "running": len(s.running),
                     "waiting": len(s.waiting),
                     "kv_tokens": sum(r.kv_len for r in s.running),
+                    "committed_tokens": s.committed_tokens(),
                     "retractions": s.num_retractions,
                     "step_kinds": s.step_kinds,
                     "finished": self._finished,
@@ -242,7 +293,7 @@ class Worker:
             idle_ms = IDLE_POLL_MS if now - self._idle_since < IDLE_BACKOFF_S else IDLE_MAX_POLL_MS
             outs: list[dict] = []
             for msg in drain(self.inbox, timeout_ms=0 if busy else idle_ms):
-                outs += self.handle(msg)
+                outs += self.handle_safely(msg)
             if self.lockstep:
                 outs += [self._encode(o) for o in self.step_lockstep()]
             elif self.scheduler.has_work():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
+import logging
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -20,8 +20,12 @@ from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
 import nanocp
 from nanocp.errors import InvalidRequestError
+from nanocp.sampling.sampling_params import short_repr
 from nanocp.server.errors import error_body, error_response, json_response
+from nanocp.server.request_body import BodyTooLarge, read_json
 from nanocp.server.tokenizer_manager import EngineError, ReqState, TokenizerManager
+
+logger = logging.getLogger("nanocp.http")
 
 T = TypeVar("T")
 GENERATE_FIELDS = {
@@ -44,16 +48,6 @@ class ClientDisconnected(Exception):
     pass
 
 
-async def read_json(request: Request) -> dict:
-    try:
-        body = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-        raise InvalidRequestError("body", f"malformed JSON: {e}") from None
-    if not isinstance(body, dict):
-        raise InvalidRequestError("body", "the request body must be a JSON object")
-    return body
-
-
 async def until_done_or_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`; if the client goes away first, cancel it (which aborts its requests)."""
     task = asyncio.ensure_future(work)
@@ -64,6 +58,25 @@ async def until_done_or_disconnect(request: Request, work: Awaitable[T]) -> T:
         if await request.is_disconnected():
             task.cancel()
             raise ClientDisconnected()
+
+
+async def primed(request: Request, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """`items` once its first item has come: an error before it (a bad request, a full queue, a
+    dead engine) is raised here, so a stream's HTTP status reports it rather than a 200 whose body
+    carries an error event. A client that leaves meanwhile aborts the request."""
+    try:
+        first = await until_done_or_disconnect(request, anext(items))
+    except StopAsyncIteration:
+        first = None
+
+    async def rest() -> AsyncIterator[T]:
+        if first is None:
+            return
+        yield first
+        async for item in items:
+            yield item
+
+    return rest()
 
 
 async def last_state(states: AsyncIterator[ReqState]) -> ReqState:
@@ -91,6 +104,9 @@ async def sse_stream(chunks: AsyncIterator[Any]) -> AsyncIterator[bytes]:
     except (InvalidRequestError, EngineError) as e:
         status = 400 if isinstance(e, InvalidRequestError) else e.status_code
         yield sse(error_body(status, str(e), getattr(e, "param", None)))
+    except Exception as e:  # a fault serving this request: it alone fails
+        logger.exception("stream failed")
+        yield sse(error_body(500, f"internal error: {type(e).__name__}: {e}"))
     yield SSE_DONE
 
 
@@ -119,9 +135,22 @@ def create_app(manager: TokenizerManager) -> FastAPI:
             msg, param = f"malformed JSON: {msg}", "body"
         return error_response(400, f"{param}: {msg}", param)
 
+    @app.exception_handler(BodyTooLarge)
+    async def _too_large(_: Request, e: BodyTooLarge):
+        return error_response(413, str(e), e.param)
+
     @app.exception_handler(EngineError)
     async def _engine(_: Request, e: EngineError):
-        return error_response(e.status_code, str(e))
+        response = error_response(e.status_code, str(e))
+        if e.retry_after is not None:
+            response.headers["Retry-After"] = str(e.retry_after)
+        return response
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception):
+        # a fault serving one request (a bug): that request gets a 500 naming it, the server goes on
+        # (Starlette still logs the traceback)
+        return error_response(500, f"internal error: {type(e).__name__}: {e}")
 
     @app.exception_handler(ClientDisconnected)
     async def _gone(_: Request, e: ClientDisconnected):
@@ -143,9 +172,7 @@ def create_app(manager: TokenizerManager) -> FastAPI:
             raise InvalidRequestError("text", "exactly one of text and input_ids must be given")
         stream = _bool(body, "stream")
         return_logprob = _bool(body, "return_logprob")
-        top_n = body.get("top_logprobs_num", 0)
-        if isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 0:
-            raise InvalidRequestError("top_logprobs_num", f"must be an integer >= 0, got {top_n!r}")
+        top_n = _default(body, "top_logprobs_num", 0)
         batch = isinstance(text, list) or (
             isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list)
         )
@@ -153,6 +180,10 @@ def create_app(manager: TokenizerManager) -> FastAPI:
             prompts = text if text is not None else input_ids
         else:
             prompts = [text if text is not None else input_ids]
+        if not prompts:
+            raise InvalidRequestError(
+                "text" if text is not None else "input_ids", "the list of prompts is empty"
+            )
         if text is not None and not all(isinstance(t, str) for t in prompts):
             raise InvalidRequestError("text", "must be a string or a list of strings")
         params_list = body.get("sampling_params")
@@ -167,9 +198,19 @@ def create_app(manager: TokenizerManager) -> FastAPI:
             raise InvalidRequestError("rid", "must be a string (or one string per prompt)")
         if batch and rids[0] is not None and len(set(rids)) != len(rids):
             raise InvalidRequestError("rid", "request ids must be unique")
+        manager.check_rids(rids)
         validated = []
         for p, sp in zip(prompts, params_list):
-            validated.append(manager.validate(manager.tokenize(p) if text is not None else p, sp))
+            try:
+                validated.append(
+                    manager.validate(
+                        manager.tokenize(p) if text is not None else p, sp, return_logprob, top_n
+                    )
+                )
+            except InvalidRequestError as e:
+                if text is None or e.param != "input_ids":
+                    raise
+                raise InvalidRequestError("text", str(e).split(": ", 1)[-1]) from None  # the field sent
 
         dp_rank = body.get("data_parallel_rank")
         if dp_rank is not None and (
@@ -192,8 +233,10 @@ def create_app(manager: TokenizerManager) -> FastAPI:
             if batch:
                 raise InvalidRequestError("stream", "streaming takes a single prompt")
 
+            states = await primed(request, run(0))
+
             async def chunks() -> AsyncIterator[dict]:
-                async for state in run(0):
+                async for state in states:
                     yield native(state)
 
             return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
@@ -283,10 +326,16 @@ def create_app(manager: TokenizerManager) -> FastAPI:
     return app
 
 
+def _default(body: dict, name: str, default: Any) -> Any:
+    """body[name]; null or absent: the default (OpenAI semantics)."""
+    value = body.get(name)
+    return default if value is None else value
+
+
 def _bool(body: dict, name: str) -> bool:
-    value = body.get(name, False)
+    value = _default(body, name, False)
     if not isinstance(value, bool):
-        raise InvalidRequestError(name, f"must be a boolean, got {value!r}")
+        raise InvalidRequestError(name, f"must be a boolean, got {short_repr(value)}")
     return value
 
 

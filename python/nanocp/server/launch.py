@@ -62,6 +62,7 @@ class EngineProcesses:
                 server_args.load_balance_method,
                 cp_config(server_args),
                 server_args.log_level,
+                server_args.max_queued_requests,
             ),
             name="nanocp-router",
             daemon=True,

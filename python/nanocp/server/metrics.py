@@ -31,7 +31,11 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
-            "nanocp:num_requests", "Finished requests by outcome", ["outcome"], registry=r
+            "nanocp:num_requests",
+            "Finished requests by outcome: stop / length, abort (by the client), error (failed after it was "
+            "accepted), rejected (503: the request queue was full, --max-queued-requests)",
+            ["outcome"],
+            registry=r,
         )
         self.prompt_tokens = Counter("nanocp:prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter("nanocp:generation_tokens", "Generated tokens", registry=r)
@@ -53,7 +57,16 @@ class Metrics:
         self.in_flight = Gauge(
             "nanocp:num_requests_in_flight", "Requests accepted and not finished", registry=r
         )
-        self.queue = Gauge("nanocp:num_queue_reqs", "Requests waiting on instances", registry=r)
+        self.queue = Gauge(
+            "nanocp:num_queue_reqs",
+            "Requests waiting: on the instances and in the router's queue",
+            registry=r,
+        )
+        self.router_queue = Gauge(
+            "nanocp:num_router_queue_reqs",
+            "Requests waiting in the router for a placement (dynamic CP)",
+            registry=r,
+        )
         self.running = Gauge("nanocp:num_running_reqs", "Running batch size", ["instance"], registry=r)
         self.kv_usage = Gauge(
             "nanocp:kv_usage", "Fraction of KV cache pages in use", ["instance"], registry=r
@@ -105,8 +118,10 @@ class Metrics:
         instances: list[dict],
         cp_degrees: dict[str, int] | None = None,
         growth: dict[str, int] | None = None,
+        router_queue: int = 0,
     ) -> None:
-        self.queue.set(sum(i["waiting"] for i in instances))
+        self.queue.set(sum(i["waiting"] for i in instances) + router_queue)
+        self.router_queue.set(router_queue)
         for degree, count in (cp_degrees or {}).items():
             self.cp_degree.labels(degree).set(count)
         for where, count in (growth or {}).items():

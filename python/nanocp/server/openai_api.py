@@ -11,22 +11,43 @@ from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
 from nanocp.errors import InvalidRequestError
 from nanocp.server.errors import json_response
-from nanocp.server.http_server import last_state, read_json, sse_stream, until_done_or_disconnect
+from nanocp.server.http_server import last_state, primed, sse_stream, until_done_or_disconnect
+from nanocp.server.request_body import read_json
 from nanocp.server.tokenizer_manager import ReqState, TokenizerManager
 
 
-class StreamOptions(BaseModel):
+class _Body(BaseModel):
+    """A JSON object of the API: unknown fields are ignored, null means the field's default (OpenAI
+    semantics), numbers must be finite."""
+
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(_Body):
     include_usage: StrictBool = False
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(_Body):
     """Fields shared by completions and chat (OpenAI names, plus SGLang / vLLM extensions)."""
 
-    model_config = ConfigDict(extra="ignore")
     model: StrictStr | None = None
     temperature: float | None = None
     top_p: float | None = None
@@ -81,7 +102,7 @@ class CompletionRequest(_SamplingFields):
     logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: StrictStr | list[dict[str, Any]] | None = None
 
@@ -131,13 +152,16 @@ _OPENAI_NAMES = {
     "sampling_seed": "seed",
     "input_ids": "prompt",
     "text": "prompt",
+    "top_logprobs_num": "logprobs",
 }
 
 
-def validate_openai(manager: TokenizerManager, ids: list[int], params: dict) -> tuple:
+def validate_openai(
+    manager: TokenizerManager, ids: list[int], params: dict, logprobs: bool = False, top_n: int = 0
+) -> tuple:
     """manager.validate, with errors naming the OpenAI field the client actually sent."""
     try:
-        return manager.validate(ids, params)
+        return manager.validate(ids, params, logprobs, top_n)
     except InvalidRequestError as e:
         name = _OPENAI_NAMES.get(e.param, e.param)
         raise InvalidRequestError(name, str(e).split(": ", 1)[-1]) from None
@@ -179,6 +203,8 @@ def add_openai_routes(app: FastAPI, manager: TokenizerManager) -> None:
         check_model(req.model)
         if req.stream and req.echo:
             raise InvalidRequestError("echo", "echo is not supported with stream")
+        if req.echo and manager.tokenizer is None:
+            raise InvalidRequestError("echo", "echo needs a tokenizer (--skip-tokenizer-init is set)")
         prompt = req.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompts = [prompt]
@@ -187,11 +213,14 @@ def add_openai_routes(app: FastAPI, manager: TokenizerManager) -> None:
         if not prompts:
             raise InvalidRequestError("prompt", "the prompt is empty")
         params = req.sampling_params(req.max_tokens, 16)
+        manager.check_rids([req.rid])
+        want_lp = req.logprobs is not None
         validated = [
-            validate_openai(manager, manager.tokenize(p) if isinstance(p, str) else p, params)
+            validate_openai(
+                manager, manager.tokenize(p) if isinstance(p, str) else p, params, want_lp, req.logprobs or 0
+            )
             for p in prompts
         ]
-        want_lp = req.logprobs is not None
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def logprobs_block(state: ReqState, start: int, offset0: int) -> dict | None:
@@ -219,11 +248,12 @@ def add_openai_routes(app: FastAPI, manager: TokenizerManager) -> None:
             if len(prompts) != 1:
                 raise InvalidRequestError("prompt", "streaming takes a single prompt")
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            states = await primed(request, run(0))
 
             async def chunks() -> AsyncIterator[dict]:
                 sent_ids, sent_chars = 0, 0
                 state = None
-                async for state in run(0):
+                async for state in states:
                     choice = {
                         "index": 0,
                         "text": state.delta_text,
@@ -309,8 +339,10 @@ def add_openai_routes(app: FastAPI, manager: TokenizerManager) -> None:
         ids = manager.tokenizer.encode(text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         default_max = max(1, min(manager.context_length, manager.max_total_tokens) - len(ids))
-        ids, sp = validate_openai(manager, ids, req.sampling_params(max_tokens, default_max))
         top_n = req.top_logprobs or 0
+        ids, sp = validate_openai(
+            manager, ids, req.sampling_params(max_tokens, default_max), req.logprobs, top_n
+        )
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def logprobs_block(state: ReqState, start: int) -> dict | None:
@@ -333,6 +365,7 @@ def add_openai_routes(app: FastAPI, manager: TokenizerManager) -> None:
                 )
             return {"content": content}
 
+        manager.check_rids([req.rid])
         gen = manager.generate(ids, sp, req.rid, req.logprobs, top_n)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -352,10 +385,12 @@ def add_openai_routes(app: FastAPI, manager: TokenizerManager) -> None:
                     "usage": usage,
                 }
 
+            states = await primed(request, gen)
+
             async def chunks() -> AsyncIterator[dict]:
                 yield chunk({"role": "assistant", "content": ""}, None)
                 sent, state = 0, None
-                async for state in gen:
+                async for state in states:
                     delta = {"content": state.delta_text} if state.delta_text or not state.finished else {}
                     yield chunk(delta, _finish_reason(state.finish_reason), logprobs_block(state, sent))
                     sent = len(state.output_ids)

@@ -93,4 +93,4 @@ def _check_str(s: str, path: tuple) -> None:
 
 
 def _name(path: tuple) -> str:
-    return ".".join(str(p)[:100] for p in path) or "body"
+    return ".".join(str(p)[:100] or '""' for p in path) or "body"

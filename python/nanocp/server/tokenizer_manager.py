@@ -19,8 +19,9 @@ import zmq
 import zmq.asyncio
 
 from nanocp.errors import InvalidRequestError
-from nanocp.sampling.sampling_params import SamplingParams
-from nanocp.scheduler.request import validate_input
+from nanocp.fault_injection import request_fault
+from nanocp.sampling.sampling_params import SamplingParams, short_repr
+from nanocp.scheduler.request import RequestLimits, check_generate
 from nanocp.server.metrics import Metrics
 from nanocp.server_args import ServerArgs
 from nanocp_router.ipc import PortArgs, dumps, loads, push
@@ -29,11 +30,18 @@ logger = logging.getLogger("nanocp.tokenizer_manager")
 
 
 class EngineError(RuntimeError):
-    """The engine could not serve the request (HTTP status in `status_code`)."""
+    """The engine could not serve the request (HTTP status in `status_code`; `retry_after`: seconds
+    after which the client may try again, for 503 when the request queue is full)."""
 
-    def __init__(self, status_code: int, message: str) -> None:
+    def __init__(self, status_code: int, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
+        self.retry_after = retry_after
+
+    @classmethod
+    def from_reason(cls, reason: dict) -> EngineError:
+        """The error of a request the engine finished with {"type": "abort", "status_code", ...}."""
+        return cls(reason["status_code"], reason.get("message", "aborted"), reason.get("retry_after"))
 
 
 @dataclass
@@ -87,6 +95,10 @@ class TokenizerManager:
         self.vocab_size = min(i["vocab_size"] for i in worker_infos)
         self.context_length = min(i["context_length"] for i in worker_infos)
         self.max_total_tokens = min(i["max_total_num_tokens"] for i in worker_infos)
+        # the workers' own rules (request.check_generate), against the smallest instance
+        self.limits = RequestLimits(
+            self.vocab_size, self.context_length, self.max_total_tokens, tokenizer is not None
+        )
         self.metrics = Metrics()
         self.cluster: list[dict] = []
         self.cp_degrees: dict[str, int] = {}  # context-parallel degree -> requests placed (router)
@@ -111,21 +123,18 @@ class TokenizerManager:
             raise InvalidRequestError("text", "the server runs with --skip-tokenizer-init; send input_ids")
         return self.tokenizer.encode(text)
 
-    def validate(self, input_ids: Any, sampling_params: dict | None) -> tuple[list[int], SamplingParams]:
-        if not isinstance(input_ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in input_ids
-        ):
-            raise InvalidRequestError("input_ids", "must be a list of integers")
-        if sampling_params is not None and not isinstance(sampling_params, dict):
-            raise InvalidRequestError("sampling_params", "must be an object")
-        params = SamplingParams.from_dict(sampling_params)
-        if params.stop_strs and self.tokenizer is None:
-            raise InvalidRequestError("stop", "stop strings need a tokenizer (--skip-tokenizer-init is set)")
-        params.verify(self.vocab_size)
-        validate_input(
-            input_ids, params.max_new_tokens, self.vocab_size, self.context_length, self.max_total_tokens
-        )
+    def validate(
+        self, input_ids: Any, sampling_params: Any, return_logprob: Any = False, top_logprobs_num: Any = 0
+    ) -> tuple[list[int], SamplingParams]:
+        """The request as the workers will check it (request.check_generate); errors name the field."""
+        params = check_generate(input_ids, sampling_params, self.limits, return_logprob, top_logprobs_num)
         return input_ids, params
+
+    def check_rids(self, rids: list[str | None]) -> None:
+        """Request ids given by the client must not be in flight already (checked before any starts)."""
+        taken = next((r for r in rids if r is not None and r in self.states), None)
+        if taken is not None:
+            raise InvalidRequestError("rid", f"request id {short_repr(taken)} is already in use")
 
     async def generate(
         self,
@@ -142,25 +151,21 @@ class TokenizerManager:
         if self.dead:
             raise EngineError(503, self.dead)
         rid = rid or uuid.uuid4().hex
-        if rid in self.states:
-            raise InvalidRequestError("rid", f"request id {rid!r} is already in use")
+        self.check_rids([rid])
         state = ReqState(rid, len(input_ids))
         self.states[rid] = state
         self.metrics.in_flight.inc()
-        self.to_router.send(
-            dumps(
-                {
-                    "type": "generate",
-                    "rid": rid,
-                    "input_ids": input_ids,
-                    "sampling_params": params.to_dict(),
-                    "return_logprob": return_logprob,
-                    "top_logprobs_num": top_logprobs_num if return_logprob else 0,
-                    "data_parallel_rank": data_parallel_rank,
-                }
-            )
-        )
+        msg = {
+            "type": "generate",
+            "rid": rid,
+            "input_ids": input_ids,
+            "sampling_params": params.to_dict(),
+            "return_logprob": return_logprob,
+            "top_logprobs_num": top_logprobs_num if return_logprob else 0,
+            "data_parallel_rank": data_parallel_rank,
+        }
         try:
+            self.to_router.send(dumps(msg))
             while True:
                 await state.event.wait()
                 state.event.clear()
@@ -193,17 +198,36 @@ class TokenizerManager:
             msg = loads(await self.inbox.recv())
             if msg["type"] == "out":
                 for out in msg["outputs"]:
-                    self._on_output(out)
+                    self._on_output_safely(out)
             elif msg["type"] == "cluster":
-                self.cluster = msg["instances"]
-                self.cp_degrees = msg.get("cp_degrees", {})
-                self.cp_growth_segments = msg.get("cp_growth_segments", {})
-                self.metrics.on_cluster(self.cluster, self.cp_degrees, self.cp_growth_segments)
+                try:
+                    self.cluster = msg["instances"]
+                    self.cp_degrees = msg.get("cp_degrees", {})
+                    self.cp_growth_segments = msg.get("cp_growth_segments", {})
+                    self.metrics.on_cluster(
+                        self.cluster, self.cp_degrees, self.cp_growth_segments, msg.get("router_queue", 0)
+                    )
+                except Exception:
+                    logger.exception("cluster snapshot not applied")
+
+    def _on_output_safely(self, out: dict) -> None:
+        """_on_output; an error fails only that output's request (500), which is then aborted."""
+        try:
+            self._on_output(out)
+        except Exception as e:
+            logger.exception("output of request %s not handled", out.get("rid"))
+            state = self.states.get(out.get("rid"))
+            if state is not None and state.error is None:
+                state.error = EngineError(
+                    500, f"internal error handling the request's output: {type(e).__name__}: {e}"
+                )
+                state.event.set()
 
     def _on_output(self, out: dict) -> None:
         state = self.states.get(out["rid"])
         if state is None:
             return  # aborted by the client meanwhile
+        request_fault("tokenizer", out["rid"])  # tests only (envs.fault_inject)
         if out["ids"] and state.first_token_time is None:
             state.first_token_time = time.perf_counter()
         state.text += out["text"]
@@ -214,12 +238,15 @@ class TokenizerManager:
         state.top_logprobs += out.get("top", [])
         if out["finished"]:
             reason = out["reason"] or {}
+            outcome = reason.get("type", "unknown")
             if reason.get("type") == "abort" and "status_code" in reason:
-                state.error = EngineError(reason["status_code"], reason.get("message", "aborted"))
-            state.finished = True
+                state.error = EngineError.from_reason(reason)
+                outcome = "rejected" if state.error.retry_after is not None else "error"
+            state.finished = not out.get("upstream_running", False)  # see Detokenizer.fail
             state.finish_reason = reason
             state.placement = out.get("placement")
-            self._record(state, reason.get("type", "unknown"))
+            if state.finished:
+                self._record(state, outcome)
         state.event.set()
 
     def _record(self, state: ReqState, outcome: str) -> None:

@@ -6,6 +6,7 @@ import logging
 
 import zmq
 
+from nanocp.fault_injection import request_fault
 from nanocp.server_args import ServerArgs
 from nanocp.tokenizer.detokenizer import TextStream, load_tokenizer
 from nanocp_router.ipc import PortArgs, drain, dumps, pull, push
@@ -25,9 +26,40 @@ class Detokenizer:
         self.inbox = pull(self.ctx, ports.detokenizer)
         self.to_tokenizer = push(self.ctx, ports.tokenizer)
         self.streams: dict[str, tuple[TextStream, list[int]]] = {}
+        self.failed: set[str] = set()  # requests failed here whose worker still runs them (until aborted)
+
+    def process_safely(self, out: dict) -> dict | None:
+        """process(out); an error fails only that request: its client gets a 500, and the output says
+        `upstream_running` while the worker still runs it, so that the HTTP side aborts it there.
+        Its later outputs are dropped. None: nothing to send."""
+        rid = out.get("rid")
+        if rid in self.failed:
+            if out.get("finished"):
+                self.failed.discard(rid)
+            return None
+        try:
+            return self.process(out)
+        except Exception as e:
+            logger.exception("detokenizer: output of request %s failed", rid)
+            self.streams.pop(rid, None)
+            running = not out.get("finished", True)
+            if running:
+                self.failed.add(rid)
+            reason = {"type": "abort", "status_code": 500, "message": f"detokenizer: {type(e).__name__}: {e}"}
+            return {
+                "rid": rid,
+                "ids": [],
+                "text": "",
+                "finished": True,
+                "reason": reason,
+                "upstream_running": running,
+                "prompt_tokens": out.get("prompt_tokens", 0),
+                "completion_tokens": out.get("completion_tokens", 0),
+            }
 
     def process(self, out: dict) -> dict:
         rid = out["rid"]
+        request_fault("detokenizer", rid)  # tests only (envs.fault_inject)
         if rid not in self.streams:
             params = out.get("detok") or {}
             self.streams[rid] = (TextStream(self.tokenizer, **params), [])
@@ -46,8 +78,9 @@ class Detokenizer:
     def run_forever(self) -> None:
         while True:
             for msg in drain(self.inbox, timeout_ms=1000):
-                outs = [self.process(o) for o in msg["outputs"]]
-                self.to_tokenizer.send(dumps({"type": "out", "outputs": outs}))
+                outs = [r for r in map(self.process_safely, msg["outputs"]) if r is not None]
+                if outs:
+                    self.to_tokenizer.send(dumps({"type": "out", "outputs": outs}))
 
 
 def run_detokenizer_process(server_args: ServerArgs, ports: dict) -> None:

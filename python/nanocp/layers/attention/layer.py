@@ -44,6 +44,7 @@ class Attention(nn.Module):
             else:
                 o_local, lse_local = batch.attn_backend.forward_with_lse(q, k, v, self, batch)
                 # eager routing (DCPStep) or fixed buffers inside a CUDA graph (GraphDCP)
+                batch.collectives_begun = True
                 out = batch.dcp.attend(
                     q,
                     k,
