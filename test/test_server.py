@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import BackgroundRequest, greedy_params, random_prompts
+from conftest import BackgroundRequest, greedy_params, needs_triton, random_prompts
 from nanocp import Engine
 from nanocp.testing.server import ServerProcess
 
@@ -23,7 +23,8 @@ SERVER_FLAGS = ["--max-total-tokens", "8192", "--chunked-prefill-size", "256", "
 @pytest.fixture(scope="module")
 def server(moe_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with ServerProcess(["--model-path", moe_model, *SERVER_FLAGS], log_path=str(log)) as s:
+    env = {"NANOCP_MAX_REQUEST_BODY_MB": "1"}
+    with ServerProcess(["--model-path", moe_model, *SERVER_FLAGS], env=env, log_path=str(log)) as s:
         yield s
 
 
@@ -203,7 +204,7 @@ BAD = [
     ("/generate", b"{bad json", "body"),
     ("/generate", b"[1, 2]", "body"),
     ("/generate", {"text": 5}, "text"),
-    ("/generate", {"text": ""}, "input_ids"),
+    ("/generate", {"text": ""}, "text"),
     ("/generate", {"input_ids": []}, "input_ids"),
     ("/generate", {"input_ids": "abc"}, "input_ids"),
     ("/generate", {"input_ids": [1, 10**6]}, "input_ids"),
@@ -241,6 +242,70 @@ BAD = [
         "temperature",
     ),
     ("/abort_request", {}, "rid"),
+    # hostile values: non-finite numbers, odd unicode, huge numbers, wrong types at any depth
+    ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', "temperature"),  # once a DoS (#22)
+    ("/v1/completions", b'{"prompt": "hi", "top_p": Infinity}', "top_p"),
+    ("/v1/completions", b'{"prompt": "hi", "presence_penalty": -Infinity}', "presence_penalty"),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": 1e999}', "temperature"),
+    ("/generate", b'{"text": "hi", "sampling_params": {"temperature": NaN}}', "sampling_params.temperature"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "min_p": NaN}', "min_p"),
+    ("/generate", b'{"text": "\\ud800"}', "text"),  # a lone surrogate
+    ("/generate", b'{"text": "hi", "rid": "\\udfff"}', "rid"),
+    (
+        "/generate",
+        b'{"text": "hi", "sampling_params": {"stop": ["ok", "\\ud83d"]}}',
+        "sampling_params.stop.1",
+    ),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udc00"}]}', "messages.0.content"),
+    ("/generate", b'{"text": "\xff\xfe"}', "body"),  # invalid UTF-8
+    ("/generate", b'{"text": "hi"', "body"),  # truncated
+    ("/generate", b"", "body"),
+    ("/generate", b"null", "body"),
+    ("/generate", b'"text"', "body"),
+    ("/generate", b"[" * 100_000 + b"]" * 100_000, "body"),
+    ("/generate", b'{"text": ' + b"[" * 40 + b"]" * 40 + b"}", "text" + ".0" * 31),
+    ("/generate", {"input_ids": [1, 2**70]}, "input_ids"),
+    ("/generate", {"input_ids": [1, True]}, "input_ids"),
+    ("/generate", {"input_ids": [[1, 2], [3, [4]]]}, "input_ids"),
+    ("/generate", {"input_ids": [[[1]]]}, "input_ids"),
+    ("/generate", {"input_ids": [[1], 2]}, "input_ids"),
+    ("/generate", {"input_ids": [[]]}, "input_ids"),
+    ("/generate", {"input_ids": [5] * 5000}, "input_ids"),
+    ("/generate", {"text": [["a"]]}, "text"),
+    ("/generate", {"text": []}, "text"),  # found by test_fuzz
+    ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 2**70}}, "max_new_tokens"),
+    ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": True}}, "max_new_tokens"),
+    ("/generate", {"text": "hi", "sampling_params": {"top_k": 2**63}}, "top_k"),
+    ("/generate", {"text": "hi", "sampling_params": {"sampling_seed": 2**64 - 1}}, "sampling_seed"),
+    ("/generate", {"text": "hi", "sampling_params": {"temperature": [[[[1]]]]}}, "temperature"),
+    ("/generate", {"text": "hi", "sampling_params": {"stop": ["x"] * 1000}}, "stop"),
+    ("/generate", {"text": "hi", "sampling_params": {"stop": [["x"]]}}, "stop"),
+    ("/generate", {"text": "hi", "sampling_params": {"stop_token_ids": [-1]}}, "stop_token_ids"),
+    ("/generate", {"text": "hi", "sampling_params": {"n": 2}}, "n"),
+    ("/generate", {"text": "hi", "sampling_params": {"x" * 10_000: 1}}, "x" * 100),
+    ("/generate", {"text": "hi", "return_logprob": True, "top_logprobs_num": 10**6}, "top_logprobs_num"),
+    ("/generate", {"text": "hi", "top_logprobs_num": -1}, "top_logprobs_num"),
+    ("/generate", {"text": "hi", "data_parallel_rank": 2**63}, "data_parallel_rank"),
+    ("/generate", {"text": "hi", "rid": ["a", "b"]}, "rid"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**64 - 1}, "seed"),
+    ("/v1/completions", {"prompt": [[[1]]]}, "prompt"),
+    ("/v1/completions", {"prompt": [1, "a"]}, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 10**30}, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "stream_options": "yes"}, "stream_options"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+        "messages.0.content",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        "messages.0.content",
+    ),
+    ("/v1/chat/completions", {"messages": [{"role": "user"}] * 3, "max_tokens": 2**70}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [None]}, "messages.0"),
+    ("/abort_request", {"rid": ["x"]}, "rid"),
+    ("/abort_request", {"abort_all": "yes"}, "abort_all"),
 ]
 
 
@@ -251,6 +316,78 @@ def test_bad_input_is_a_400_naming_the_field(client, path, body, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["code"] == 400 and param.split(".")[-1] in err["message"]
+
+
+def test_null_means_the_default(client):
+    """OpenAI semantics: a field sent as null is the field left out."""
+    sp = {"max_new_tokens": 4, "ignore_eos": True, "sampling_seed": 7}
+    plain = client.post("/generate", json={"text": "hi", "sampling_params": sp}).json()
+    nulls = {
+        "temperature": None,
+        "top_p": None,
+        "top_k": None,
+        "stop": None,
+        "stop_token_ids": None,
+        "n": None,
+    }
+    body = {
+        "text": "hi",
+        "sampling_params": {**sp, **nulls},
+        **dict.fromkeys(
+            ("stream", "return_logprob", "top_logprobs_num", "rid", "data_parallel_rank", "input_ids")
+        ),
+    }
+    r = client.post("/generate", json=body)
+    assert r.status_code == 200, r.text
+    assert r.json()["output_ids"] == plain["output_ids"]
+    openai_nulls = dict.fromkeys(
+        (
+            "temperature",
+            "top_p",
+            "n",
+            "stream",
+            "stream_options",
+            "stop",
+            "seed",
+            "frequency_penalty",
+            "logprobs",
+        )
+    )
+    r = client.post(
+        "/v1/completions", json={"prompt": "hi", "max_tokens": 3, "ignore_eos": True, **openai_nulls}
+    )
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+    chat = {"messages": [{"role": "user", "content": None}], "max_tokens": 2, "top_logprobs": None}
+    r = client.post("/v1/chat/completions", json={**chat, **openai_nulls})
+    assert r.status_code == 200, r.text
+
+
+ODD_TEXT = ["\u0000", "a\u202eb", "e\u0301", "\U0001f600", "\uffff", "\U0010ffff", "\u200b" * 50, "\r\n\t"]
+
+
+@pytest.mark.parametrize("text", ODD_TEXT, ids=range(len(ODD_TEXT)))
+def test_odd_but_valid_unicode_is_served(client, text):
+    r = client.post("/generate", json={"text": text, "sampling_params": greedy_params(2, stop=[text])})
+    assert r.status_code == 200, r.text
+    r = client.post(
+        "/v1/chat/completions", json={"messages": [{"role": "user", "content": text}], "max_tokens": 2}
+    )
+    assert r.status_code == 200, r.text
+
+
+def test_request_body_is_bounded(client):
+    big = {"text": "a " * 600_000}  # 1.2 MB, above the fixture's NANOCP_MAX_REQUEST_BODY_MB=1
+    r = client.post("/generate", json=big)
+    assert r.status_code == 413 and r.json()["error"]["param"] == "body", r.text
+
+    def chunks():  # no Content-Length: the limit is kept while reading
+        yield b'{"text": "'
+        for _ in range(300):
+            yield b"a" * 4096
+        yield b'"}'
+
+    r = client.post("/generate", content=chunks())
+    assert r.status_code == 413, r.text
 
 
 def test_server_still_serves_after_bad_input(client):
@@ -417,6 +554,7 @@ def _require_sglang() -> None:
         pytest.skip(msg)
 
 
+@needs_triton  # sglang's client imports triton
 @pytest.mark.parametrize("backend", ["sglang", "sglang-oai"])
 def test_sglang_bench_serving(server, client, moe_model, tmp_path, backend):
     """SGLang's own benchmark client runs unchanged against NanoCP, and its token counts agree
@@ -472,6 +610,7 @@ def test_sglang_bench_serving(server, client, moe_model, tmp_path, backend):
         assert metric(client, "nanocp:prompt_tokens_total") - prompt0 == res["total_input_tokens"] + warm_in
 
 
+@needs_triton  # sglang's client imports triton
 def test_serve_bench_clients_measure_every_request(server, client, moe_model, tmp_path):
     """benchmark.serve_bench: the native streaming client and the bench_serving wrapper run one
     workload; every request completes with its exact (native) output length and sane latencies."""
