@@ -29,6 +29,7 @@ from nanocp.tokenizer.detokenizer import eos_token_ids, load_tokenizer
 from nanocp_router.cluster_state import REPORT_INTERVAL_S
 from nanocp_router.ipc import PortArgs, drain, dumps, pull, push
 from nanocp_router.process import child_process_setup
+from nanocp_router.router import QUEUE_FULL_RETRY_AFTER_S
 
 logger = logging.getLogger("nanocp.worker")
 # Lockstep instances run one (possibly empty) step per loop turn, so an idle cluster still meets
@@ -37,7 +38,6 @@ logger = logging.getLogger("nanocp.worker")
 IDLE_POLL_MS = 20
 IDLE_MAX_POLL_MS = 200
 IDLE_BACKOFF_S = 1.0
-QUEUE_FULL_RETRY_AFTER_S = 1  # Retry-After of a request refused by --max-queued-requests
 
 
 def detok_params(p: SamplingParams) -> dict[str, Any]:
@@ -123,15 +123,10 @@ class Worker:
             status = 400 if isinstance(e, InvalidRequestError) else 500
             message = str(e) if status == 400 else f"instance {self.instance}: {type(e).__name__}: {e}"
             req = self.scheduler.find(rid)
+            reason = {"type": "abort", "status_code": status, "message": message}
             if req is not None:  # queued before the error: take it out again
-                return [
-                    self._encode(
-                        self.scheduler.fail(req, {"type": "abort", "status_code": status, "message": message})
-                    )
-                ]
-            return [
-                self._finished_output(rid, msg, {"type": "abort", "status_code": status, "message": message})
-            ]
+                return [self._encode(self.scheduler.fail(req, reason))]
+            return [self._finished_output(rid, msg, reason)]
 
     def _finished_output(self, rid: str, msg: dict, reason: dict) -> dict:
         """The output of a request this instance refuses before queueing it."""
