@@ -92,6 +92,11 @@ def home_load(inst: InstanceLoad) -> tuple[int, int, int]:
     return (inst.running + inst.waiting + inst.pending_requests, used_tokens(inst), inst.instance)
 
 
+def last_page_tokens(length: int, page: int) -> int:
+    """Tokens on the last page of a request of `length` (1..page): what its home holds at least."""
+    return (length - 1) % page + 1
+
+
 def _align_up(n: int, page: int) -> int:
     return -(-n // page) * page
 
@@ -118,8 +123,11 @@ class CPPolicy(ABC):
         waits in the router queue; nothing is ever placed beyond an instance's free pages)."""
 
     @staticmethod
-    def pick_home(state: ClusterState) -> InstanceLoad:
-        return min(state.instances, key=home_load)
+    def pick_home(state: ClusterState, tail: int | None = None) -> InstanceLoad | None:
+        """The instance with the fewest requests; with `tail`, among those with room for that
+        many tokens (the positions the home must hold itself), None when none has."""
+        fits = [i for i in state.instances if tail is None or free_tokens(i) >= tail]
+        return min(fits, key=home_load) if fits else None
 
     def tail_quota(self, max_new_tokens: int) -> int:
         """Output tokens a new plan covers; growth beyond it is planned later (plan_growth)."""
@@ -170,9 +178,12 @@ class DynamicCP(CPPolicy):
 
     def plan(self, length: int, state: ClusterState) -> Plan | None:
         cfg = self.config
-        home = self.pick_home(state)
-        page = home.page_size
         insts = state.instances
+        page = insts[0].page_size
+        # the home holds the tail (at least the last page's tokens): one without room for it cannot be home
+        home = self.pick_home(state, last_page_tokens(length, page))
+        if home is None:
+            return None
         level = (sum(used_tokens(i) for i in insts) + length) / len(insts)  # mean load after placing
         fits_home = free_tokens(home) >= length
         if fits_home and (length <= cfg.cp_min_shard_tokens or used_tokens(home) + length <= level + page):
@@ -240,15 +251,15 @@ class DynamicCP(CPPolicy):
             while amounts[home] > caps[home] and caps[i] - amounts[i] >= page:
                 amounts[i] += page
                 amounts[home] -= page
-        # The home keeps the tail: at least one page of the prompt (when it has room for it).
-        need_home = min(length, page, caps[home])
-        while amounts[home] < need_home:
+        # The home keeps the tail: at least the last page's tokens (the others hold whole pages).
+        need_home = last_page_tokens(length, page)
+        while amounts[home] < need_home and others:
             donor = max(others, key=lambda i: amounts[i])
             if amounts[donor] < page:
                 break
             amounts[donor] -= page
             amounts[home] += page
-        if not 0 <= amounts[home] <= caps[home]:
+        if not need_home <= amounts[home] <= caps[home]:
             return None
         return amounts, hi
 

@@ -28,6 +28,7 @@ QUEUE_FULL_RETRY_AFTER_S = 1  # Retry-After of a request refused by --max-queued
 class CPRequest:
     """A request placed by the planner, as the router tracks it until its home finishes it."""
 
+    rid: str
     key: int  # cp_key: names the request's segments on their holders
     home: int
     holders: set[int]  # instances other than the home holding segments of it
@@ -60,8 +61,10 @@ class Router:
         self.queue: list[dict] = []
         self.max_queued_requests = max_queued_requests  # bounds self.queue (503 past it)
         self.pending: dict[int, dict] = {}  # cp_key -> {"msg", "plan", "waiting", "ok"}
-        self.placed: dict[str, CPRequest] = {}  # rid -> placed request, until its home finishes it
-        self.growing: dict[tuple[int, int], tuple[str, int, int]] = {}  # (cp_key, start) -> (rid, inst, end)
+        # cp_key -> placed request, until its home reports it finished (by cp_key, not rid: a
+        # client may reuse a rid before that report comes)
+        self.placed: dict[int, CPRequest] = {}
+        self.growing: dict[tuple[int, int], tuple[int, int]] = {}  # (cp_key, start) -> (inst, end)
         self._keys = itertools.count(1)
         self.degrees: dict[int, int] = {}  # cp degree -> requests placed with it
         self.growth_segments = {"home": 0, "moved": 0}  # growth quotas placed on the home / elsewhere
@@ -83,20 +86,35 @@ class Router:
         self.send_work(inst, msg)
 
     def place(self) -> None:
-        """Plan queued requests first-come first-served; a request that does not fit waits."""
+        """Plan queued requests first-come first-served; a request that does not fit waits. An
+        error planning one fails that request alone (500)."""
         while self.queue:
             msg = self.queue[0]
-            max_new = msg["sampling_params"].get("max_new_tokens", 128)
-            plan = self.cp.plan(len(msg["input_ids"]) + self.cp.tail_quota(max_new), self.state)
-            if plan is None:
-                return
-            self.queue.pop(0)
-            apply_plan(self.state, plan)
-            key = next(self._keys)
-            if plan.degree == 1:
-                self.start_on_home(msg, key, plan)
-                continue
-            holders = [s for s in plan.segments if s.instance != plan.home]
+            try:
+                if not self.place_first():
+                    return
+            except Exception as e:
+                logger.exception("router: placing request %s failed", msg["rid"])
+                if self.queue and self.queue[0] is msg:
+                    self.queue.pop(0)
+                self.abort_output(msg, {"type": "abort", "status_code": 500, "message": f"router: {e}"})
+
+    def place_first(self) -> bool:
+        """Plan the request at the head of the queue; False when it does not fit now."""
+        msg = self.queue[0]
+        max_new = msg["sampling_params"].get("max_new_tokens", 128)
+        plan = self.cp.plan(len(msg["input_ids"]) + self.cp.tail_quota(max_new), self.state)
+        if plan is None:
+            return False
+        if not plan.segments or plan.segments[-1].instance != plan.home:
+            raise RuntimeError(f"planner bug: the home {plan.home} does not hold the tail of {plan}")
+        self.queue.pop(0)
+        apply_plan(self.state, plan)
+        key = next(self._keys)
+        holders = [s for s in plan.segments if s.instance != plan.home]
+        if not holders:
+            self.start_on_home(msg, key, plan)
+        else:
             self.pending[key] = {
                 "msg": msg,
                 "plan": plan,
@@ -106,6 +124,7 @@ class Router:
             }
             for s in holders:
                 self.reserve(s.instance, key, s.start, s.end)
+        return True
 
     def reserve(self, inst: int, key: int, start: int, end: int) -> None:
         """Ask a holder to reserve positions [start, end) of request `key`; it acks "reserved"."""
@@ -145,7 +164,7 @@ class Router:
         req["placement"] = [[s.instance, s.start, s.end] for s in plan.segments]
         req["cp_key"] = key
         holders = {s.instance for s in plan.segments if s.instance != plan.home}
-        self.placed[req["rid"]] = CPRequest(key, plan.home, holders)
+        self.placed[key] = CPRequest(req["rid"], key, plan.home, holders)
         logger.debug(
             "request %s (%d tokens): home %d, segments %s",
             req["rid"],
@@ -158,35 +177,36 @@ class Router:
 
     def on_grow(self, msg: dict) -> None:
         """A home used up its request's plan: place the next tail quota (growth re-planning)."""
-        rid, start = msg["rid"], msg["start"]
-        r = self.placed.get(rid)
+        key, start = msg["cp_key"], msg["start"]
+        r = self.placed.get(key)
         if r is None:  # finished meanwhile; the home drops the answer
             return
         tokens = self.cp.tail_quota(msg["need"])
         inst = self.cp.plan_growth(r.home, r.holders, tokens, self.state)
         apply_growth(self.state, inst, tokens)
         if inst == r.home:
-            self.grown(rid, r.home, [inst, start, start + tokens])
+            self.grown(r, [inst, start, start + tokens])
             return
-        self.growing[(r.key, start)] = (rid, inst, start + tokens)
-        self.reserve(inst, r.key, start, start + tokens)
+        self.growing[(key, start)] = (inst, start + tokens)
+        self.reserve(inst, key, start, start + tokens)
 
     def on_growth_reserved(self, msg: dict) -> None:
-        rid, inst, end = self.growing.pop((msg["cp_key"], msg["start"]))
-        r = self.placed.get(rid)
+        key = msg["cp_key"]
+        inst, end = self.growing.pop((key, msg["start"]))
+        r = self.placed.get(key)
         if r is None:  # the request finished while its growth was being reserved
             if msg["ok"]:
-                self.workers[inst].send(dumps({"type": "release", "cp_key": msg["cp_key"]}))
+                self.workers[inst].send(dumps({"type": "release", "cp_key": key}))
             return
         if not msg["ok"]:  # no room there after all: the home grows on demand
             inst = r.home
         else:
             r.holders.add(inst)
-        self.grown(rid, r.home, [inst, msg["start"], end])
+        self.grown(r, [inst, msg["start"], end])
 
-    def grown(self, rid: str, home: int, segment: list[int]) -> None:
-        self.growth_segments["home" if segment[0] == home else "moved"] += 1
-        self.send_work(home, {"type": "grown", "rid": rid, "segment": segment})
+    def grown(self, r: CPRequest, segment: list[int]) -> None:
+        self.growth_segments["home" if segment[0] == r.home else "moved"] += 1
+        self.send_work(r.home, {"type": "grown", "rid": r.rid, "cp_key": r.key, "segment": segment})
 
     def abort_output(self, req: dict, reason: dict | None = None) -> None:
         """Finish a request that never reached an instance (aborted, refused or failed here)."""
@@ -263,9 +283,10 @@ class Router:
                 w.send(dumps(msg))
         elif kind == "load":
             self.state.on_report(msg)
-            for rid in msg.get("finished", []):
-                self.rid_to_instance.pop(rid, None)
-                r = self.placed.pop(rid, None)
+            for rid, key in msg.get("finished", []):
+                if self.rid_to_instance.get(rid) == msg["instance"]:
+                    del self.rid_to_instance[rid]
+                r = self.placed.pop(key, None) if key is not None else None
                 if r is not None:  # the home is done with it: free its segments
                     for inst in r.holders:
                         self.workers[inst].send(dumps({"type": "release", "cp_key": r.key}))

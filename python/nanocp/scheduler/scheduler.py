@@ -77,10 +77,10 @@ class Scheduler:
     def release_foreign(self, key: int) -> None:
         self.foreign.release(key)
 
-    def apply_growth(self, rid: str, segment: tuple[int, int, int]) -> None:
+    def apply_growth(self, rid: str, cp_key: int, segment: tuple[int, int, int]) -> None:
         """The router placed the next positions of a request (on this home or on a holder)."""
         req = self.find(rid)
-        if req is not None and req.placement is not None and req.planned_end == segment[1]:
+        if req is not None and req.cp_key == cp_key and req.planned_end == segment[1]:
             req.set_placement([*req.placement, segment], self.instance)
 
     def _ask_growth(self, req: Req) -> None:
@@ -91,7 +91,9 @@ class Scheduler:
         need = len(req.origin_input_ids) + req.sampling_params.max_new_tokens - end
         if need > 0:
             req.growth_asked = True
-            self.growth_requests.append({"type": "grow", "rid": req.rid, "start": end, "need": need})
+            self.growth_requests.append(
+                {"type": "grow", "rid": req.rid, "cp_key": req.cp_key, "start": end, "need": need}
+            )
 
     # ----------------------------------------------------------------- requests
     def limits(self, has_tokenizer: bool) -> RequestLimits:

@@ -82,7 +82,9 @@ class Worker:
         self.to_router = push(self.ctx, ports.router)
         self.to_detok = push(self.ctx, ports.detokenizer)
         self._announced: dict[str, dict] = {}  # rid -> detok params not yet sent
-        self._finished: list[str] = []
+        # [rid, cp_key] of requests finished since the last report: the router frees their
+        # segments (the key tells a finished request from a newer one reusing its rid)
+        self._finished: list[list] = []
         self._placed: dict[str, Req] = {}  # requests with a context-parallel plan, by rid
 
         self._last_report = 0.0
@@ -134,7 +136,7 @@ class Worker:
         prompt_tokens = len(ids) if isinstance(ids, list) else 0
         self._placed.pop(rid, None)
         self._announced.pop(rid, None)
-        return self._encode(ReqOutput(rid, [], "", True, reason, prompt_tokens, 0))
+        return self._encode(ReqOutput(rid, [], "", True, reason, prompt_tokens, 0), msg.get("cp_key"))
 
     def handle(self, msg: dict) -> list[dict]:
         kind = msg["type"]
@@ -176,7 +178,7 @@ class Worker:
             reply = {"type": "reserved", "cp_key": msg["cp_key"], "start": msg["start"], "ok": ok}
             self.to_router.send(dumps({**reply, "instance": self.instance}))
         elif kind == "grown":
-            self.scheduler.apply_growth(msg["rid"], tuple(msg["segment"]))
+            self.scheduler.apply_growth(msg["rid"], msg["cp_key"], tuple(msg["segment"]))
         elif kind == "release":
             self.scheduler.release_foreign(msg["cp_key"])
         elif kind == "abort":
@@ -191,7 +193,8 @@ class Worker:
             logger.warning("worker: unknown message type %r", kind)
         return []
 
-    def _encode(self, out: ReqOutput) -> dict:
+    def _encode(self, out: ReqOutput, cp_key: int | None = None) -> dict:
+        """The detokenizer's record of an output; cp_key: of a finished request not queued here."""
         d = {
             "rid": out.rid,
             "ids": out.new_token_ids,
@@ -210,9 +213,9 @@ class Worker:
             if not out.finished:
                 self._announced[out.rid] = None  # sent; keep the key so finish pops it
         if out.finished:
-            self._finished.append(out.rid)
             # where the request's KV lived: [instance, tokens] per segment (the home holds the tail)
             req = self._placed.pop(out.rid, None)
+            self._finished.append([out.rid, req.cp_key if req is not None else cp_key])
             total = out.prompt_tokens + out.completion_tokens
             if req is None:
                 d["placement"] = [[self.instance, total]]
