@@ -35,21 +35,32 @@ def _error(r: httpx.Response) -> str:
 
 
 # ------------------------------------------------------------------ faults
-FAULTS = "forward:1:3,sample:1:9,worker:rid-worker,router:rid-router,tokenizer:rid-tok,detokenizer:rid-detok"
+STEP_FAULTS = "forward:1:3,sample:1:9"  # counted from the server's start: the test has it alone
+LOOP_FAULTS = "worker:rid-worker,router:rid-router,tokenizer:rid-tok,detokenizer:rid-detok"
+
+
+def _fault_server(moe_model, tmp_path_factory, faults: str):
+    log = tmp_path_factory.mktemp("faults") / "server.log"
+    return ServerProcess(dp2_args(moe_model), env={"NANOCP_FAULT_INJECT": faults}, log_path=str(log))
 
 
 @pytest.fixture(scope="module")
-def fault_server(moe_model, tmp_path_factory):
-    log = tmp_path_factory.mktemp("faults") / "server.log"
-    with ServerProcess(dp2_args(moe_model), env={"NANOCP_FAULT_INJECT": FAULTS}, log_path=str(log)) as s:
+def loop_fault_server(moe_model, tmp_path_factory):
+    with _fault_server(moe_model, tmp_path_factory, LOOP_FAULTS) as s:
         yield s
 
 
-def test_a_fault_in_one_instances_step_fails_its_requests_alone(fault_server, moe_model, hf_oracle):
+def test_a_fault_in_one_instances_step_fails_its_requests_alone(moe_model, hf_oracle, tmp_path_factory):
     """dp=2, EP=2 (lockstep): instance 1's 3rd forward raises at its start. Its request of that
     step fails with 500; instance 1 completes the step with its peer (the MoE exchange carries
     instance 0's tokens through instance 1's experts), so the request running meanwhile on
     instance 0 stays token-exact; then a fault in instance 1's sampling; then both serve again."""
+    with _fault_server(moe_model, tmp_path_factory, STEP_FAULTS) as server:
+        _step_faults(server, moe_model, hf_oracle)
+
+
+def _step_faults(fault_server, moe_model, hf_oracle):
+    """Run by the test above."""
     oracle = hf_oracle(moe_model)
     a, b, c, d = random_prompts([20, 12, 9, 7], vocab=500, seed=71)
     url = fault_server.url
@@ -94,7 +105,7 @@ def test_a_fault_in_one_instances_step_fails_its_requests_alone(fault_server, mo
     ],
 )
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
-def test_a_fault_in_a_loop_fails_that_request_alone(fault_server, rid, where, stream):
+def test_a_fault_in_a_loop_fails_that_request_alone(loop_fault_server, rid, where, stream):
     """An exception while a process's loop handles one request fails that request with a 500
     naming the process; the process goes on serving (the next request is served)."""
     body = {
@@ -103,7 +114,7 @@ def test_a_fault_in_a_loop_fails_that_request_alone(fault_server, rid, where, st
         "rid": rid,
         "stream": stream,
     }
-    with httpx.Client(base_url=fault_server.url, timeout=60) as client:
+    with httpx.Client(base_url=loop_fault_server.url, timeout=60) as client:
         r = client.post("/generate", json=body)
         if stream and r.status_code == 200:  # failed after its first token: the stream's last event
             events = [ln for ln in r.text.splitlines() if ln.startswith("data: {")]
@@ -318,10 +329,6 @@ def test_killed_instance_at_dp2_fails_in_flight_requests_and_stops_cleanly(moe_m
 RSS_GROWTH_BOUND_MIB = 64  # per worker over the soak, measured after a warm-up
 
 
-@pytest.mark.skip(
-    reason="open bug found by this soak (#22 note): a holder gets DCP routing for positions it no longer "
-    "holds ('context-parallel request K: positions not reserved on this instance'), and the instance exits"
-)
 def test_soak_500_mixed_requests_at_dp2_with_dynamic_cp(moe_model, tmp_path):
     """benchmark.soak at 500 requests (the committed run has 2,000): short and long (sharded),
     streamed and not, some aborted, some invalid: 0 lost, 0 hung, every invalid one a 4xx, no
