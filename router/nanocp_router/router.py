@@ -24,6 +24,16 @@ SNAPSHOT_INTERVAL_S = 0.1
 QUEUE_FULL_RETRY_AFTER_S = 1  # Retry-After of a request refused by --max-queued-requests
 
 
+def queue_full_reason(where: str, limit: int) -> dict:
+    """The finish reason of a request refused because `where`'s queue holds `limit` (503)."""
+    return {
+        "type": "abort",
+        "status_code": 503,
+        "retry_after": QUEUE_FULL_RETRY_AFTER_S,
+        "message": f"{where}: the request queue is full ({limit} waiting, --max-queued-requests)",
+    }
+
+
 @dataclass
 class CPRequest:
     """A request placed by the planner, as the router tracks it until its home finishes it."""
@@ -244,12 +254,7 @@ class Router:
             elif self.cp is not None:
                 limit = self.max_queued_requests
                 if limit is not None and len(self.queue) >= limit:
-                    reason = {
-                        "type": "abort",
-                        "status_code": 503,
-                        "retry_after": QUEUE_FULL_RETRY_AFTER_S,
-                        "message": f"router: the placement queue is full ({limit} waiting, --max-queued-requests)",
-                    }
+                    reason = queue_full_reason("router", limit)
                     self.abort_output(msg, reason)
                     return
                 self.queue.append(msg)

@@ -29,7 +29,7 @@ from nanocp.tokenizer.detokenizer import eos_token_ids, load_tokenizer
 from nanocp_router.cluster_state import REPORT_INTERVAL_S
 from nanocp_router.ipc import PortArgs, drain, dumps, pull, push
 from nanocp_router.process import child_process_setup
-from nanocp_router.router import QUEUE_FULL_RETRY_AFTER_S
+from nanocp_router.router import queue_full_reason
 
 logger = logging.getLogger("nanocp.worker")
 # Lockstep instances run one (possibly empty) step per loop turn, so an idle cluster still meets
@@ -151,13 +151,7 @@ class Worker:
             )
             limit = self.max_queued_requests
             if limit is not None and len(self.scheduler.waiting) >= limit:
-                reason = {
-                    "type": "abort",
-                    "status_code": 503,
-                    "retry_after": QUEUE_FULL_RETRY_AFTER_S,
-                    "message": f"instance {self.instance}: the request queue is full "
-                    f"({limit} waiting, --max-queued-requests)",
-                }
+                reason = queue_full_reason(f"instance {self.instance}", limit)
                 return [self._finished_output(msg["rid"], msg, reason)]
             req = self.make_req(
                 msg["rid"],
