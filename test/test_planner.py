@@ -157,9 +157,14 @@ def test_growth_fits_and_respects_max_degree(cluster, tokens, home, max_degree, 
     home, holders = home % n, {h % n for h in holders} - {home % n}
     state = make_state(used, running, page, capacity=64_000)
     policy = create_cp_policy("dynamic", PlannerConfig(cp_max_degree=max_degree, cp_min_shard_tokens=1))
-    inst = policy.plan_growth(home, holders, tokens, state)
+    inst, got = policy.plan_growth(home, holders, tokens, state)
+    assert 0 < got <= tokens
+    spanned = holders | {home}
+    room = max(free_tokens(i) for i in state.instances if len(spanned) < max_degree or i.instance in spanned)
+    if got < tokens:  # a smaller quota only where no instance it may use has room for all of it
+        assert room < tokens and got == room // page * page
     if inst != home:  # moved growth always fits where it goes and never widens past the cap
-        assert free_tokens(state.instances[inst]) >= tokens
+        assert free_tokens(state.instances[inst]) >= got
         assert inst in holders or len(holders) + 1 < max_degree
         level = (sum(used_tokens(i) for i in state.instances) + tokens) / n
         h = state.instances[home]  # only a full or above-level home gives growth away
@@ -173,9 +178,41 @@ def test_growth_alternates_to_keep_a_growing_request_balanced():
     policy = create_cp_policy("dynamic", PlannerConfig(cp_min_shard_tokens=1000))
     holders: set[int] = set()
     for _ in range(20):
-        inst = policy.plan_growth(0, holders, policy.tail_quota(50_000), state)
+        inst, _ = policy.plan_growth(0, holders, policy.tail_quota(50_000), state)
         holders |= {inst} - {0}
         state.instances[inst].free_pages -= 1000
     loads = [used_tokens(i) for i in state.instances]
     assert abs(loads[0] - loads[1]) <= 1000, loads
     assert policy.tail_quota(50_000) == 1000 and create_cp_policy("uniform").tail_quota(50_000) == 50_000
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    caps=st.lists(st.integers(1, 4_000), min_size=1, max_size=8),
+    page=st.sampled_from([1, 16]),
+    policy=st.sampled_from(POLICIES),
+    cp_size=st.integers(1, 8),
+    max_degree=st.integers(1, 8),
+    min_shard=st.sampled_from([1, 512, 4096]),
+)
+def test_capacity_is_what_the_planner_places_on_an_idle_cluster(
+    caps, page, policy, cp_size, max_degree, min_shard
+):
+    """KV pooling: the up-front check admits exactly what the planner can place. A request of
+    capacity() tokens gets a plan on an idle cluster (one more page does not, for dynamic CP)."""
+    tokens = [c * page for c in caps]
+    s = ClusterState.create(len(tokens))
+    for i, t in enumerate(tokens):
+        s.on_report({"instance": i, "total_pages": t // page, "free_pages": t // page, "page_size": page,
+                     "running": 0, "waiting": 0, "kv_tokens": 0})  # fmt: skip
+    cfg = PlannerConfig(cp_size=cp_size, cp_max_degree=max_degree, cp_min_shard_tokens=min_shard)
+    p = create_cp_policy(policy, cfg)
+    cap = p.capacity(tokens, page)
+    assert cap >= min(tokens)  # never less than static DP's
+    plan = p.plan(cap, s)
+    assert (
+        plan is not None and plan.length == cap and plan.degree <= (max_degree if policy == "dynamic" else 8)
+    )
+    if policy == "dynamic" and len(set(tokens)) == 1:  # equal instances: their pools, added up
+        assert cap == tokens[0] * min(max_degree, len(tokens))
+        assert p.plan(cap + page, s) is None

@@ -205,7 +205,7 @@ class Simulator:
         end = sr.planned_end
         tokens = self.policy.tail_quota(sr.req.input_len + sr.req.output_len - end)
         holders = {s[0] for s in sr.segments} - {sr.home}
-        inst = self.policy.plan_growth(sr.home, holders, tokens, self.state)
+        inst, tokens = self.policy.plan_growth(sr.home, holders, tokens, self.state)
         apply_growth(self.state, inst, tokens)
         if inst != sr.home and not self.insts[inst].reserve_foreign(sr, end, end + tokens):
             inst = sr.home  # no room there after all: the home grows on demand

@@ -213,6 +213,15 @@ class ServerArgs:
                 raise ServerArgsError("--device cuda was requested but no CUDA device is available")
 
     # ------------------------------------------------------------------ checks
+    def cp_config(self) -> dict[str, Any]:
+        """The context-parallel settings, as the router's planner takes them (planner.cp_policy_from)."""
+        return {
+            "policy": self.cp_policy,
+            "cp_size": self.cp_size,
+            "cp_max_degree": self.cp_max_degree,
+            "cp_min_shard_tokens": self.cp_min_shard_tokens,
+        }
+
     def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
         value = getattr(self, name)
         if value not in choices:

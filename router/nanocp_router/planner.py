@@ -129,19 +129,32 @@ class CPPolicy(ABC):
         fits = [i for i in state.instances if tail is None or free_tokens(i) >= tail]
         return min(fits, key=home_load) if fits else None
 
+    @abstractmethod
+    def capacity(self, instance_tokens: list[int], page: int) -> int:
+        """The longest request (KV tokens: prompt + max_new_tokens) this policy can place on an
+        idle cluster whose instances hold `instance_tokens` each: what requests are checked
+        against up front (KV pooling: with context parallelism, more than one instance's)."""
+
+    def capacity_note(self) -> str:
+        """How capacity() comes about, for the error of a request beyond it."""
+        return "one instance's KV cache; raise --max-total-tokens"
+
     def tail_quota(self, max_new_tokens: int) -> int:
         """Output tokens a new plan covers; growth beyond it is planned later (plan_growth)."""
         return max_new_tokens
 
-    def plan_growth(self, home: int, holders: set[int], tokens: int, state: ClusterState) -> int:
-        """Instance to hold the next `tokens` positions of a request whose plan is used up;
-        holders: the instances already holding its segments. The home always works: it then
-        grows like any request, on demand."""
-        return home
+    def plan_growth(self, home: int, holders: set[int], tokens: int, state: ClusterState) -> tuple[int, int]:
+        """(instance, tokens) to hold the next positions (at most `tokens`) of a request whose
+        plan is used up; holders: the instances already holding its segments. The home always
+        works: it then grows like any request, on demand."""
+        return home, tokens
 
 
 class NoCP(CPPolicy):
     """Static DP: the whole request on its home."""
+
+    def capacity(self, instance_tokens: list[int], page: int) -> int:
+        return min(instance_tokens)
 
     def plan(self, length: int, state: ClusterState) -> Plan | None:
         home = self.pick_home(state)
@@ -152,6 +165,15 @@ class NoCP(CPPolicy):
 
 class UniformCP(CPPolicy):
     """Every request split evenly over cp_size instances: the home and the least-loaded others."""
+
+    def capacity(self, instance_tokens: list[int], page: int) -> int:
+        # k shares of whole pages; the home's is the largest, by less than k pages
+        k = min(self.config.cp_size, len(instance_tokens))
+        smallest = min(instance_tokens)  # fits one share's worth on every instance (or goes unsplit)
+        return max(smallest, k * (smallest - (k - 1) * page))
+
+    def capacity_note(self) -> str:
+        return f"--cp-size {self.config.cp_size} instances' KV caches, split evenly"
 
     def plan(self, length: int, state: ClusterState) -> Plan | None:
         home = self.pick_home(state)
@@ -210,22 +232,36 @@ class DynamicCP(CPPolicy):
                 return plan
         return best
 
+    def capacity(self, instance_tokens: list[int], page: int) -> int:
+        # cp_max_degree pools, whole (the water-fill fills them to the last page); the smallest
+        # ones, as the home and its holders are picked by load, not by size
+        return sum(sorted(instance_tokens)[: self.config.cp_max_degree])
+
+    def capacity_note(self) -> str:
+        return f"the KV caches of up to --cp-max-degree {self.config.cp_max_degree} instances together"
+
     def tail_quota(self, max_new_tokens: int) -> int:
         return min(max_new_tokens, self.config.cp_min_shard_tokens)
 
-    def plan_growth(self, home: int, holders: set[int], tokens: int, state: ClusterState) -> int:
+    def plan_growth(self, home: int, holders: set[int], tokens: int, state: ClusterState) -> tuple[int, int]:
+        """On the home while it stays near the water level, else on the least-loaded instance
+        with room for the quota; when none has that much, a smaller quota where the most room
+        is (so a request up to capacity() can grow into the last pages); with no room anywhere,
+        on the home, on demand."""
         insts = state.instances
         h = insts[home]
         level = (sum(used_tokens(i) for i in insts) + tokens) / len(insts)
         if free_tokens(h) >= tokens and used_tokens(h) + tokens <= level + h.page_size:
-            return home
+            return home, tokens
         spanned = holders | {home}
         if len(spanned) >= self.config.cp_max_degree:
             insts = [i for i in insts if i.instance in spanned]
         fits = [i for i in insts if free_tokens(i) >= tokens]
-        if not fits:
-            return home
-        return min(fits, key=lambda i: (used_tokens(i), i.instance != home, i.instance)).instance
+        if fits:
+            return min(fits, key=lambda i: (used_tokens(i), i.instance != home, i.instance)).instance, tokens
+        roomiest = max(insts, key=lambda i: (free_tokens(i), i.instance == home, -i.instance))
+        room = free_tokens(roomiest) // h.page_size * h.page_size
+        return (roomiest.instance, room) if room > 0 else (home, tokens)
 
     @staticmethod
     def _water_fill(group: list[InstanceLoad], length: int, page: int) -> tuple[dict[int, int], float] | None:
@@ -271,6 +307,12 @@ def create_cp_policy(name: str, config: PlannerConfig | None = None) -> CPPolicy
     if name not in POLICIES:
         raise ValueError(f"--cp-policy must be one of {', '.join(POLICIES)}; got {name!r}")
     return POLICIES[name](config)
+
+
+def cp_policy_from(cp: dict) -> CPPolicy:
+    """The policy of a server's context-parallel settings (ServerArgs.cp_config)."""
+    config = PlannerConfig(cp["cp_size"], cp["cp_max_degree"], cp["cp_min_shard_tokens"])
+    return create_cp_policy(cp["policy"], config)
 
 
 def apply_growth(state: ClusterState, instance: int, tokens: int) -> None:

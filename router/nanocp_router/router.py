@@ -16,7 +16,7 @@ import zmq
 from nanocp.fault_injection import request_fault  # torch-free, as all of the router
 from nanocp_router.cluster_state import ClusterState
 from nanocp_router.ipc import PortArgs, drain, dumps, pull, push
-from nanocp_router.planner import CPPolicy, Plan, PlannerConfig, apply_growth, apply_plan, create_cp_policy
+from nanocp_router.planner import CPPolicy, Plan, apply_growth, apply_plan, cp_policy_from
 from nanocp_router.policy import create_policy
 
 logger = logging.getLogger("nanocp.router")
@@ -66,8 +66,7 @@ class Router:
         # reserve the segments (acks), then go to their home.
         self.cp: CPPolicy | None = None
         if cp and cp["policy"] != "none":
-            cfg = PlannerConfig(cp["cp_size"], cp["cp_max_degree"], cp["cp_min_shard_tokens"])
-            self.cp = create_cp_policy(cp["policy"], cfg)
+            self.cp = cp_policy_from(cp)
         self.queue: list[dict] = []
         self.max_queued_requests = max_queued_requests  # bounds self.queue (503 past it)
         self.pending: dict[int, dict] = {}  # cp_key -> {"msg", "plan", "waiting", "ok"}
@@ -191,8 +190,7 @@ class Router:
         r = self.placed.get(key)
         if r is None:  # finished meanwhile; the home drops the answer
             return
-        tokens = self.cp.tail_quota(msg["need"])
-        inst = self.cp.plan_growth(r.home, r.holders, tokens, self.state)
+        inst, tokens = self.cp.plan_growth(r.home, r.holders, self.cp.tail_quota(msg["need"]), self.state)
         apply_growth(self.state, inst, tokens)
         if inst == r.home:
             self.grown(r, [inst, start, start + tokens])

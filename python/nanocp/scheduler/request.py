@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, auto
 from typing import Any
 
@@ -122,8 +122,31 @@ class RequestLimits:
 
     vocab_size: int
     context_length: int
-    max_total_tokens: int
+    max_total_tokens: int  # KV tokens of one instance: a request kept whole on one instance
     has_tokenizer: bool = True
+    # KV pooling: the KV tokens one request placed by the DCP planner may span (its policy's
+    # capacity() over every instance's pool) and how that comes about; None without CP
+    pooled_tokens: int | None = None
+    pooled_note: str = ""
+
+    def with_pool(self, cp: dict, instance_tokens: list[int], page: int) -> RequestLimits:
+        """These limits for a cluster whose instances hold `instance_tokens` KV tokens each, with
+        the context-parallel settings `cp` (ServerArgs.cp_config)."""
+        if cp["policy"] == "none" or len(instance_tokens) < 2:
+            return self
+        from nanocp_router.planner import cp_policy_from
+
+        policy = cp_policy_from(cp)
+        return replace(
+            self, pooled_tokens=policy.capacity(instance_tokens, page), pooled_note=policy.capacity_note()
+        )
+
+    def kv_capacity(self, placed: bool) -> tuple[int, str]:
+        """(KV tokens, how they come about) a request may need at most: placed by the planner
+        (no data_parallel_rank, CP on), or kept on one instance."""
+        if placed and self.pooled_tokens is not None:
+            return self.pooled_tokens, self.pooled_note
+        return self.max_total_tokens, "one instance's KV cache; raise --max-total-tokens"
 
 
 def check_token_ids(name: str, ids: Any) -> list[int]:
@@ -139,10 +162,12 @@ def check_generate(
     limits: RequestLimits,
     return_logprob: Any = False,
     top_logprobs_num: Any = 0,
+    placed: bool = False,
 ) -> SamplingParams:
     """The one validator of a generate request, whatever its values' types: the HTTP boundary, the
     offline engine and the worker (again, on what it receives) apply these same rules. Raises
-    InvalidRequestError naming the field; returns the parsed sampling parameters."""
+    InvalidRequestError naming the field; returns the parsed sampling parameters. placed: the
+    DCP planner places the request, so its KV may span instances (RequestLimits.kv_capacity)."""
     check_token_ids("input_ids", input_ids)
     if sampling_params is not None and not isinstance(sampling_params, dict):
         raise InvalidRequestError("sampling_params", f"must be an object, got {short_repr(sampling_params)}")
@@ -153,9 +178,8 @@ def check_generate(
     if not isinstance(return_logprob, bool):
         raise InvalidRequestError("return_logprob", f"must be a boolean, got {short_repr(return_logprob)}")
     check_int("top_logprobs_num", top_logprobs_num, 0, limits.vocab_size)
-    validate_input(
-        input_ids, params.max_new_tokens, limits.vocab_size, limits.context_length, limits.max_total_tokens
-    )
+    capacity, note = limits.kv_capacity(placed)
+    validate_input(input_ids, params.max_new_tokens, limits.vocab_size, limits.context_length, capacity, note)
     return params
 
 
@@ -165,6 +189,7 @@ def validate_input(
     vocab_size: int,
     context_length: int,
     max_total_tokens: int,
+    capacity_note: str = "raise --max-total-tokens",
 ) -> None:
     """Reject what could never run: empty prompts, unknown token ids, too long for the model or
     for the whole KV cache (such a request would wait forever)."""
@@ -191,7 +216,7 @@ def validate_input(
         raise InvalidRequestError(
             "max_new_tokens",
             f"prompt + max_new_tokens = {total} tokens exceeds the KV cache capacity "
-            f"({max_total_tokens} tokens; raise --max-total-tokens)",
+            f"({max_total_tokens} tokens: {capacity_note})",
         )
 
 

@@ -63,6 +63,7 @@ class Scheduler:
         self.instance = runner.parallel.rank if runner.parallel is not None else 0
         self.growth_requests: list[dict] = []  # asks for the next tail quota, for the router
         self._step_reqs: list[Req] = []  # the requests of the step being run (fail_step)
+        self.failed: list[ReqOutput] = []  # requests failed while scheduling, to be sent (take_failed)
         self.num_failed_steps = 0
 
     # ------------------------------------------------------- context parallelism
@@ -123,6 +124,10 @@ class Scheduler:
             else:
                 total += held_tokens(req, req.planned_end) - held_tokens(req)
         return max(total, 0)
+
+    def take_failed(self) -> list[ReqOutput]:
+        out, self.failed = self.failed, []
+        return out
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -330,7 +335,17 @@ class Scheduler:
             # the last running request goes too when segments held for other homes took its
             # pages (it waits until they are released); without them admission was wrong
             if len(self.running) <= 1 and not self.foreign.segments:
-                raise RuntimeError("KV cache cannot hold a single request; this is a bug in admission")
+                req = self.running[0] if self.running else None
+                if req is None or req.placement is None:
+                    raise RuntimeError("KV cache cannot hold a single request; this is a bug in admission")
+                # A context-parallel request grew on demand on its home (no instance had room for
+                # its growth) past what the home holds: it can neither run nor wait here.
+                message = (
+                    f"instance {self.instance}: the cluster's KV cache is full; request {req.rid} could "
+                    f"not grow past {req.kv_len} tokens (retry later)"
+                )
+                self.failed.append(self.fail(req, {"type": "abort", "status_code": 503, "message": message}))
+                return [(r, n) for r, n in work if r is not req]
             victim = self._victim()
             self._retract(victim)
             work = [(r, n) for r, n in work if r is not victim]

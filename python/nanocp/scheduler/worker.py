@@ -72,6 +72,7 @@ class Worker:
             tracer = StepTracer(path, instance, self.runner.device)
         self.scheduler = Scheduler(self.runner, tracer)
         self.limits = self.scheduler.limits(has_tokenizer=tokenizer is not None)
+        self.cp_config = server_args.cp_config()
         self.max_queued_requests = server_args.max_queued_requests
         self._cluster_busy = False
         self._idle_since = time.monotonic()
@@ -101,6 +102,13 @@ class Worker:
             "device": str(r.device),
             "pid": os.getpid(),
         }
+
+    def join_cluster(self, instance_tokens: list[int]) -> None:
+        """Every instance's KV capacity, from the launcher once all are ready: a request the
+        router placed may span them (KV pooling), as the HTTP boundary checked it."""
+        self.limits = self.limits.with_pool(
+            self.cp_config, instance_tokens, self.runner.page_allocator.page_size
+        )
 
     # ---------------------------------------------------------------- messages
     def handle_safely(self, msg: dict) -> list[dict]:
@@ -148,6 +156,7 @@ class Worker:
                 self.limits,
                 msg.get("return_logprob", False),
                 msg.get("top_logprobs_num", 0),
+                placed=bool(msg.get("placement")),
             )
             limit = self.max_queued_requests
             if limit is not None and len(self.scheduler.waiting) >= limit:
@@ -290,6 +299,7 @@ class Worker:
                 outs += [self._encode(o) for o in self.step_lockstep()]
             elif self.scheduler.has_work():
                 outs += [self._encode(o) for o in self.scheduler.step()]
+            outs += [self._encode(o) for o in self.scheduler.take_failed()]
 
             for ask in self.scheduler.growth_requests:
                 self.to_router.send(dumps(ask))
@@ -309,7 +319,12 @@ def run_worker_process(server_args: ServerArgs, instance: int, ports: dict, read
         )
         raise SystemExit(1) from e
     ready_conn.send({"ok": True, **worker.info()})
+    try:
+        cluster = ready_conn.recv()  # once every instance is ready
+    except EOFError:  # the launcher gave up (another instance failed to start)
+        raise SystemExit(1) from None
     ready_conn.close()
+    worker.join_cluster(cluster["instance_tokens"])
     try:
         worker.run_forever()
     except Exception:

@@ -199,24 +199,23 @@ def create_app(manager: TokenizerManager) -> FastAPI:
         if batch and rids[0] is not None and len(set(rids)) != len(rids):
             raise InvalidRequestError("rid", "request ids must be unique")
         manager.check_rids(rids)
+        dp_rank = body.get("data_parallel_rank")
+        if dp_rank is not None and (
+            isinstance(dp_rank, bool) or not isinstance(dp_rank, int) or not 0 <= dp_rank < args.dp_size
+        ):
+            raise InvalidRequestError("data_parallel_rank", f"must be an instance id in [0, {args.dp_size})")
         validated = []
         for p, sp in zip(prompts, params_list):
             try:
                 validated.append(
                     manager.validate(
-                        manager.tokenize(p) if text is not None else p, sp, return_logprob, top_n
+                        manager.tokenize(p) if text is not None else p, sp, return_logprob, top_n, dp_rank
                     )
                 )
             except InvalidRequestError as e:
                 if text is None or e.param != "input_ids":
                     raise
                 raise InvalidRequestError("text", str(e).split(": ", 1)[-1]) from None  # the field sent
-
-        dp_rank = body.get("data_parallel_rank")
-        if dp_rank is not None and (
-            isinstance(dp_rank, bool) or not isinstance(dp_rank, int) or not 0 <= dp_rank < args.dp_size
-        ):
-            raise InvalidRequestError("data_parallel_rank", f"must be an instance id in [0, {args.dp_size})")
 
         def run(i: int) -> AsyncIterator[ReqState]:
             ids, params = validated[i]
@@ -288,6 +287,7 @@ def create_app(manager: TokenizerManager) -> FastAPI:
             **dataclasses.asdict(args),
             "version": nanocp.__version__,
             "max_total_num_tokens": manager.max_total_tokens,
+            "max_request_tokens": manager.max_request_tokens(),  # KV pooling: what one request may span
             "instances": manager.worker_infos,
             "processes": manager.process_pids,
             "cluster": manager.cluster,

@@ -30,15 +30,6 @@ def check_layout(server_args: ServerArgs) -> None:
         )
 
 
-def cp_config(args: ServerArgs) -> dict:
-    return {
-        "policy": args.cp_policy,
-        "cp_size": args.cp_size,
-        "cp_max_degree": args.cp_max_degree,
-        "cp_min_shard_tokens": args.cp_min_shard_tokens,
-    }
-
-
 class EngineProcesses:
     def __init__(self, server_args: ServerArgs) -> None:
         from nanocp.scheduler.worker import run_worker_process
@@ -60,7 +51,7 @@ class EngineProcesses:
                 ports,
                 server_args.dp_size,
                 server_args.load_balance_method,
-                cp_config(server_args),
+                server_args.cp_config(),
                 server_args.log_level,
                 server_args.max_queued_requests,
             ),
@@ -69,7 +60,7 @@ class EngineProcesses:
         )
         self.ready_conns = []
         for i in range(server_args.dp_size):
-            reader, writer = ctx.Pipe(duplex=False)
+            reader, writer = ctx.Pipe()  # ready -> launcher; the cluster's instances -> worker
             self.procs[f"instance {i}"] = ctx.Process(
                 target=run_worker_process,
                 args=(server_args, i, ports, writer),
@@ -109,6 +100,9 @@ class EngineProcesses:
                     )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"instances {sorted(pending)} not ready after {timeout:.0f} s")
+        cluster = {"instance_tokens": [i["max_total_num_tokens"] for i in infos]}  # type: ignore[index]
+        for conn in self.ready_conns:  # what every worker waits for before it serves
+            conn.send(cluster)
         return infos  # type: ignore[return-value]
 
     def watch(self, on_death) -> None:

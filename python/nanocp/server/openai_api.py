@@ -338,7 +338,7 @@ def add_openai_routes(app: FastAPI, manager: TokenizerManager) -> None:
             raise InvalidRequestError("messages", f"chat template failed: {e}") from None
         ids = manager.tokenizer.encode(text, add_special_tokens=False)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        default_max = max(1, min(manager.context_length, manager.max_total_tokens) - len(ids))
+        default_max = max(1, min(manager.context_length, manager.max_request_tokens()) - len(ids))
         top_n = req.top_logprobs or 0
         ids, sp = validate_openai(
             manager, ids, req.sampling_params(max_tokens, default_max), req.logprobs, top_n

@@ -95,9 +95,14 @@ class TokenizerManager:
         self.vocab_size = min(i["vocab_size"] for i in worker_infos)
         self.context_length = min(i["context_length"] for i in worker_infos)
         self.max_total_tokens = min(i["max_total_num_tokens"] for i in worker_infos)
-        # the workers' own rules (request.check_generate), against the smallest instance
+        # the workers' own rules (request.check_generate), against the smallest instance, or the
+        # KV the planner can place over several (KV pooling)
         self.limits = RequestLimits(
             self.vocab_size, self.context_length, self.max_total_tokens, tokenizer is not None
+        ).with_pool(
+            server_args.cp_config(),
+            [i["max_total_num_tokens"] for i in worker_infos],
+            min(i["page_size"] for i in worker_infos),
         )
         self.metrics = Metrics()
         self.cluster: list[dict] = []
@@ -124,11 +129,24 @@ class TokenizerManager:
         return self.tokenizer.encode(text)
 
     def validate(
-        self, input_ids: Any, sampling_params: Any, return_logprob: Any = False, top_logprobs_num: Any = 0
+        self,
+        input_ids: Any,
+        sampling_params: Any,
+        return_logprob: Any = False,
+        top_logprobs_num: Any = 0,
+        data_parallel_rank: int | None = None,
     ) -> tuple[list[int], SamplingParams]:
-        """The request as the workers will check it (request.check_generate); errors name the field."""
-        params = check_generate(input_ids, sampling_params, self.limits, return_logprob, top_logprobs_num)
+        """The request as the workers will check it (request.check_generate); errors name the
+        field. A request pinned to an instance (data_parallel_rank) stays on it: one pool."""
+        params = check_generate(
+            input_ids, sampling_params, self.limits, return_logprob, top_logprobs_num,
+            placed=data_parallel_rank is None,
+        )  # fmt: skip
         return input_ids, params
+
+    def max_request_tokens(self) -> int:
+        """The most KV tokens (prompt + output) a request the router places may use."""
+        return self.limits.kv_capacity(placed=True)[0]
 
     def check_rids(self, rids: list[str | None]) -> None:
         """Request ids given by the client must not be in flight already (checked before any starts)."""
