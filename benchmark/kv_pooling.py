@@ -9,11 +9,19 @@ HTTP boundary does): static DP must refuse it (one instance's pool), uniform CP 
 and DCP serve it. Reported: the long request's degree, TTFT and TPOT, the background's P99 TPOT.
 
     python -m benchmark.kv_pooling            # -> results/kv_pooling_sim.json
+
+On real servers (--server; benchmark/gpu/kv_pooling.sh: 2 instances sharing one GPU): a DCP
+server is asked for the longest request it accepts (/server_info max_request_tokens) and serves
+a prompt of that length minus the output (TTFT, TPOT, degree, placement, from a stream); then a
+static-DP server with the same flags gets the same request, which it must refuse.
+
+    python -m benchmark.kv_pooling --server --tag h200 --server-args "--model-path ... --dp-size 2 ..."
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 
 from benchmark.common import RESULTS, write_json
 from benchmark.goodput import percentiles
@@ -70,8 +78,77 @@ def run(model: str, n: int, policy: str, args) -> dict:
     }
 
 
+def serve_longest(server_args: list[str], policy: str, prompt_len: int | None, out: int, log: str) -> dict:
+    """Against a server started with `server_args --cp-policy policy`: the longest prompt it
+    accepts (or `prompt_len`), streamed; TTFT / TPOT from the stream's events."""
+    import time
+
+    import httpx
+    import numpy as np
+
+    from nanocp.testing.server import ServerProcess
+
+    args = [*server_args, "--cp-policy", policy]
+    with (
+        ServerProcess(args, log_path=log, ready_timeout=600) as s,
+        httpx.Client(base_url=s.url, timeout=3600) as c,
+    ):
+        info = c.get("/server_info").json()
+        n = prompt_len if prompt_len is not None else info["max_request_tokens"] - out
+        ids = np.random.default_rng(0).integers(3, info["instances"][0]["vocab_size"], n).tolist()
+        body = {
+            "input_ids": ids,
+            "stream": True,
+            "sampling_params": {"max_new_tokens": out, "ignore_eos": True},
+        }
+        row = {"policy": policy, "instance_kv_tokens": info["max_total_num_tokens"],
+               "max_request_tokens": info["max_request_tokens"], "prompt_tokens": n}  # fmt: skip
+        t0, stamps, last, first_tokens = time.perf_counter(), [], None, 0
+        with c.stream("POST", "/generate", json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                return {
+                    **row,
+                    "served": False,
+                    "status": r.status_code,
+                    "refused": r.json()["error"]["message"],
+                }
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    stamps.append(time.perf_counter() - t0)
+                    last = line
+                    first_tokens = first_tokens or len(json.loads(line[len("data: ") :])["output_ids"])
+        meta = json.loads(last[len("data: ") :])["meta_info"]
+        return {**row, "served": meta["completion_tokens"] == out, "ttft_s": round(stamps[0], 2),
+                # events may carry several tokens (a slow reader): per token after the first event's
+                "tpot_ms": round(1e3 * (stamps[-1] - stamps[0]) / max(1, out - first_tokens), 2),
+                "cp_degree": meta.get("cp_degree"), "placement": meta.get("placement")}  # fmt: skip
+
+
+def main_server(args) -> None:
+    import shlex
+
+    from benchmark.common import environment
+
+    server_args = shlex.split(args.server_args)
+    log = "/tmp/nanocp-kv-pooling-{}.log"
+    dcp = serve_longest(server_args, "dynamic", None, args.out_tokens, log.format("dynamic"))
+    print(dcp, flush=True)
+    static = serve_longest(server_args, "none", dcp["prompt_tokens"], args.out_tokens, log.format("none"))
+    print(static, flush=True)
+    path = RESULTS / f"kv_pooling_{args.tag}.json"
+    runs = json.loads(path.read_text()) if path.exists() else []
+    device = "cuda" if "cuda" in server_args else "cpu"
+    write_json(path, [*runs, {"benchmark": "kv_pooling", **environment(device), "server_args": server_args,
+                              "rows": [dcp, static]}])  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--server", action="store_true", help="measure real servers (see the module docstring)")
+    p.add_argument("--server-args", default="", help="flags of both servers (--cp-policy is added)")
+    p.add_argument("--out-tokens", type=int, default=32)
+    p.add_argument("--tag", default="gpu")
     p.add_argument("--model", default="Qwen3-235B-A22B", choices=sorted(MODELS))
     p.add_argument("--instances", nargs="+", type=int, default=[8, 16])
     p.add_argument("--long-len", type=int, default=1_000_000)
@@ -79,6 +156,8 @@ def main() -> None:
     p.add_argument("--chat", type=int, default=400, help="background chat requests")
     p.add_argument("--rate", type=float, default=0.5, help="chat requests per second per instance")
     args = p.parse_args()
+    if args.server:
+        return main_server(args)
     rows = []
     for n in args.instances:
         for policy in POLICIES:
@@ -88,6 +167,7 @@ def main() -> None:
     cmd = "python -m benchmark.kv_pooling " + " ".join(
         f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
         for k, v in vars(args).items()
+        if k in ("model", "instances", "long_len", "long_out", "chat", "rate")
     )
     write_json(RESULTS / "kv_pooling_sim.json", [{"benchmark": "kv_pooling", "simulated": True, "command": cmd,
                                                   "rows": rows}])  # fmt: skip
