@@ -9,6 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nanocp_router.cluster_state import ClusterState
+from nanocp_router.messages import Load
 from nanocp_router.planner import PlannerConfig, apply_plan, create_cp_policy, free_tokens, used_tokens
 
 POLICIES = ["none", "uniform", "dynamic"]
@@ -19,15 +20,17 @@ def make_state(used: list[int], running: list[int], page: int, capacity: int) ->
     total_pages = capacity // page
     for i, (u, r) in enumerate(zip(used, running)):
         s.on_report(
-            {
-                "instance": i,
-                "total_pages": total_pages,
-                "free_pages": total_pages - min(total_pages, u // page),
-                "page_size": page,
-                "running": r,
-                "waiting": 0,
-                "kv_tokens": u,
-            }
+            Load(
+                **{
+                    "instance": i,
+                    "total_pages": total_pages,
+                    "free_pages": total_pages - min(total_pages, u // page),
+                    "page_size": page,
+                    "running": r,
+                    "waiting": 0,
+                    "kv_tokens": u,
+                }
+            )
         )
     return s
 
@@ -203,8 +206,8 @@ def test_capacity_is_what_the_planner_places_on_an_idle_cluster(
     tokens = [c * page for c in caps]
     s = ClusterState.create(len(tokens))
     for i, t in enumerate(tokens):
-        s.on_report({"instance": i, "total_pages": t // page, "free_pages": t // page, "page_size": page,
-                     "running": 0, "waiting": 0, "kv_tokens": 0})  # fmt: skip
+        s.on_report(Load(**{"instance": i, "total_pages": t // page, "free_pages": t // page, "page_size": page,
+                     "running": 0, "waiting": 0, "kv_tokens": 0}))  # fmt: skip
     cfg = PlannerConfig(cp_size=cp_size, cp_max_degree=max_degree, cp_min_shard_tokens=min_shard)
     p = create_cp_policy(policy, cfg)
     cap = p.capacity(tokens, page)

@@ -239,7 +239,9 @@ def test_far_more_requests_than_kv_and_running_slots(moe_model, tmp_path, policy
         expected = [
             o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params=greedy_params(24))
         ]
-    args = dp2_args(moe_model, "--max-running-requests", "3", "--cp-policy", policy)
+    # conservativeness 0: admission reserves nothing for outputs, so static DP surely retracts
+    args = dp2_args(moe_model, "--max-running-requests", "3", "--cp-policy", policy,
+                    "--schedule-conservativeness", "0")  # fmt: skip
     args[args.index("--max-total-tokens") + 1] = "400"
     with (
         ServerProcess(args, log_path=str(tmp_path / "log")) as s,

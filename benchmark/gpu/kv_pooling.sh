@@ -4,6 +4,7 @@
 # refuse it. Qwen3-30B-A3B config, dummy weights, eager (the prompt's sharded prefill is eager
 # anyway). KV per instance: KV (default 65536 on a >= 120 GB GPU, else 16384); the prompt's
 # prefill time, not memory, bounds it within one device call (~1.5 min of prefill at 128k).
+# Bundle: EXTRA="msgspec httpx httpcore h11 anyio sniffio certifi idna" bash ../shared/gpu/bundle.sh
 #   source .gpu/env.sh && bash benchmark/gpu/kv_pooling.sh
 set -eu
 OUT=${OUT:-/tmp/out}

@@ -4,7 +4,7 @@
 # GPU tests (IPC exchange across GPUs, IPC MoE, DCP/ipc servers, DeepEP), DeepEP's own 2-rank
 # low-latency test, routing backend vs NCCL, per-layer MoE time per backend. Logs and results
 # go to $OUT (default /tmp/out). test_multi_instance_gpu needs the openai client in the bundle:
-#   EXTRA="openai distro jiter sniffio anyio httpx httpcore h11 httpx2 httpcore2 idna truststore" bash ../shared/gpu/bundle.sh
+#   EXTRA="msgspec openai distro jiter sniffio anyio httpx httpcore h11 httpx2 httpcore2 idna truststore" bash ../shared/gpu/bundle.sh
 # (the device returns at most 8 files from $OUT: results are copied, logs go in one tarball).
 set -u
 OUT=${OUT:-/tmp/out}

@@ -4,7 +4,7 @@
 # call keeps each under 10 minutes. From the project root:
 #   source .gpu/env.sh && bash benchmark/gpu/verify.sh kernels|multi|deepep|decode
 # Logs go to $OUT (default /tmp/out); prints one summary line. The multi part's tests use the openai
-# client: bundle it too (EXTRA="openai distro jiter sniffio anyio httpx httpcore h11 httpx2 httpcore2 idna truststore" bash ../shared/gpu/bundle.sh).
+# client: bundle it too (EXTRA="msgspec openai distro jiter sniffio anyio httpx httpcore h11 httpx2 httpcore2 idna truststore" bash ../shared/gpu/bundle.sh).
 set -u
 PART=${1:?usage: verify.sh kernels|multi|deepep|decode}
 OUT=${OUT:-/tmp/out}

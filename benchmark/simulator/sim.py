@@ -29,6 +29,7 @@ from benchmark.simulator.instance import SimInstance, SimRequest
 from benchmark.workloads import Request
 from nanocp.scheduler.admission import NewTokenRatio
 from nanocp_router.cluster_state import REPORT_INTERVAL_S, ClusterState
+from nanocp_router.messages import Load
 from nanocp_router.planner import CPPolicy, NoCP, apply_growth, apply_plan, causal_pairs
 from nanocp_router.policy import create_policy
 
@@ -213,15 +214,17 @@ class Simulator:
 
     def _report(self, inst: SimInstance, t: float) -> None:
         self.state.on_report(
-            {
-                "instance": inst.index,
-                "total_pages": inst.total_pages,
-                "free_pages": inst.free_pages,
-                "page_size": inst.page_size,
-                "running": len(inst.running),
-                "waiting": len(inst.waiting),
-                "kv_tokens": sum(r.computed for r in inst.running),
-            }
+            Load(
+                **{
+                    "instance": inst.index,
+                    "total_pages": inst.total_pages,
+                    "free_pages": inst.free_pages,
+                    "page_size": inst.page_size,
+                    "running": len(inst.running),
+                    "waiting": len(inst.waiting),
+                    "kv_tokens": sum(r.computed for r in inst.running),
+                }
+            )
         )
         inst.last_report_s = t
 

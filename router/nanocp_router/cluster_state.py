@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from nanocp_router.messages import Load
+
 # Instances send a load report at most this often (and when they go idle with finished requests);
 # between reports the router counts what it dispatched itself (pending_*).
 REPORT_INTERVAL_S = 0.5
@@ -42,15 +44,14 @@ class ClusterState:
     def create(cls, n: int) -> ClusterState:
         return cls([InstanceLoad(i) for i in range(n)])
 
-    def on_report(self, report: dict) -> None:
-        inst = self.instances[report["instance"]]
+    def on_report(self, report: Load) -> None:
+        inst = self.instances[report.instance]
         for key in ("total_pages", "free_pages", "page_size", "running", "waiting", "kv_tokens"):
-            setattr(inst, key, report[key])
-        inst.committed_tokens = report.get("committed_tokens", 0)
-        inst.trace = report.get("trace")
-        inst.retractions = report.get("retractions", 0)
-        inst.step_kinds = report.get("step_kinds")
-
+            setattr(inst, key, getattr(report, key))
+        inst.committed_tokens = report.committed_tokens
+        inst.trace = report.trace
+        inst.retractions = report.retractions
+        inst.step_kinds = report.step_kinds
         inst.pending_requests = inst.pending_tokens = 0
 
     def on_dispatch(self, instance: int, num_tokens: int) -> None:

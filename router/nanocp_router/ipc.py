@@ -1,7 +1,9 @@
-"""ZMQ sockets carrying orjson-encoded dicts (no pickle on the wire) between NanoCP processes."""
+"""ZMQ sockets between NanoCP processes, carrying JSON-encoded typed messages (nanocp_router.messages;
+no pickle on the wire)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -9,16 +11,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
+import msgspec
 import zmq
 
-
-def dumps(msg: dict[str, Any]) -> bytes:
-    return orjson.dumps(msg, option=orjson.OPT_SERIALIZE_NUMPY)
-
-
-def loads(data: bytes) -> dict[str, Any]:
-    return orjson.loads(data)
+logger = logging.getLogger("nanocp.ipc")
 
 
 @dataclass
@@ -56,16 +52,21 @@ def push(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     return sock
 
 
-def drain(sock: zmq.Socket, timeout_ms: int = 0) -> list[dict[str, Any]]:
-    """Every message waiting on sock (waiting up to timeout_ms for the first one)."""
+def drain(sock: zmq.Socket, decode: msgspec.json.Decoder, timeout_ms: int = 0) -> list[Any]:
+    """Every message waiting on sock, decoded (waiting up to timeout_ms for the first one). A
+    message the receiver does not accept (kind, field types) is logged and dropped."""
     out = []
     if timeout_ms and not sock.poll(timeout_ms):
         return out
     while True:
         try:
-            out.append(loads(sock.recv(zmq.NOBLOCK)))
+            data = sock.recv(zmq.NOBLOCK)
         except zmq.Again:
             return out
+        try:
+            out.append(decode.decode(data))
+        except msgspec.DecodeError as e:
+            logger.error("dropped a message this process does not accept (%s): %.200r", e, data)
 
 
 def free_tcp_port() -> int:

@@ -15,7 +15,26 @@ import zmq
 
 from nanocp.fault_injection import request_fault  # torch-free, as all of the router
 from nanocp_router.cluster_state import ClusterState
-from nanocp_router.ipc import PortArgs, drain, dumps, pull, push
+from nanocp_router.ipc import PortArgs, drain, pull, push
+from nanocp_router.messages import (
+    ROUTER_INBOX,
+    Abort,
+    Cluster,
+    FlushCache,
+    Generate,
+    Grow,
+    Grown,
+    Load,
+    Message,
+    Output,
+    Outputs,
+    Release,
+    Reserve,
+    Reserved,
+    Wake,
+    decoder,
+    encode,
+)
 from nanocp_router.planner import CPPolicy, Plan, apply_growth, apply_plan, cp_policy_from
 from nanocp_router.policy import create_policy
 
@@ -55,6 +74,7 @@ class Router:
     ) -> None:
         self.ctx = zmq.Context()
         self.inbox = pull(self.ctx, ports.router)
+        self.decode = decoder(ROUTER_INBOX)
         self.workers = [push(self.ctx, ep) for ep in ports.workers]
         self.to_tokenizer = push(self.ctx, ports.tokenizer)
         self.state = ClusterState.create(dp_size)
@@ -67,7 +87,7 @@ class Router:
         self.cp: CPPolicy | None = None
         if cp and cp["policy"] != "none":
             self.cp = cp_policy_from(cp)
-        self.queue: list[dict] = []
+        self.queue: list[Generate] = []
         self.max_queued_requests = max_queued_requests  # bounds self.queue (503 past it)
         self.pending: dict[int, dict] = {}  # cp_key -> {"msg", "plan", "waiting", "ok"}
         # cp_key -> placed request, until its home reports it finished (by cp_key, not rid: a
@@ -78,20 +98,23 @@ class Router:
         self.degrees: dict[int, int] = {}  # cp degree -> requests placed with it
         self.growth_segments = {"home": 0, "moved": 0}  # growth quotas placed on the home / elsewhere
 
-    def send_work(self, inst: int, msg: dict) -> None:
-        """Work for one instance; the others get a "wake" so that a lockstep cluster idling in its
+    def send(self, inst: int, msg: Message) -> None:
+        self.workers[inst].send(encode(msg))
+
+    def send_work(self, inst: int, msg: Message) -> None:
+        """Work for one instance; the others get a Wake so that a lockstep cluster idling in its
         slow poll starts the step at once (every instance takes part in every step)."""
-        self.workers[inst].send(dumps(msg))
+        self.send(inst, msg)
         if len(self.workers) > 1:
-            wake = dumps({"type": "wake"})
+            wake = encode(Wake())
             for i, w in enumerate(self.workers):
                 if i != inst:
                     w.send(wake)
 
-    def dispatch(self, inst: int, msg: dict, budget: int) -> None:
-        logger.debug("request %s (%d tokens) -> instance %d", msg["rid"], len(msg["input_ids"]), inst)
+    def dispatch(self, inst: int, msg: Generate, budget: int) -> None:
+        logger.debug("request %s (%d tokens) -> instance %d", msg.rid, len(msg.input_ids), inst)
         self.state.on_dispatch(inst, budget)
-        self.rid_to_instance[msg["rid"]] = inst
+        self.rid_to_instance[msg.rid] = inst
         self.send_work(inst, msg)
 
     def place(self) -> None:
@@ -103,7 +126,7 @@ class Router:
                 if not self.place_first():
                     return
             except Exception as e:
-                logger.exception("router: placing request %s failed", msg["rid"])
+                logger.exception("router: placing request %s failed", msg.rid)
                 if self.queue and self.queue[0] is msg:
                     self.queue.pop(0)
                 self.abort_output(msg, {"type": "abort", "status_code": 500, "message": f"router: {e}"})
@@ -111,8 +134,8 @@ class Router:
     def place_first(self) -> bool:
         """Plan the request at the head of the queue; False when it does not fit now."""
         msg = self.queue[0]
-        max_new = msg["sampling_params"].get("max_new_tokens", 128)
-        plan = self.cp.plan(len(msg["input_ids"]) + self.cp.tail_quota(max_new), self.state)
+        max_new = msg.sampling_params.get("max_new_tokens", 128)
+        plan = self.cp.plan(len(msg.input_ids) + self.cp.tail_quota(max_new), self.state)
         if plan is None:
             return False
         if not plan.segments or plan.segments[-1].instance != plan.home:
@@ -137,21 +160,21 @@ class Router:
 
     def reserve(self, inst: int, key: int, start: int, end: int) -> None:
         """Ask a holder to reserve positions [start, end) of request `key`; it acks "reserved"."""
-        self.workers[inst].send(dumps({"type": "reserve", "cp_key": key, "start": start, "end": end}))
+        self.send(inst, Reserve(key, start, end))
 
-    def on_reserved(self, msg: dict) -> None:
-        p = self.pending.get(msg["cp_key"])
+    def on_reserved(self, msg: Reserved) -> None:
+        p = self.pending.get(msg.cp_key)
         if p is None:
             return
-        p["waiting"].discard(msg["instance"])
-        p["ok"] &= msg["ok"]
+        p["waiting"].discard(msg.instance)
+        p["ok"] &= msg.ok
         if p["waiting"]:
             return
-        key, req, plan = msg["cp_key"], p["msg"], p["plan"]
+        key, req, plan = msg.cp_key, p["msg"], p["plan"]
         del self.pending[key]
         logger.debug(
             "request %s: reservations on %d holders %s after %.0f ms",
-            req["rid"],
+            req.rid,
             plan.degree - 1,
             "done" if p["ok"] else "FAILED",
             1e3 * (time.monotonic() - p["since"]),
@@ -159,7 +182,7 @@ class Router:
         holders = [s.instance for s in plan.segments if s.instance != plan.home]
         if p.get("aborted") or not p["ok"]:
             for inst in holders:
-                self.workers[inst].send(dumps({"type": "release", "cp_key": key}))
+                self.send(inst, Release(key))
             if p.get("aborted"):
                 self.abort_output(req)
             else:
@@ -167,30 +190,30 @@ class Router:
             return
         self.start_on_home(req, key, plan)
 
-    def start_on_home(self, req: dict, key: int, plan: Plan) -> None:
+    def start_on_home(self, req: Generate, key: int, plan: Plan) -> None:
         """Send a placed request to its home (its holders have reserved their segments)."""
         self.degrees[plan.degree] = self.degrees.get(plan.degree, 0) + 1  # counted once it is placed
-        req["placement"] = [[s.instance, s.start, s.end] for s in plan.segments]
-        req["cp_key"] = key
+        req.placement = [[s.instance, s.start, s.end] for s in plan.segments]
+        req.cp_key = key
         holders = {s.instance for s in plan.segments if s.instance != plan.home}
-        self.placed[key] = CPRequest(req["rid"], key, plan.home, holders)
+        self.placed[key] = CPRequest(req.rid, key, plan.home, holders)
         logger.debug(
             "request %s (%d tokens): home %d, segments %s",
-            req["rid"],
-            len(req["input_ids"]),
+            req.rid,
+            len(req.input_ids),
             plan.home,
             [(s.instance, s.end - s.start) for s in plan.segments],
         )
-        self.rid_to_instance[req["rid"]] = plan.home
+        self.rid_to_instance[req.rid] = plan.home
         self.send_work(plan.home, req)
 
-    def on_grow(self, msg: dict) -> None:
+    def on_grow(self, msg: Grow) -> None:
         """A home used up its request's plan: place the next tail quota (growth re-planning)."""
-        key, start = msg["cp_key"], msg["start"]
+        key, start = msg.cp_key, msg.start
         r = self.placed.get(key)
         if r is None:  # finished meanwhile; the home drops the answer
             return
-        inst, tokens = self.cp.plan_growth(r.home, r.holders, self.cp.tail_quota(msg["need"]), self.state)
+        inst, tokens = self.cp.plan_growth(r.home, r.holders, self.cp.tail_quota(msg.need), self.state)
         apply_growth(self.state, inst, tokens)
         if inst == r.home:
             self.grown(r, [inst, start, start + tokens])
@@ -198,123 +221,113 @@ class Router:
         self.growing[(key, start)] = (inst, start + tokens)
         self.reserve(inst, key, start, start + tokens)
 
-    def on_growth_reserved(self, msg: dict) -> None:
-        key = msg["cp_key"]
-        inst, end = self.growing.pop((key, msg["start"]))
+    def on_growth_reserved(self, msg: Reserved) -> None:
+        key = msg.cp_key
+        inst, end = self.growing.pop((key, msg.start))
         r = self.placed.get(key)
         if r is None:  # the request finished while its growth was being reserved
-            if msg["ok"]:
-                self.workers[inst].send(dumps({"type": "release", "cp_key": key}))
+            if msg.ok:
+                self.send(inst, Release(key))
             return
-        if not msg["ok"]:  # no room there after all: the home grows on demand
+        if not msg.ok:  # no room there after all: the home grows on demand
             inst = r.home
         else:
             r.holders.add(inst)
-        self.grown(r, [inst, msg["start"], end])
+        self.grown(r, [inst, msg.start, end])
 
     def grown(self, r: CPRequest, segment: list[int]) -> None:
         self.growth_segments["home" if segment[0] == r.home else "moved"] += 1
-        self.send_work(r.home, {"type": "grown", "rid": r.rid, "cp_key": r.key, "segment": segment})
+        self.send_work(r.home, Grown(r.rid, r.key, segment))
 
-    def abort_output(self, req: dict, reason: dict | None = None) -> None:
+    def abort_output(self, req: Generate, reason: dict | None = None) -> None:
         """Finish a request that never reached an instance (aborted, refused or failed here)."""
-        ids = req.get("input_ids")
-        out = {
-            "rid": req["rid"],
-            "ids": [],
-            "text": "",
-            "finished": True,
-            "reason": reason or {"type": "abort", "message": "aborted by request"},
-            "prompt_tokens": len(ids) if isinstance(ids, list) else 0,
-            "completion_tokens": 0,
-        }
-        self.to_tokenizer.send(dumps({"type": "out", "outputs": [out]}))
+        reason = reason or {"type": "abort", "message": "aborted by request"}
+        out = Output.failed(req.rid, reason, prompt_tokens=len(req.input_ids))
+        self.to_tokenizer.send(encode(Outputs([out])))
 
-    def handle_safely(self, msg: dict) -> None:
+    def handle_safely(self, msg: Message) -> None:
         """handle(msg); an error it raises fails only the request the message is about (500)."""
         try:
             self.handle(msg)
         except Exception as e:
-            logger.exception("router: %s message of request %s failed", msg.get("type"), msg.get("rid"))
-            if msg.get("type") == "generate" and isinstance(msg.get("rid"), str):
+            logger.exception(
+                "router: %s message of request %s failed", type(msg).__name__, getattr(msg, "rid", None)
+            )
+            if isinstance(msg, Generate):
                 self.queue = [m for m in self.queue if m is not msg]
                 reason = {"type": "abort", "status_code": 500, "message": f"router: {type(e).__name__}: {e}"}
                 self.abort_output(msg, reason)
 
-    def handle(self, msg: dict) -> None:
-        kind = msg["type"]
-        if kind == "generate":
-            request_fault("router", msg["rid"])  # tests only (envs.fault_inject)
-            budget = len(msg["input_ids"]) + msg["sampling_params"].get("max_new_tokens", 128)
-            inst = msg.get("data_parallel_rank")
+    def handle(self, msg: Message) -> None:
+        if isinstance(msg, Generate):
+            request_fault("router", msg.rid)  # tests only (envs.fault_inject)
+            budget = len(msg.input_ids) + msg.sampling_params.get("max_new_tokens", 128)
+            inst = msg.data_parallel_rank
             if inst is not None:
                 self.dispatch(inst, msg, budget)
             elif self.cp is not None:
                 limit = self.max_queued_requests
                 if limit is not None and len(self.queue) >= limit:
-                    reason = queue_full_reason("router", limit)
-                    self.abort_output(msg, reason)
+                    self.abort_output(msg, queue_full_reason("router", limit))
                     return
                 self.queue.append(msg)
                 self.place()
             else:
                 self.dispatch(self.policy.select(self.state, budget), msg, budget)
-        elif kind == "reserved":
-            if msg["cp_key"] in self.pending:
+        elif isinstance(msg, Reserved):
+            if msg.cp_key in self.pending:
                 self.on_reserved(msg)
             else:
                 self.on_growth_reserved(msg)
-        elif kind == "grow":
+        elif isinstance(msg, Grow):
             self.on_grow(msg)
-        elif kind == "abort":
-            rid = msg["rid"]
-            queued = next((m for m in self.queue if m["rid"] == rid), None)
-            if queued is not None:
-                self.queue.remove(queued)
-                self.abort_output(queued)
-                return
-            for p in self.pending.values():
-                if p["msg"]["rid"] == rid:
-                    p["aborted"] = True
-                    return
-            inst = self.rid_to_instance.get(rid)
-            targets = self.workers if inst is None else [self.workers[inst]]
-            for w in targets:
-                w.send(dumps(msg))
-        elif kind == "flush_cache":
+        elif isinstance(msg, Abort):
+            self.on_abort(msg)
+        elif isinstance(msg, FlushCache):
             for w in self.workers:
-                w.send(dumps(msg))
-        elif kind == "load":
+                w.send(encode(msg))
+        elif isinstance(msg, Load):
             self.state.on_report(msg)
-            for rid, key in msg.get("finished", []):
-                if self.rid_to_instance.get(rid) == msg["instance"]:
+            for rid, key in msg.finished:
+                if self.rid_to_instance.get(rid) == msg.instance:
                     del self.rid_to_instance[rid]
                 r = self.placed.pop(key, None) if key is not None else None
                 if r is not None:  # the home is done with it: free its segments
                     for inst in r.holders:
-                        self.workers[inst].send(dumps({"type": "release", "cp_key": r.key}))
-        else:
-            logger.warning("router: unknown message type %r", kind)
-            return
+                        self.send(inst, Release(r.key))
         self._dirty = True
+
+    def on_abort(self, msg: Abort) -> None:
+        rid = msg.rid
+        queued = next((m for m in self.queue if m.rid == rid), None)
+        if queued is not None:
+            self.queue.remove(queued)
+            self.abort_output(queued)
+            return
+        for p in self.pending.values():
+            if p["msg"].rid == rid:
+                p["aborted"] = True
+                return
+        inst = self.rid_to_instance.get(rid)
+        for w in self.workers if inst is None else [self.workers[inst]]:
+            w.send(encode(msg))
 
     def maybe_publish(self) -> None:
         now = time.monotonic()
         if self._dirty and now - self._last_snapshot >= SNAPSHOT_INTERVAL_S:
-            snapshot = {
-                "type": "cluster",
-                "instances": self.state.snapshot(),
-                "cp_degrees": {str(k): v for k, v in sorted(self.degrees.items())},
-                "cp_growth_segments": dict(self.growth_segments),
-                "router_queue": len(self.queue),
-            }
-            self.to_tokenizer.send(dumps(snapshot))
+            snapshot = Cluster(
+                self.state.snapshot(),
+                {str(k): v for k, v in sorted(self.degrees.items())},
+                dict(self.growth_segments),
+                len(self.queue),
+            )
+            self.to_tokenizer.send(encode(snapshot))
 
             self._dirty, self._last_snapshot = False, now
 
     def run_forever(self) -> None:
         while True:
-            for msg in drain(self.inbox, timeout_ms=int(SNAPSHOT_INTERVAL_S * 1000)):
+            for msg in drain(self.inbox, self.decode, timeout_ms=int(SNAPSHOT_INTERVAL_S * 1000)):
                 self.handle_safely(msg)
             if self.queue:
                 self.place()

@@ -24,6 +24,7 @@ from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.scheduler.admission import GROWTH_AHEAD_TOKENS, NewTokenRatio, retraction_victim
 from nanocp.scheduler.request import Req, ReqStatus, RequestLimits
 from nanocp.utils import get_logger
+from nanocp_router.messages import Grow
 from nanocp_router.planner import causal_pairs
 
 logger = get_logger(__name__)
@@ -61,7 +62,7 @@ class Scheduler:
         self.step_kinds: dict[str, int] = {"eager": 0, "graph": 0, "graph_dcp": 0}
         self.foreign = ForeignKV(runner.page_allocator, runner.device)
         self.instance = runner.parallel.rank if runner.parallel is not None else 0
-        self.growth_requests: list[dict] = []  # asks for the next tail quota, for the router
+        self.growth_requests: list[Grow] = []  # asks for the next tail quota, for the router
         self._step_reqs: list[Req] = []  # the requests of the step being run (fail_step)
         self.failed: list[ReqOutput] = []  # requests failed while scheduling, to be sent (take_failed)
         self.num_failed_steps = 0
@@ -92,9 +93,7 @@ class Scheduler:
         need = len(req.origin_input_ids) + req.sampling_params.max_new_tokens - end
         if need > 0:
             req.growth_asked = True
-            self.growth_requests.append(
-                {"type": "grow", "rid": req.rid, "cp_key": req.cp_key, "start": end, "need": need}
-            )
+            self.growth_requests.append(Grow(req.rid, req.cp_key, end, need))
 
     # ----------------------------------------------------------------- requests
     def limits(self, has_tokenizer: bool) -> RequestLimits:

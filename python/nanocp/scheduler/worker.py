@@ -27,7 +27,22 @@ from nanocp.scheduler.scheduler import ReqOutput, Scheduler
 from nanocp.server_args import ServerArgs
 from nanocp.tokenizer.detokenizer import eos_token_ids, load_tokenizer
 from nanocp_router.cluster_state import REPORT_INTERVAL_S
-from nanocp_router.ipc import PortArgs, drain, dumps, pull, push
+from nanocp_router.ipc import PortArgs, drain, pull, push
+from nanocp_router.messages import (
+    WORKER_INBOX,
+    Abort,
+    Generate,
+    Grown,
+    Load,
+    Message,
+    Output,
+    Outputs,
+    Release,
+    Reserve,
+    Reserved,
+    decoder,
+    encode,
+)
 from nanocp_router.process import child_process_setup
 from nanocp_router.router import queue_full_reason
 
@@ -80,12 +95,13 @@ class Worker:
         self.make_req = RequestFactory(tokenizer, eos, self.runner.device, server_args.random_seed + instance)
         self.ctx = zmq.Context()
         self.inbox = pull(self.ctx, ports.workers[instance])
+        self.decode = decoder(WORKER_INBOX)
         self.to_router = push(self.ctx, ports.router)
         self.to_detok = push(self.ctx, ports.detokenizer)
         self._announced: dict[str, dict] = {}  # rid -> detok params not yet sent
         # [rid, cp_key] of requests finished since the last report: the router frees their
         # segments (the key tells a finished request from a newer one reusing its rid)
-        self._finished: list[list] = []
+        self._finished: list[tuple[str, int | None]] = []
         self._placed: dict[str, Req] = {}  # requests with a context-parallel plan, by rid
 
         self._last_report = 0.0
@@ -111,120 +127,106 @@ class Worker:
         )
 
     # ---------------------------------------------------------------- messages
-    def handle_safely(self, msg: dict) -> list[dict]:
+    def handle_safely(self, msg: Message) -> list[Output]:
         """handle(msg); an error it raises fails only the request the message is about."""
         try:
             return self.handle(msg)
         except Exception as e:
-            kind, rid = msg.get("type"), msg.get("rid")
+            rid = getattr(msg, "rid", None)
             logger.error(
-                "instance %d: %s message of request %s failed", self.instance, kind, rid, exc_info=True
-            )
-            if kind == "reserve":  # the router waits for every holder's answer
-                reply = {
-                    "type": "reserved",
-                    "cp_key": msg.get("cp_key"),
-                    "start": msg.get("start"),
-                    "ok": False,
-                }
-                self.to_router.send(dumps({**reply, "instance": self.instance}))
-            if kind != "generate" or not isinstance(rid, str):
+                "instance %d: %s message of request %s failed", self.instance, type(msg).__name__, rid,
+                exc_info=True,
+            )  # fmt: skip
+            if isinstance(msg, Reserve):  # the router waits for every holder's answer
+                self.to_router.send(encode(Reserved(msg.cp_key, msg.start, False, self.instance)))
+            if not isinstance(msg, Generate):
                 return []
             status = 400 if isinstance(e, InvalidRequestError) else 500
             message = str(e) if status == 400 else f"instance {self.instance}: {type(e).__name__}: {e}"
-            req = self.scheduler.find(rid)
+            req = self.scheduler.find(msg.rid)
             reason = {"type": "abort", "status_code": status, "message": message}
             if req is not None:  # queued before the error: take it out again
                 return [self._encode(self.scheduler.fail(req, reason))]
-            return [self._finished_output(rid, msg, reason)]
+            return [self._refused(msg, reason)]
 
-    def _finished_output(self, rid: str, msg: dict, reason: dict) -> dict:
+    def _refused(self, msg: Generate, reason: dict) -> Output:
         """The output of a request this instance refuses before queueing it."""
-        ids = msg.get("input_ids")
-        prompt_tokens = len(ids) if isinstance(ids, list) else 0
-        self._placed.pop(rid, None)
-        self._announced.pop(rid, None)
-        return self._encode(ReqOutput(rid, [], "", True, reason, prompt_tokens, 0), msg.get("cp_key"))
+        self._placed.pop(msg.rid, None)
+        self._announced.pop(msg.rid, None)
+        out = ReqOutput(msg.rid, [], "", True, reason, len(msg.input_ids), 0)
+        return self._encode(out, msg.cp_key)
 
-    def handle(self, msg: dict) -> list[dict]:
-        kind = msg["type"]
-        if kind == "generate":
-            request_fault("worker", msg["rid"])  # tests only (envs.fault_inject)
+    def handle(self, msg: Message) -> list[Output]:
+        if isinstance(msg, Generate):
+            request_fault("worker", msg.rid)  # tests only (envs.fault_inject)
             params = check_generate(
-                msg["input_ids"],
-                msg["sampling_params"],
+                msg.input_ids,
+                msg.sampling_params,
                 self.limits,
-                msg.get("return_logprob", False),
-                msg.get("top_logprobs_num", 0),
-                placed=bool(msg.get("placement")),
+                msg.return_logprob,
+                msg.top_logprobs_num,
+                placed=bool(msg.placement),
             )
             limit = self.max_queued_requests
             if limit is not None and len(self.scheduler.waiting) >= limit:
-                reason = queue_full_reason(f"instance {self.instance}", limit)
-                return [self._finished_output(msg["rid"], msg, reason)]
+                return [self._refused(msg, queue_full_reason(f"instance {self.instance}", limit))]
             req = self.make_req(
-                msg["rid"],
-                msg["input_ids"],
+                msg.rid,
+                msg.input_ids,
                 params,
-                return_logprob=msg.get("return_logprob", False),
-                top_logprobs_num=msg.get("top_logprobs_num", 0),
+                return_logprob=msg.return_logprob,
+                top_logprobs_num=msg.top_logprobs_num,
                 need_text=False,
             )
             self._announced[req.rid] = detok_params(params)
-            if msg.get("placement"):
-                req.set_placement([tuple(seg) for seg in msg["placement"]], self.instance)
-                req.cp_key = msg["cp_key"]
+            if msg.placement:
+                req.set_placement([tuple(seg) for seg in msg.placement], self.instance)
+                req.cp_key = msg.cp_key
                 self._placed[req.rid] = req
             self.scheduler.add_request(req)
-        elif kind == "reserve":
-            ok = self.scheduler.reserve_foreign(msg["cp_key"], msg["start"], msg["end"])
-            reply = {"type": "reserved", "cp_key": msg["cp_key"], "start": msg["start"], "ok": ok}
-            self.to_router.send(dumps({**reply, "instance": self.instance}))
-        elif kind == "grown":
-            self.scheduler.apply_growth(msg["rid"], msg["cp_key"], tuple(msg["segment"]))
-        elif kind == "release":
-            self.scheduler.release_foreign(msg["cp_key"])
-        elif kind == "abort":
-            out = self.scheduler.abort_request(msg["rid"])
+        elif isinstance(msg, Reserve):
+            ok = self.scheduler.reserve_foreign(msg.cp_key, msg.start, msg.end)
+            self.to_router.send(encode(Reserved(msg.cp_key, msg.start, ok, self.instance)))
+        elif isinstance(msg, Grown):
+            self.scheduler.apply_growth(msg.rid, msg.cp_key, tuple(msg.segment))
+        elif isinstance(msg, Release):
+            self.scheduler.release_foreign(msg.cp_key)
+        elif isinstance(msg, Abort):
+            out = self.scheduler.abort_request(msg.rid)
             if out is not None:
                 return [self._encode(out)]
-        elif kind == "flush_cache":
-            pass  # no prefix cache yet: nothing is kept beyond running requests
-        elif kind == "wake":
-            pass  # a request arrived somewhere: its step starts without waiting for the idle poll
-        else:
-            logger.warning("worker: unknown message type %r", kind)
+        # FlushCache: no prefix cache yet, nothing is kept beyond running requests.
+        # Wake: a request arrived somewhere; its step starts without waiting for the idle poll.
         return []
 
-    def _encode(self, out: ReqOutput, cp_key: int | None = None) -> dict:
+    def _encode(self, out: ReqOutput, cp_key: int | None = None) -> Output:
         """The detokenizer's record of an output; cp_key: of a finished request not queued here."""
-        d = {
-            "rid": out.rid,
-            "ids": out.new_token_ids,
-            "finished": out.finished,
-            "reason": out.finish_reason,
-            "prompt_tokens": out.prompt_tokens,
-            "completion_tokens": out.completion_tokens,
-        }
+        d = Output(
+            out.rid,
+            out.new_token_ids,
+            out.finished,
+            out.finish_reason,
+            out.prompt_tokens,
+            out.completion_tokens,
+        )
         if out.token_logprobs is not None:
-            d["lp"] = out.token_logprobs
-            if out.top_logprobs is not None:
-                d["top"] = out.top_logprobs
+            d.lp = out.token_logprobs
+            d.top = out.top_logprobs
         params = self._announced.pop(out.rid, None) if out.finished else self._announced.get(out.rid)
         if params is not None:
-            d["detok"] = params
+            d.detok = params
             if not out.finished:
                 self._announced[out.rid] = None  # sent; keep the key so finish pops it
         if out.finished:
             # where the request's KV lived: [instance, tokens] per segment (the home holds the tail)
             req = self._placed.pop(out.rid, None)
-            self._finished.append([out.rid, req.cp_key if req is not None else cp_key])
+            self._finished.append((out.rid, req.cp_key if req is not None else cp_key))
             total = out.prompt_tokens + out.completion_tokens
             if req is None:
-                d["placement"] = [[self.instance, total]]
+                d.placement = [[self.instance, total]]
             else:
                 segs = [[inst, min(end, total) - start] for inst, start, end in req.placement]
-                d["placement"] = [seg for seg in segs if seg[1] > 0] or segs[:1]
+                d.placement = [seg for seg in segs if seg[1] > 0] or segs[:1]
         return d
 
     def report(self, force: bool = False) -> None:
@@ -233,25 +235,21 @@ class Worker:
             return
         s = self.scheduler
         alloc = s.kv.allocator
-        self.to_router.send(
-            dumps(
-                {
-                    "type": "load",
-                    "instance": self.instance,
-                    "total_pages": alloc.num_pages,
-                    "free_pages": alloc.num_free_pages,
-                    "page_size": alloc.page_size,
-                    "running": len(s.running),
-                    "waiting": len(s.waiting),
-                    "kv_tokens": sum(r.kv_len for r in s.running),
-                    "committed_tokens": s.committed_tokens(),
-                    "retractions": s.num_retractions,
-                    "step_kinds": s.step_kinds,
-                    "finished": self._finished,
-                    "trace": s.tracer.summary() if s.tracer is not None else None,
-                }
-            )
+        load = Load(
+            instance=self.instance,
+            total_pages=alloc.num_pages,
+            free_pages=alloc.num_free_pages,
+            page_size=alloc.page_size,
+            running=len(s.running),
+            waiting=len(s.waiting),
+            kv_tokens=sum(r.kv_len for r in s.running),
+            committed_tokens=s.committed_tokens(),
+            retractions=s.num_retractions,
+            step_kinds=s.step_kinds,
+            finished=self._finished,
+            trace=s.tracer.summary() if s.tracer is not None else None,
         )
+        self.to_router.send(encode(load))
         self._finished = []
         self._last_report = now
 
@@ -292,8 +290,8 @@ class Worker:
             if busy:
                 self._idle_since = now
             idle_ms = IDLE_POLL_MS if now - self._idle_since < IDLE_BACKOFF_S else IDLE_MAX_POLL_MS
-            outs: list[dict] = []
-            for msg in drain(self.inbox, timeout_ms=0 if busy else idle_ms):
+            outs: list[Output] = []
+            for msg in drain(self.inbox, self.decode, timeout_ms=0 if busy else idle_ms):
                 outs += self.handle_safely(msg)
             if self.lockstep:
                 outs += [self._encode(o) for o in self.step_lockstep()]
@@ -302,10 +300,10 @@ class Worker:
             outs += [self._encode(o) for o in self.scheduler.take_failed()]
 
             for ask in self.scheduler.growth_requests:
-                self.to_router.send(dumps(ask))
+                self.to_router.send(encode(ask))
             self.scheduler.growth_requests.clear()
             if outs:
-                self.to_detok.send(dumps({"type": "out", "instance": self.instance, "outputs": outs}))
+                self.to_detok.send(encode(Outputs(outs, self.instance)))
             self.report(force=bool(self._finished) and not self.scheduler.has_work())
 
 

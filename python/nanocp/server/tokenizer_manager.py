@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -24,7 +25,17 @@ from nanocp.sampling.sampling_params import SamplingParams, short_repr
 from nanocp.scheduler.request import RequestLimits, check_generate
 from nanocp.server.metrics import Metrics
 from nanocp.server_args import ServerArgs
-from nanocp_router.ipc import PortArgs, dumps, loads, push
+from nanocp_router.ipc import PortArgs, push
+from nanocp_router.messages import (
+    TOKENIZER_INBOX,
+    Abort,
+    FlushCache,
+    Generate,
+    Output,
+    Outputs,
+    decoder,
+    encode,
+)
 
 logger = logging.getLogger("nanocp.tokenizer_manager")
 
@@ -117,6 +128,7 @@ class TokenizerManager:
         self._async_ctx = zmq.asyncio.Context()
         self.inbox = self._async_ctx.socket(zmq.PULL)
         self.inbox.bind(ports.tokenizer)
+        self.decode = decoder(TOKENIZER_INBOX)
         self._loop_task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -173,17 +185,16 @@ class TokenizerManager:
         state = ReqState(rid, len(input_ids))
         self.states[rid] = state
         self.metrics.in_flight.inc()
-        msg = {
-            "type": "generate",
-            "rid": rid,
-            "input_ids": input_ids,
-            "sampling_params": params.to_dict(),
-            "return_logprob": return_logprob,
-            "top_logprobs_num": top_logprobs_num if return_logprob else 0,
-            "data_parallel_rank": data_parallel_rank,
-        }
+        msg = Generate(
+            rid,
+            input_ids,
+            params.to_dict(),
+            return_logprob,
+            top_logprobs_num if return_logprob else 0,
+            data_parallel_rank,
+        )
         try:
-            self.to_router.send(dumps(msg))
+            self.to_router.send(encode(msg))
             while True:
                 await state.event.wait()
                 state.event.clear()
@@ -201,68 +212,73 @@ class TokenizerManager:
                 self._record(state, "error" if state.error else "abort")
 
     def abort(self, rid: str) -> None:
-        self.to_router.send(dumps({"type": "abort", "rid": rid}))
+        self.to_router.send(encode(Abort(rid)))
 
     def abort_all(self) -> None:
         for rid in list(self.states):
             self.abort(rid)
 
     def flush_cache(self) -> None:
-        self.to_router.send(dumps({"type": "flush_cache"}))
+        self.to_router.send(encode(FlushCache()))
 
     # ---------------------------------------------------------------- inbound
     async def _handle_loop(self) -> None:
         while True:
-            msg = loads(await self.inbox.recv())
-            if msg["type"] == "out":
-                for out in msg["outputs"]:
+            data = await self.inbox.recv()
+            try:
+                msg = self.decode.decode(data)
+            except msgspec.DecodeError as e:
+                logger.error("dropped a message this process does not accept (%s): %.200r", e, data)
+                continue
+            if isinstance(msg, Outputs):
+                for out in msg.outputs:
                     self._on_output_safely(out)
-            elif msg["type"] == "cluster":
+            else:  # Cluster
                 try:
-                    self.cluster = msg["instances"]
-                    self.cp_degrees = msg.get("cp_degrees", {})
-                    self.cp_growth_segments = msg.get("cp_growth_segments", {})
+                    self.cluster = msg.instances
+                    self.cp_degrees = msg.cp_degrees
+                    self.cp_growth_segments = msg.cp_growth_segments
                     self.metrics.on_cluster(
-                        self.cluster, self.cp_degrees, self.cp_growth_segments, msg.get("router_queue", 0)
+                        self.cluster, self.cp_degrees, self.cp_growth_segments, msg.router_queue
                     )
                 except Exception:
                     logger.exception("cluster snapshot not applied")
 
-    def _on_output_safely(self, out: dict) -> None:
+    def _on_output_safely(self, out: Output) -> None:
         """_on_output; an error fails only that output's request (500), which is then aborted."""
         try:
             self._on_output(out)
         except Exception as e:
-            logger.exception("output of request %s not handled", out.get("rid"))
-            state = self.states.get(out.get("rid"))
+            logger.exception("output of request %s not handled", out.rid)
+            state = self.states.get(out.rid)
             if state is not None and state.error is None:
                 state.error = EngineError(
                     500, f"internal error handling the request's output: {type(e).__name__}: {e}"
                 )
                 state.event.set()
 
-    def _on_output(self, out: dict) -> None:
-        state = self.states.get(out["rid"])
+    def _on_output(self, out: Output) -> None:
+        state = self.states.get(out.rid)
         if state is None:
             return  # aborted by the client meanwhile
-        request_fault("tokenizer", out["rid"])  # tests only (envs.fault_inject)
-        if out["ids"] and state.first_token_time is None:
+        request_fault("tokenizer", out.rid)  # tests only (envs.fault_inject)
+        if out.ids and state.first_token_time is None:
             state.first_token_time = time.perf_counter()
-        state.text += out["text"]
-        state.delta_text += out["text"]
-        state.output_ids += out["ids"]
-        state.delta_ids += out["ids"]
-        state.token_logprobs += out.get("lp", [])
-        state.top_logprobs += out.get("top", [])
-        if out["finished"]:
-            reason = out["reason"] or {}
+        state.text += out.text
+        state.delta_text += out.text
+        state.output_ids += out.ids
+        state.delta_ids += out.ids
+        state.token_logprobs += out.lp or []
+        state.top_logprobs += out.top or []
+        if out.finished:
+            reason = out.reason or {}
             outcome = reason.get("type", "unknown")
             if reason.get("type") == "abort" and "status_code" in reason:
                 state.error = EngineError.from_reason(reason)
                 outcome = "rejected" if state.error.retry_after is not None else "error"
-            state.finished = not out.get("upstream_running", False)  # see Detokenizer.fail
+            state.finished = not out.upstream_running  # see Detokenizer.process_safely
             state.finish_reason = reason
-            state.placement = out.get("placement")
+            state.placement = out.placement
             if state.finished:
                 self._record(state, outcome)
         state.event.set()

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
 import zmq
 
 from nanocp.fault_injection import request_fault
 from nanocp.server_args import ServerArgs
 from nanocp.tokenizer.detokenizer import TextStream, load_tokenizer
-from nanocp_router.ipc import PortArgs, drain, dumps, pull, push
+from nanocp_router.ipc import PortArgs, drain, pull, push
+from nanocp_router.messages import DETOKENIZER_INBOX, Output, Outputs, decoder, encode
 from nanocp_router.process import child_process_setup
 
 logger = logging.getLogger("nanocp.detokenizer")
@@ -24,17 +26,18 @@ class Detokenizer:
         )
         self.ctx = zmq.Context()
         self.inbox = pull(self.ctx, ports.detokenizer)
+        self.decode = decoder(DETOKENIZER_INBOX)
         self.to_tokenizer = push(self.ctx, ports.tokenizer)
         self.streams: dict[str, tuple[TextStream, list[int]]] = {}
         self.failed: set[str] = set()  # requests failed here whose worker still runs them (until aborted)
 
-    def process_safely(self, out: dict) -> dict | None:
+    def process_safely(self, out: Output) -> Output | None:
         """process(out); an error fails only that request: its client gets a 500, and the output says
         `upstream_running` while the worker still runs it, so that the HTTP side aborts it there.
         Its later outputs are dropped. None: nothing to send."""
-        rid = out.get("rid")
+        rid = out.rid
         if rid in self.failed:
-            if out.get("finished"):
+            if out.finished:
                 self.failed.discard(rid)
             return None
         try:
@@ -42,45 +45,35 @@ class Detokenizer:
         except Exception as e:
             logger.exception("detokenizer: output of request %s failed", rid)
             self.streams.pop(rid, None)
-            running = not out.get("finished", True)
+            running = not out.finished
             if running:
                 self.failed.add(rid)
             reason = {"type": "abort", "status_code": 500, "message": f"detokenizer: {type(e).__name__}: {e}"}
-            return {
-                "rid": rid,
-                "ids": [],
-                "text": "",
-                "finished": True,
-                "reason": reason,
-                "upstream_running": running,
-                "prompt_tokens": out.get("prompt_tokens", 0),
-                "completion_tokens": out.get("completion_tokens", 0),
-            }
+            return Output.failed(
+                rid, reason, out.prompt_tokens, out.completion_tokens, upstream_running=running
+            )
 
-    def process(self, out: dict) -> dict:
-        rid = out["rid"]
+    def process(self, out: Output) -> Output:
+        rid = out.rid
         request_fault("detokenizer", rid)  # tests only (envs.fault_inject)
         if rid not in self.streams:
-            params = out.get("detok") or {}
-            self.streams[rid] = (TextStream(self.tokenizer, **params), [])
+            self.streams[rid] = (TextStream(self.tokenizer, **(out.detok or {})), [])
         stream, ids = self.streams[rid]
-        ids.extend(out["ids"])
-        if out["ids"]:
+        ids.extend(out.ids)
+        if out.ids:
             stream.update(ids)
-        if out["finished"]:
-            matched = (out["reason"] or {}).get("matched")
+        if out.finished:
+            matched = (out.reason or {}).get("matched")
             stream.finish(ids, matched if isinstance(matched, str) else None)
             del self.streams[rid]
-        result = {k: v for k, v in out.items() if k != "detok"}
-        result["text"] = stream.take_delta()
-        return result
+        return msgspec.structs.replace(out, detok=None, text=stream.take_delta())
 
     def run_forever(self) -> None:
         while True:
-            for msg in drain(self.inbox, timeout_ms=1000):
-                outs = [r for r in map(self.process_safely, msg["outputs"]) if r is not None]
+            for msg in drain(self.inbox, self.decode, timeout_ms=1000):
+                outs = [r for r in map(self.process_safely, msg.outputs) if r is not None]
                 if outs:
-                    self.to_tokenizer.send(dumps({"type": "out", "outputs": outs}))
+                    self.to_tokenizer.send(encode(Outputs(outs)))
 
 
 def run_detokenizer_process(server_args: ServerArgs, ports: dict) -> None:

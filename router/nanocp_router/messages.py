@@ -1,0 +1,167 @@
+"""Every message between NanoCP's processes, typed (msgspec Structs, JSON on the wire).
+
+    HTTP/tokenizer --Generate, Abort, FlushCache--> router --Generate, Abort, FlushCache, Wake,
+    Reserve, Release, Grown--> worker i --Outputs--> detokenizer --Outputs--> HTTP/tokenizer
+    worker i --Reserved, Grow, Load--> router --Outputs (never placed), Cluster--> HTTP/tokenizer
+
+Each receiver decodes its inbox with `decoder(...)` over the kinds it accepts: a message of
+another kind or with a field of the wrong type is refused there (logged, dropped), not
+half-handled. The "type" field is each struct's tag. Torch-free: the router imports it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+import msgspec
+
+
+class Message(msgspec.Struct, tag_field="type", omit_defaults=True):
+    """Base of every message; the subclass's tag is its wire "type"."""
+
+
+# ------------------------------------------------------------ requests (tokenizer -> router -> worker)
+class Generate(Message, tag="generate"):
+    rid: str
+    input_ids: list[int]
+    sampling_params: dict[str, Any]
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    data_parallel_rank: int | None = None  # pins the request to an instance (no planner)
+    # set by the router for a placed request: [instance, start, end] per segment, and its key
+    placement: list[list[int]] | None = None
+    cp_key: int | None = None
+
+
+class Abort(Message, tag="abort"):
+    rid: str
+
+
+class FlushCache(Message, tag="flush_cache"):
+    pass
+
+
+# ------------------------------------------------------------ context parallelism (router <-> worker)
+class Wake(Message, tag="wake"):
+    """Work arrived somewhere: a lockstep instance idling in its slow poll steps at once."""
+
+
+class Reserve(Message, tag="reserve"):
+    """A holder reserves positions [start, end) of request cp_key; it answers Reserved."""
+
+    cp_key: int
+    start: int
+    end: int
+
+
+class Reserved(Message, tag="reserved"):
+    cp_key: int
+    start: int
+    ok: bool
+    instance: int
+
+
+class Release(Message, tag="release"):
+    """The request is done: a holder frees every segment it holds of it."""
+
+    cp_key: int
+
+
+class Grow(Message, tag="grow"):
+    """A home nears the end of a request's plan: the next `need` positions from `start`."""
+
+    rid: str
+    cp_key: int
+    start: int
+    need: int
+
+
+class Grown(Message, tag="grown"):
+    """The next positions of a request, [instance, start, end], reserved on that instance."""
+
+    rid: str
+    cp_key: int
+    segment: list[int]
+
+
+class Load(Message, tag="load"):
+    """An instance's load report (at most every REPORT_INTERVAL_S, and when it goes idle)."""
+
+    instance: int
+    total_pages: int
+    free_pages: int
+    page_size: int
+    running: int
+    waiting: int
+    kv_tokens: int
+    committed_tokens: int = 0
+    retractions: int = 0
+    step_kinds: dict[str, int] | None = None
+    # [rid, cp_key] of requests finished since the last report: the router frees their
+    # segments (the key tells a finished request from a newer one reusing its rid)
+    finished: list[tuple[str, int | None]] = []
+    trace: dict[str, Any] | None = None
+
+
+# ------------------------------------------------------------ outputs (worker -> detokenizer -> tokenizer)
+class Output(msgspec.Struct, omit_defaults=True):
+    """What a request produced since its last output; `finished` with its reason at the end."""
+
+    rid: str
+    ids: list[int]
+    finished: bool
+    reason: dict[str, Any] | None
+    prompt_tokens: int
+    completion_tokens: int
+    lp: list[float] | None = None  # logprob of each new token
+    top: list[Any] | None = None  # per new token: [[logprob, token id], ...]
+    detok: dict[str, Any] | None = None  # the detokenizer's parameters, with a request's first output
+    placement: list[list[int]] | None = None  # finished: [instance, tokens] per segment
+    text: str = ""  # set by the detokenizer
+    upstream_running: bool = False  # failed in the detokenizer while its worker still runs it
+
+    @classmethod
+    def failed(
+        cls, rid: str, reason: dict[str, Any], prompt_tokens: int = 0, completion_tokens: int = 0, **kw: Any
+    ) -> Output:
+        """A request's last output when it ends without (more) tokens: refused, aborted, failed."""
+        return cls(rid, [], True, reason, prompt_tokens, completion_tokens, **kw)
+
+
+class Outputs(Message, tag="out"):
+    outputs: list[Output]
+    instance: int | None = None  # the worker that sent them
+
+
+class Cluster(Message, tag="cluster"):
+    """The router's view of the cluster, for /server_info and /metrics."""
+
+    instances: list[dict[str, Any]]
+    cp_degrees: dict[str, int]
+    cp_growth_segments: dict[str, int]
+    router_queue: int = 0
+
+
+# ------------------------------------------------------------ inboxes
+ROUTER_INBOX = (Generate, Abort, FlushCache, Reserved, Grow, Load)
+WORKER_INBOX = (Generate, Abort, FlushCache, Wake, Reserve, Release, Grown)
+DETOKENIZER_INBOX = (Outputs,)
+TOKENIZER_INBOX = (Outputs, Cluster)
+
+
+def _enc_hook(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy / torch scalars and arrays in load reports
+        return obj.tolist()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+
+def encode(msg: Message) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decoder(kinds: tuple[type[Message], ...]) -> msgspec.json.Decoder:
+    """Decodes (and validates) a message of one of `kinds`; raises msgspec.DecodeError else."""
+    return msgspec.json.Decoder(Union[kinds] if len(kinds) > 1 else kinds[0])  # noqa: UP007
