@@ -75,8 +75,9 @@ class _Fp8Dispatch:
 
 
 def _bench(rank: int, world: int, iters: int, profile_tokens: list[int], queue) -> None:
+    from nanocp.distributed.a2a import A2AComm
     from nanocp.distributed.moe_comm import create_moe_comm
-    from nanocp.distributed.parallel_state import A2AComm, ParallelState
+    from nanocp.distributed.parallel_state import ParallelState
 
     dev = torch.device(f"cuda:{rank}")
     torch.cuda.set_device(dev)

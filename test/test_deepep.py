@@ -144,8 +144,9 @@ def _normal_mode_rank(rank: int, world: int) -> None:
     reference with every expert."""
     import torch.distributed as dist
 
+    from nanocp.distributed.a2a import A2AComm
     from nanocp.distributed.moe_comm import create_moe_comm
-    from nanocp.distributed.parallel_state import A2AComm, ParallelState
+    from nanocp.distributed.parallel_state import ParallelState
     from nanocp.layers.moe import FusedMoE
 
     dev = torch.device(f"cuda:{rank}")

@@ -1,6 +1,6 @@
 """Reliability: a request's failure is that request's alone; a process's failure is reported.
 
-Faults are injected where NANOCP_FAULT_INJECT says (nanocp.fault_injection): inside one
+Faults are injected where NANOCP_FAULT_INJECT says (nanocp_router.faults): inside one
 instance's model forward or sampling, and in each loop (worker, router, tokenizer, detokenizer)
 while it handles one request. Overload: --max-queued-requests, and many more requests than the
 KV cache and --max-running-requests hold. Clients: disconnects and /abort_request of a sharded

@@ -79,7 +79,7 @@ def pdl() -> bool | None:
 
 
 def fault_inject() -> str:
-    """Test-only fault injection (nanocp.fault_injection): comma-separated faults, each
+    """Test-only fault injection (nanocp_router.faults): comma-separated faults, each
     "forward:INSTANCE:STEP" / "sample:INSTANCE:STEP" (raise in that instance's STEP-th non-idle
     forward, at its start / in sampling) or "LOOP:RID" with LOOP one of worker, router, tokenizer,
     detokenizer (raise while that process handles request RID). Unset: no faults."""

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import zmq
 
-from nanocp.fault_injection import request_fault  # torch-free, as all of the router
 from nanocp_router.cluster_state import ClusterState
+from nanocp_router.faults import request_fault
 from nanocp_router.ipc import PortArgs, drain, pull, push
 from nanocp_router.messages import (
     ROUTER_INBOX,
@@ -341,8 +341,11 @@ def run_router_process(
     cp: dict | None = None,
     log_level: str = "info",
     max_queued_requests: int | None = None,
+    fault_inject: str = "",
 ) -> None:
+    from nanocp_router import faults
     from nanocp_router.process import child_process_setup
 
     child_process_setup("router", log_level)
+    faults.configure(fault_inject)  # tests only (nanocp.envs.fault_inject)
     Router(PortArgs(**ports), dp_size, load_balance_method, cp, max_queued_requests).run_forever()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from nanocp.distributed.parallel_state import A2AComm
+from nanocp.distributed.a2a import A2AComm
 from nanocp.kvcache.pool import PageAllocator
 from nanocp_kernels.balanced_attention import BalancedDecode
 from nanocp_kernels.merge import merge_states

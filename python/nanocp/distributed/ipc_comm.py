@@ -40,7 +40,7 @@ import triton.language as tl
 from torch.multiprocessing.reductions import reduce_tensor
 
 from nanocp import envs
-from nanocp.distributed.parallel_state import A2AComm
+from nanocp.distributed.a2a import A2AComm
 
 
 @triton.jit

@@ -25,7 +25,7 @@ too: the trace then has the step's time but no per-section split.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from tqdm import tqdm
@@ -35,7 +35,22 @@ from nanocp.utils import get_logger
 
 if TYPE_CHECKING:
     from nanocp.distributed.dcp_graph import GraphDCP
-    from nanocp.model_executor.model_runner import ModelRunner
+    from nanocp.distributed.moe_comm import MoEComm
+    from nanocp.kvcache.pool import KVCachePool, ReqToTokenPool
+    from nanocp.layers.attention.base import AttentionBackend
+
+
+class GraphHost(Protocol):
+    """What the graph runner uses of its model runner (model_runner.ModelRunner)."""
+
+    device: torch.device
+    pad_slot: int
+    model: torch.nn.Module
+    attn_backend: AttentionBackend
+    kv_pool: KVCachePool
+    req_to_token_pool: ReqToTokenPool
+    moe_comm: MoEComm | None
+
 
 logger = get_logger(__name__)
 
@@ -47,7 +62,7 @@ def graph_buckets(max_bs: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, runner: ModelRunner, max_bs: int, dcp: GraphDCP | None = None) -> None:
+    def __init__(self, runner: GraphHost, max_bs: int, dcp: GraphDCP | None = None) -> None:
         self.runner = runner
         self.max_bs = max_bs
         self.buckets = graph_buckets(max_bs)

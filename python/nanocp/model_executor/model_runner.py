@@ -14,7 +14,6 @@ from nanocp.distributed.parallel_state import (
     instance_device,
 )
 from nanocp.engine.forward_batch import ForwardBatch, forward_context
-from nanocp.fault_injection import step_fault
 from nanocp.kvcache.pool import KVCachePool, PageAllocator, ReqToTokenPool
 from nanocp.layers.attention import create_attention_backend
 from nanocp.layers.moe import FusedMoE
@@ -25,6 +24,7 @@ from nanocp.models.loader import load_hf_config, load_model
 from nanocp.models.qwen3 import head_dim_of
 from nanocp.server_args import ServerArgs
 from nanocp.utils import get_logger, resolve_dtype
+from nanocp_router.faults import step_fault
 
 logger = get_logger(__name__)
 

@@ -18,12 +18,12 @@ import torch
 from nanocp.distributed.dcp import ForeignKV
 from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
 from nanocp.engine.step_trace import StepTracer
-from nanocp.fault_injection import step_fault
 from nanocp.kvcache.manager import KVManager, held_tokens, local_ranges
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.scheduler.admission import GROWTH_AHEAD_TOKENS, NewTokenRatio, retraction_victim
 from nanocp.scheduler.request import Req, ReqStatus, RequestLimits
 from nanocp.utils import get_logger
+from nanocp_router.faults import step_fault
 from nanocp_router.messages import Grow
 from nanocp_router.planner import causal_pairs
 

@@ -15,18 +15,20 @@ from typing import Any
 import torch
 import zmq
 
+from nanocp import envs
 from nanocp.distributed.dcp import build_dcp_step
 from nanocp.distributed.parallel_state import init_parallel_state, instance_device
 from nanocp.engine.step_trace import StepTracer
 from nanocp.errors import InvalidRequestError
-from nanocp.fault_injection import request_fault
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.sampling.sampling_params import SamplingParams
 from nanocp.scheduler.request import Req, RequestFactory, check_generate
 from nanocp.scheduler.scheduler import ReqOutput, Scheduler
 from nanocp.server_args import ServerArgs
 from nanocp.tokenizer.detokenizer import eos_token_ids, load_tokenizer
+from nanocp_router import faults
 from nanocp_router.cluster_state import REPORT_INTERVAL_S
+from nanocp_router.faults import request_fault
 from nanocp_router.ipc import PortArgs, drain, pull, push
 from nanocp_router.messages import (
     WORKER_INBOX,
@@ -309,6 +311,7 @@ class Worker:
 
 def run_worker_process(server_args: ServerArgs, instance: int, ports: dict, ready_conn) -> None:
     child_process_setup(f"worker{instance}", server_args.log_level)
+    faults.configure(envs.fault_inject())  # tests only
     try:
         worker = Worker(server_args, instance, PortArgs(**ports))
     except BaseException as e:  # tell the launcher why, instead of dying silently

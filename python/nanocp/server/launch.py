@@ -54,6 +54,7 @@ class EngineProcesses:
                 server_args.cp_config(),
                 server_args.log_level,
                 server_args.max_queued_requests,
+                envs.fault_inject(),
             ),
             name="nanocp-router",
             daemon=True,
@@ -139,6 +140,10 @@ class EngineProcesses:
 
 def launch_server(server_args: ServerArgs) -> None:
     import asyncio
+
+    from nanocp_router import faults
+
+    faults.configure(envs.fault_inject())  # tests only: the tokenizer's faults (HTTP process)
 
     import uvicorn
 

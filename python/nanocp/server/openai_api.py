@@ -24,8 +24,8 @@ from pydantic import (
 
 from nanocp.errors import InvalidRequestError
 from nanocp.server.errors import json_response
-from nanocp.server.http_server import last_state, primed, sse_stream, until_done_or_disconnect
 from nanocp.server.request_body import read_json
+from nanocp.server.streaming import last_state, primed, sse_stream, until_done_or_disconnect
 from nanocp.server.tokenizer_manager import ReqState, TokenizerManager
 
 

@@ -20,11 +20,11 @@ import zmq
 import zmq.asyncio
 
 from nanocp.errors import InvalidRequestError
-from nanocp.fault_injection import request_fault
 from nanocp.sampling.sampling_params import SamplingParams, short_repr
 from nanocp.scheduler.request import RequestLimits, check_generate
 from nanocp.server.metrics import Metrics
 from nanocp.server_args import ServerArgs
+from nanocp_router.faults import request_fault
 from nanocp_router.ipc import PortArgs, push
 from nanocp_router.messages import (
     TOKENIZER_INBOX,

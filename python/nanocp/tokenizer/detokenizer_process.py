@@ -7,9 +7,11 @@ import logging
 import msgspec
 import zmq
 
-from nanocp.fault_injection import request_fault
+from nanocp import envs
 from nanocp.server_args import ServerArgs
 from nanocp.tokenizer.detokenizer import TextStream, load_tokenizer
+from nanocp_router import faults
+from nanocp_router.faults import request_fault
 from nanocp_router.ipc import PortArgs, drain, pull, push
 from nanocp_router.messages import DETOKENIZER_INBOX, Output, Outputs, decoder, encode
 from nanocp_router.process import child_process_setup
@@ -78,4 +80,5 @@ class Detokenizer:
 
 def run_detokenizer_process(server_args: ServerArgs, ports: dict) -> None:
     child_process_setup("detokenizer", server_args.log_level)
+    faults.configure(envs.fault_inject())  # tests only
     Detokenizer(server_args, PortArgs(**ports)).run_forever()
