@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from nanocp.version import __version__
 
 if TYPE_CHECKING:
     from nanocp.engine.engine import Engine
     from nanocp.sampling.sampling_params import SamplingParams
     from nanocp.server_args import ServerArgs
 
-__all__ = ["Engine", "SamplingParams", "ServerArgs"]
+__all__ = ["Engine", "SamplingParams", "ServerArgs", "__version__"]
 
 
 def __getattr__(name: str):

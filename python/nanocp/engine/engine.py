@@ -33,13 +33,15 @@ class Engine:
             server_args = ServerArgs.from_kwargs(model_path=model_path, **kwargs)
         if server_args.model_path is None:
             raise ValueError("model_path is required")
-        if server_args.dp_size > 1:
-            raise ValueError(
-                "nanocp.Engine runs one instance; for --dp-size > 1 use `python -m nanocp.launch_server`"
-            )
-
         set_log_level(server_args.log_level)
         self.server_args = server_args
+        self._cluster = None
+        if server_args.dp_size > 1:  # the server's process graph (engine.cluster)
+            from nanocp.engine.cluster import ClusterEngine
+
+            self._cluster = ClusterEngine(server_args)
+            self.tokenizer = self._cluster.tokenizer
+            return
         self.tokenizer = (
             None
             if server_args.skip_tokenizer_init
@@ -61,7 +63,12 @@ class Engine:
         self.shutdown()
 
     def shutdown(self) -> None:
-        """Free the model and KV cache. The engine cannot be used afterwards."""
+        """Free the model and KV cache (with dp_size > 1: stop every process). The engine cannot
+        be used afterwards."""
+        if self._cluster is not None:
+            self._cluster.shutdown()
+            self._cluster = None
+            return
         if hasattr(self, "runner"):
             self.runner.shutdown()
         for attr in ("scheduler", "runner"):
@@ -71,9 +78,8 @@ class Engine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ requests
-    def _make_requests(
-        self, prompt, input_ids, sampling_params, return_logprob=False, top_logprobs_num=0
-    ) -> tuple[list[Req], bool]:
+    def _inputs(self, prompt, input_ids, sampling_params) -> tuple[list, list, bool]:
+        """(input ids per prompt, sampling params per prompt, whether one prompt was given)."""
         if (prompt is None) == (input_ids is None):
             raise InvalidRequestError("prompt", "exactly one of prompt and input_ids must be given")
         single = isinstance(prompt, str) or (
@@ -97,6 +103,12 @@ class Engine:
             params_list = sampling_params
         else:
             params_list = [sampling_params] * len(ids_list)
+        return ids_list, params_list, single
+
+    def _make_requests(
+        self, prompt, input_ids, sampling_params, return_logprob=False, top_logprobs_num=0
+    ) -> tuple[list[Req], bool]:
+        ids_list, params_list, single = self._inputs(prompt, input_ids, sampling_params)
         limits = self.scheduler.limits(self.tokenizer is not None)
         # the whole batch is validated before any of it is submitted
         params = [
@@ -116,7 +128,18 @@ class Engine:
         top_logprobs_num: int = 0,
     ) -> dict | list[dict] | Iterator[dict]:
         """return_logprob: meta_info gets "output_token_logprobs" [(logprob, token_id, None), ...]
-        and, with top_logprobs_num > 0, "output_top_logprobs" (as in SGLang; raw model logits)."""
+        and, with top_logprobs_num > 0, "output_top_logprobs" (as in SGLang; raw model logits).
+        With dp_size > 1 the results are the server's /generate answers (meta_info also has
+        "cp_degree" and "placement" of context-parallel requests)."""
+        if self._cluster is not None:
+            ids_list, params_list, single = self._inputs(prompt, input_ids, sampling_params)
+            # the whole batch is validated (as the server does) before any of it is submitted
+            batch = [
+                self._cluster.validate(i, p, return_logprob, top_logprobs_num)
+                for i, p in zip(ids_list, params_list)
+            ]
+            out = self._cluster.generate(batch, return_logprob, top_logprobs_num, stream)
+            return out if stream or not single else out[0]
         reqs, single = self._make_requests(
             prompt, input_ids, sampling_params, return_logprob, top_logprobs_num
         )

@@ -17,7 +17,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 
-import nanocp
 from nanocp.errors import InvalidRequestError
 from nanocp.sampling.sampling_params import short_repr
 from nanocp.server.errors import error_response, json_response
@@ -31,6 +30,7 @@ from nanocp.server.streaming import (
     until_done_or_disconnect,
 )
 from nanocp.server.tokenizer_manager import EngineError, ReqState, TokenizerManager
+from nanocp.version import __version__
 
 logger = logging.getLogger("nanocp.http")
 
@@ -55,7 +55,7 @@ def create_app(manager: TokenizerManager) -> FastAPI:
         manager.start()
         yield
 
-    app = FastAPI(title="NanoCP", version=nanocp.__version__, lifespan=lifespan)
+    app = FastAPI(title="NanoCP", version=__version__, lifespan=lifespan)
     args = manager.server_args
     app.state.manager = manager
 
@@ -224,7 +224,7 @@ def create_app(manager: TokenizerManager) -> FastAPI:
     async def server_info():
         return {
             **dataclasses.asdict(args),
-            "version": nanocp.__version__,
+            "version": __version__,
             "max_total_num_tokens": manager.max_total_tokens,
             "max_request_tokens": manager.max_request_tokens(),  # KV pooling: what one request may span
             "instances": manager.worker_infos,

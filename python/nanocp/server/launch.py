@@ -131,6 +131,8 @@ class EngineProcesses:
                 p.terminate()
         deadline = time.monotonic() + 5
         for p in self.procs.values():
+            if p.pid is None:  # never started (start() failed before it)
+                continue
             p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()

@@ -134,6 +134,16 @@ class TokenizerManager:
     def start(self) -> None:
         self._loop_task = asyncio.get_running_loop().create_task(self._handle_loop())
 
+    def close(self) -> None:
+        """Stop the output loop and close the sockets (on the loop's thread); a zmq context left
+        with open sockets blocks the interpreter's exit."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        self.inbox.close(linger=0)
+        self.to_router.close(linger=0)
+        self._async_ctx.term()
+        self._sync_ctx.term()
+
     # --------------------------------------------------------------- requests
     def tokenize(self, text: str) -> list[int]:
         if self.tokenizer is None:
