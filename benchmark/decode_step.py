@@ -83,8 +83,6 @@ def decode_batch(
             out_cache_loc=table[rows, context],
             req_pool_indices=rows,
             seq_lens=torch.full((batch,), context + 1, device=dev),
-            extend_seq_lens=torch.ones(batch, dtype=torch.int64, device=dev),
-            extend_prefix_lens=torch.full((batch,), context, device=dev),
             logits_indices=torch.arange(batch, device=dev),
             seq_lens_cpu=[context + 1] * batch,
             extend_seq_lens_cpu=[1] * batch,

@@ -153,7 +153,7 @@ def test_graph_replay_metadata_equals_eager(sharded):
     batch = ForwardBatch(
         forward_mode=ForwardMode.DECODE, batch_size=3, input_ids=t([1, 2, 3]),
         positions=t([n - 1 for n in seq_lens]), out_cache_loc=t([0, 0, 0]), req_pool_indices=t(rows),
-        seq_lens=t(seq_lens), extend_seq_lens=t([1, 1, 1]), extend_prefix_lens=t([n - 1 for n in seq_lens]),
+        seq_lens=t(seq_lens),
         logits_indices=t([0, 1, 2]), seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[1, 1, 1],
         req_to_token_pool=pool, kv_pool=None, attn_backend=None, kv_ranges_cpu=ranges,
     )  # fmt: skip

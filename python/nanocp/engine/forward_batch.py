@@ -2,8 +2,8 @@
 
 A ForwardBatch is everything one model forward needs besides the weights. Layers read it from
 the forward context (``get_forward_batch()``) instead of having it threaded through every call.
-Token-major tensors are laid out request by request: request i owns rows
-``extend_start_loc[i] : extend_start_loc[i] + extend_seq_lens[i]``.
+Token-major tensors are laid out request by request: request i owns the next
+``extend_seq_lens_cpu[i]`` rows.
 """
 
 from __future__ import annotations
@@ -34,9 +34,6 @@ class ForwardMode(IntEnum):
     def is_decode(self) -> bool:
         return self == ForwardMode.DECODE
 
-    def is_extend(self) -> bool:
-        return self in (ForwardMode.EXTEND, ForwardMode.MIXED)
-
     def is_idle(self) -> bool:
         return self == ForwardMode.IDLE
 
@@ -50,8 +47,6 @@ class ForwardBatch:
     out_cache_loc: torch.Tensor  # [T] int64, KV slot each new token is written to
     req_pool_indices: torch.Tensor  # [B] int64, row in req_to_token
     seq_lens: torch.Tensor  # [B] int64, KV length after this step
-    extend_seq_lens: torch.Tensor  # [B] int64, new tokens this step (1 for decode)
-    extend_prefix_lens: torch.Tensor  # [B] int64, tokens already in the cache
     logits_indices: torch.Tensor  # [S] int64, rows whose next-token logits are needed
     # Host copies of the per-request lengths (used to build kernel metadata without syncs).
     seq_lens_cpu: list[int]

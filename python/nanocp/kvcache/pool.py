@@ -68,10 +68,6 @@ class PageAllocator:
     def num_free_pages(self) -> int:
         return len(self._free)
 
-    @property
-    def num_free_tokens(self) -> int:
-        return len(self._free) * self.page_size
-
     def alloc(self, n: int) -> list[int] | None:
         if n > len(self._free):
             return None

@@ -96,8 +96,6 @@ class CudaGraphRunner:
             out_cache_loc=self.out_cache_loc[:bs],
             req_pool_indices=self.req_pool_indices[:bs],
             seq_lens=self.seq_lens[:bs],
-            extend_seq_lens=self.seq_lens[:bs] * 0 + 1,
-            extend_prefix_lens=self.seq_lens[:bs] - 1,
             logits_indices=self.rows[:bs],
             seq_lens_cpu=seq_lens_cpu,
             extend_seq_lens_cpu=[1] * bs,

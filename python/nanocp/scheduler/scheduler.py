@@ -414,8 +414,6 @@ class Scheduler:
             out_cache_loc=torch.cat(locs) if locs else t([]),
             req_pool_indices=t(rows),
             seq_lens=t(seq_lens),
-            extend_seq_lens=t(ext_lens),
-            extend_prefix_lens=t(prefix_lens),
             logits_indices=t(logits_rows),
             seq_lens_cpu=seq_lens,
             extend_seq_lens_cpu=ext_lens,
