@@ -63,10 +63,18 @@ def drain(sock: zmq.Socket, decode: msgspec.json.Decoder, timeout_ms: int = 0) -
             data = sock.recv(zmq.NOBLOCK)
         except zmq.Again:
             return out
-        try:
-            out.append(decode.decode(data))
-        except msgspec.DecodeError as e:
-            logger.error("dropped a message this process does not accept (%s): %.200r", e, data)
+        msg = decode_or_drop(decode, data)
+        if msg is not None:
+            out.append(msg)
+
+
+def decode_or_drop(decode: msgspec.json.Decoder, data: bytes) -> Any | None:
+    """The message in `data`, or None (logged) when the receiver does not accept it."""
+    try:
+        return decode.decode(data)
+    except msgspec.DecodeError as e:
+        logger.error("dropped a message this process does not accept (%s): %.200r", e, data)
+        return None
 
 
 def free_tcp_port() -> int:

@@ -16,20 +16,12 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from nanocp.server.launch import EngineProcesses
+from nanocp.server.streaming import last_state
 from nanocp.server.tokenizer_manager import ReqState, TokenizerManager
 from nanocp.server_args import ServerArgs
 from nanocp.tokenizer.detokenizer import load_tokenizer
 
 _DONE = object()
-
-
-def result(state: ReqState, return_logprob: bool) -> dict:
-    """A finished (or streamed) request as /generate returns it."""
-    return {
-        "text": state.text,
-        "output_ids": list(state.output_ids),
-        "meta_info": state.meta_info(return_logprob),
-    }
 
 
 class ClusterEngine:
@@ -62,9 +54,6 @@ class ClusterEngine:
     def _call(self, coro) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
-    def validate(self, ids: list[int], params: Any, return_logprob: bool, top_logprobs_num: int):
-        return self.manager.validate(ids, params, return_logprob, top_logprobs_num)
-
     def generate(
         self, batch: list[tuple[list[int], Any]], return_logprob: bool, top_logprobs_num: int, stream: bool
     ) -> list[dict] | Iterator[dict]:
@@ -81,10 +70,7 @@ class ClusterEngine:
             return self._stream(run, len(batch), return_logprob)
 
         async def final(i: int) -> dict:
-            state = None
-            async for state in run(i):  # noqa: B007
-                pass
-            return result(state, return_logprob)
+            return (await last_state(run(i))).result(return_logprob)
 
         async def all_of() -> list:
             return await asyncio.gather(*(final(i) for i in range(len(batch))), return_exceptions=True)

@@ -135,7 +135,7 @@ class Engine:
             ids_list, params_list, single = self._inputs(prompt, input_ids, sampling_params)
             # the whole batch is validated (as the server does) before any of it is submitted
             batch = [
-                self._cluster.validate(i, p, return_logprob, top_logprobs_num)
+                self._cluster.manager.validate(i, p, return_logprob, top_logprobs_num)
                 for i, p in zip(ids_list, params_list)
             ]
             out = self._cluster.generate(batch, return_logprob, top_logprobs_num, stream)

@@ -189,7 +189,7 @@ def validate_input(
     vocab_size: int,
     context_length: int,
     max_total_tokens: int,
-    capacity_note: str = "raise --max-total-tokens",
+    capacity_note: str,
 ) -> None:
     """Reject what could never run: empty prompts, unknown token ids, too long for the model or
     for the whole KV cache (such a request would wait forever)."""

@@ -160,13 +160,6 @@ def create_app(manager: TokenizerManager) -> FastAPI:
             ids, params = validated[i]
             return manager.generate(ids, params, rids[i], return_logprob, top_n, dp_rank)
 
-        def native(state: ReqState) -> dict:
-            return {
-                "text": state.text,
-                "output_ids": list(state.output_ids),
-                "meta_info": state.meta_info(return_logprob),
-            }
-
         if stream:
             if batch:
                 raise InvalidRequestError("stream", "streaming takes a single prompt")
@@ -175,12 +168,12 @@ def create_app(manager: TokenizerManager) -> FastAPI:
 
             async def chunks() -> AsyncIterator[dict]:
                 async for state in states:
-                    yield native(state)
+                    yield state.result(return_logprob)
 
             return StreamingResponse(sse_stream(chunks()), media_type="text/event-stream")
 
         async def final(i: int) -> dict:
-            return native(await last_state(run(i)))
+            return (await last_state(run(i))).result(return_logprob)
 
         results = await until_done_or_disconnect(
             request, asyncio.gather(*(final(i) for i in range(len(prompts))))

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import zmq
 import zmq.asyncio
 
@@ -25,7 +24,7 @@ from nanocp.scheduler.request import RequestLimits, check_generate
 from nanocp.server.metrics import Metrics
 from nanocp.server_args import ServerArgs
 from nanocp_router.faults import request_fault
-from nanocp_router.ipc import PortArgs, push
+from nanocp_router.ipc import PortArgs, decode_or_drop, push
 from nanocp_router.messages import (
     TOKENIZER_INBOX,
     Abort,
@@ -73,6 +72,14 @@ class ReqState:
     # what the latest event added (for OpenAI-style delta streaming)
     delta_text: str = ""
     delta_ids: list[int] = field(default_factory=list)
+
+    def result(self, return_logprob: bool = False) -> dict[str, Any]:
+        """The request as /generate answers it (so far, or finished)."""
+        return {
+            "text": self.text,
+            "output_ids": list(self.output_ids),
+            "meta_info": self.meta_info(return_logprob),
+        }
 
     def meta_info(self, return_logprob: bool = False) -> dict[str, Any]:
         meta = {
@@ -234,11 +241,8 @@ class TokenizerManager:
     # ---------------------------------------------------------------- inbound
     async def _handle_loop(self) -> None:
         while True:
-            data = await self.inbox.recv()
-            try:
-                msg = self.decode.decode(data)
-            except msgspec.DecodeError as e:
-                logger.error("dropped a message this process does not accept (%s): %.200r", e, data)
+            msg = decode_or_drop(self.decode, await self.inbox.recv())
+            if msg is None:
                 continue
             if isinstance(msg, Outputs):
                 for out in msg.outputs:
