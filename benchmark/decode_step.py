@@ -43,7 +43,7 @@ class FakeReq:  # what KVManager needs of a request
     req_pool_idx: int | None = None
     kv_pages: list[int] = field(default_factory=list)
     kv_len: int = 0
-    local_segments: list[tuple[int, int]] | None = None
+    held_ranges: list[tuple[int, int]] | None = None
 
 
 def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
@@ -86,9 +86,6 @@ def decode_batch(
             logits_indices=torch.arange(batch, device=dev),
             seq_lens_cpu=[context + 1] * batch,
             extend_seq_lens_cpu=[1] * batch,
-            req_to_token_pool=runner.req_to_token_pool,
-            kv_pool=runner.kv_pool,
-            attn_backend=runner.attn_backend,
         ),
         reqs,
     )

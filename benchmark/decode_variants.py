@@ -101,7 +101,7 @@ def captured(runner: ModelRunner, max_bs: int, variant: str) -> Iterator[None]:
             stack.enter_context(VARIANTS[name][1]())
         runner.graph_runner = None
         torch.cuda.empty_cache()
-        runner.graph_runner = CudaGraphRunner(runner, max_bs, runner._graph_dcp(max_bs))
+        runner.graph_runner = CudaGraphRunner(runner, max_bs)  # ctx.dcp_graph: the runner's, if any
         yield
 
 

@@ -64,7 +64,6 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, backend: s
             if bs * (context + 1) > runner.max_total_num_tokens:
                 continue
             batch, reqs = decode_batch(runner, kv, bs, context)
-            batch.moe_comm = runner.moe_comm
             batch.global_num_tokens = [bs] * world
             row = {"batch": bs, "context": context}
             modes = (

@@ -134,7 +134,7 @@ def test_tiny_pool_retracts_and_still_finishes_everything(policy):
     assert sorted(m["rid"] for m in res.metrics) == list(range(12))
     assert sum(m["retractions"] for m in res.metrics) == res.retractions
     for inst in sim.insts:  # every page back
-        assert inst.free_pages == inst.total_pages and not inst.foreign
+        assert inst.free_pages == inst.total_pages and not inst.foreign.segments
 
 
 def test_dcp_requests_grow_past_their_first_plan():
@@ -238,13 +238,12 @@ def test_instance_retracts_its_last_request_when_foreign_segments_took_the_pages
     inst = SimInstance(0, total_pages=6, page_size=16, chunk=64, max_running=8)
     own = SimRequest(Request(0.0, input_len=32, output_len=20), rid=0, home=0)
     inst.enqueue(own)
-    assert inst.schedule(0.0, []) == [(own, 32)] and inst.free_pages == 4
-    own.computed, own.generated = 32, 1  # prefilled; its next token needs a third page
-    other = SimRequest(Request(0.0, input_len=100, output_len=1), rid=1, home=1)
-    assert inst.reserve_foreign(other, 0, 64) and inst.free_pages == 0
-    assert inst.schedule(0.1, []) == [] and inst.waiting == [own] and own.retractions == 1
-    inst.release_foreign(other)
-    assert inst.schedule(0.2, []) == [(own, 33)]  # recomputed: prompt + its sampled token
+    assert inst.step_work(0.0) == [(own, 32)] and inst.free_pages == 4 and own.kv_len == 32
+    own.generated = 1  # prefilled and sampled; its next token needs a third page
+    assert inst.reserve_foreign(1, 0, 64) and inst.free_pages == 0  # for another home's request 1
+    assert inst.step_work(0.1) == [] and inst.waiting == [own] and own.num_retractions == 1
+    inst.release_foreign(1)
+    assert inst.step_work(0.2) == [(own, 33)]  # recomputed: prompt + its sampled token
 
 
 def test_retraction_victim_rule():
@@ -260,16 +259,18 @@ def test_simulated_holder_keeps_its_sharded_request_when_retracting():
     """SimInstance uses the scheduler's victim rule: the unsharded request goes, not the newer
     context-parallel one whose home share is a quarter of what it would recompute."""
     from benchmark.simulator.instance import SimInstance, SimRequest
+    from nanocp.scheduler.dcp import Placement
 
     inst = SimInstance(0, total_pages=100, page_size=16, chunk=512, max_running=8)
-    chat = SimRequest(Request(0.0, 320, 10), rid=0, home=0, computed=320, pages=20)
+    chat = SimRequest(Request(0.0, 320, 10), rid=0, home=0, kv_len=320, pages=20)
     doc = SimRequest(
-        Request(1.0, 1280, 10), rid=1, home=0, segments=[(1, 0, 960), (0, 960, 1290)], computed=1280, pages=20
-    )
-    inst.running, inst.free_pages = [chat, doc], 60
+        Request(1.0, 1280, 10), rid=1, home=0, placement=Placement([(1, 0, 960), (0, 960, 1290)], 0),
+        kv_len=1280, pages=20,
+    )  # fmt: skip
+    inst.running, inst.kv.num_free_pages = [chat, doc], 60
     assert inst.victim() is chat
-    assert inst.reserve_foreign(SimRequest(Request(2.0, 2000, 1), rid=2), 0, 16 * 70)
-    assert inst.running == [doc] and chat.retractions == 1 and doc.retractions == 0
+    assert inst.reserve_foreign(2, 0, 16 * 70)  # another home's request 2
+    assert inst.running == [doc] and chat.num_retractions == 1 and doc.num_retractions == 0
 
 
 @needs_triton

@@ -133,28 +133,33 @@ def test_foreign_sequence_stops_at_the_queries_last_position():
     positions at or beyond the step's last query are not written yet (they would only be masked)."""
     import torch
 
-    from nanocp.distributed.dcp import ForeignKV
+    from nanocp.distributed.dcp import foreign_sequence, foreign_slots
     from nanocp.kvcache.pool import PageAllocator
+    from nanocp.scheduler.dcp import ForeignKV
 
-    fk = ForeignKV(PageAllocator(32, 16), torch.device("cpu"))
+    fk, cpu = ForeignKV(PageAllocator(32, 16)), torch.device("cpu")
     assert fk.reserve(7, 0, 40) and fk.reserve(7, 100, 140)
-    slots, pos = fk.sequence(7, 120)
+    slots, pos = foreign_sequence(fk, 7, 120, cpu)
     assert pos.tolist() == [*range(40), *range(100, 120)]
-    assert torch.equal(slots, fk.slots(7, pos))
-    assert fk.sequence(7, 10)[1].tolist() == list(range(10))
-    assert fk.sequence(7, 1000)[1].tolist() == [*range(40), *range(100, 140)]
+    assert torch.equal(slots, foreign_slots(fk, 7, pos.tolist(), cpu))
+    assert foreign_sequence(fk, 7, 10, cpu)[1].tolist() == list(range(10))
+    assert foreign_sequence(fk, 7, 1000, cpu)[1].tolist() == [*range(40), *range(100, 140)]
+    with pytest.raises(RuntimeError, match="not reserved"):
+        foreign_slots(fk, 7, [50], cpu)
+    fk.release(7)
+    assert fk.allocator.num_free_pages == 32
 
 
 @needs_triton
 def test_foreign_attention_of_a_decode_step_is_balanced_and_exact():
     """An eager step's foreign attention for decode queries (one per sequence) runs BalancedDecode,
-    planned once per step (the first layer) and reused by every layer; it equals the torch
+    planned once per step (EagerDCP.begin) and reused by every layer; it equals the torch
     reference (Triton's interpreter on CPU; the CPU servers take the reference itself)."""
     import math
 
     import torch
 
-    from nanocp.distributed.dcp import DCPStep, foreign_attention
+    from nanocp.distributed.dcp import DCPPlan, EagerDCP
     from nanocp_kernels.reference import paged_attention_ref
 
     g = torch.Generator().manual_seed(5)
@@ -165,19 +170,19 @@ def test_foreign_attention_of_a_decode_step_is_balanced_and_exact():
     kv_pos = torch.cat([torch.arange(n) for n in lens])
     q_pos = torch.tensor([520, 3, 29])  # the short one's last key is its own query's: visible
     e = torch.empty(0, dtype=torch.int64)
-    st = DCPStep(
-        None, e, [], [], e, e, [], [], list(range(len(lens) + 1)), kv_indptr, kv_idx, q_pos, kv_pos
-    )  # fmt: skip
+    st = DCPPlan(e, [], [], e, e, [], [], list(range(len(lens) + 1)), kv_indptr, kv_idx, q_pos, kv_pos)
     k_buf, v_buf = (torch.randn(slots, hkv, d, generator=g) for _ in range(2))
     scale = 1 / math.sqrt(d)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    executor = EagerDCP(None, hq, hkv, d, torch.device(dev), kernels=True)
+    executor.begin(st)
     for _layer in range(2):  # the plan of the first layer serves the second
         q = torch.randn(len(lens), hq, d, generator=g)
-        o, lse = foreign_attention(q.to(dev), k_buf.to(dev), v_buf.to(dev), scale, st, kernels=True)
+        o, lse = executor.foreign_attention(q.to(dev), k_buf.to(dev), v_buf.to(dev), scale)
         ref_o, ref_lse = paged_attention_ref(
             q, k_buf, v_buf, st.f_qo_indptr, kv_indptr, kv_idx, q_pos, kv_pos, scale
         )
         torch.testing.assert_close(o.cpu(), ref_o, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse.cpu(), ref_lse, rtol=1e-5, atol=1e-5)
-        balanced = st.device_meta[-1]
+        balanced = executor.balanced
         assert balanced is not None and int(balanced.n_items) > 2  # the 500-key shard was cut

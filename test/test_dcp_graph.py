@@ -13,7 +13,7 @@ import threading
 import pytest
 import torch
 
-from nanocp.distributed.dcp import DCPStep
+from nanocp.distributed.dcp import DCPPlan
 from nanocp.distributed.dcp_graph import GraphDCP
 from nanocp_kernels.reference import paged_attention_ref
 
@@ -110,8 +110,7 @@ def test_graph_dcp_merges_to_unsharded_attention(rows_a):
     local1 = {"C": (c_local, range(50), 80), "pad": ([], [], 0)}
     i64 = lambda x: torch.tensor(x, dtype=torch.int64)  # noqa: E731
     plans = [
-        DCPStep(
-            comm=None,
+        DCPPlan(
             kv_send_idx=i64([]),
             kv_send_counts=[0, 0],
             kv_recv_counts=[0, 1],
@@ -125,8 +124,7 @@ def test_graph_dcp_merges_to_unsharded_attention(rows_a):
             f_q_pos=i64([80]),
             f_kv_pos=torch.arange(50, 200),
         ),
-        DCPStep(
-            comm=None,
+        DCPPlan(
             kv_send_idx=i64([0]),
             kv_send_counts=[1, 0],
             kv_recv_counts=[0, 0],
@@ -141,8 +139,8 @@ def test_graph_dcp_merges_to_unsharded_attention(rows_a):
             f_kv_pos=torch.arange(60),
         ),
     ]
-    unrouted = DCPStep(
-        comm=None, kv_send_idx=i64([]), kv_send_counts=[0, 0], kv_recv_counts=[0, 0], kv_recv_slots=i64([]),
+    unrouted = DCPPlan(
+        kv_send_idx=i64([]), kv_send_counts=[0, 0], kv_recv_counts=[0, 0], kv_recv_slots=i64([]),
         q_send_idx=i64([]), q_send_counts=[0, 0], q_recv_counts=[0, 0], f_qo_indptr=[0], f_kv_indptr=[0],
         f_kv_indices=i64([]), f_q_pos=i64([]), f_kv_pos=i64([]),
     )  # fmt: skip
@@ -160,10 +158,10 @@ def test_graph_dcp_merges_to_unsharded_attention(rows_a):
             q, k, v = batch(rows)
             o_local, lse_local = _attend(q, *pools[rank], [local[r] for r in rows])
             for _ in range(2):  # the second step finds the blocks holding the first one's rows
-                dcp.load(plans[rank])
+                dcp.begin(plans[rank])
                 results[rank] = dcp.attend(q, k, v, o_local, lse_local, *pools[rank], SCALE)
             # a step in which no row asks a peer: the peers' answers of the last step are gone
-            dcp.load(unrouted)
+            dcp.begin(unrouted)
             alone[rank] = (dcp.attend(q, k, v, o_local, lse_local, *pools[rank], SCALE), o_local)
         except BaseException as e:  # surface it in the main thread; break the peer's wait
             errors.append(e)

@@ -41,7 +41,7 @@ def test_flashinfer_backend_matches_reference(model_factory, page_size):
         def spy(q, k, v, layer, batch):
             o = orig(q, k, v, layer, batch)
             if layer.layer_id == 1 and batch.batch_size > 1 and "o" not in captured:
-                table = batch.req_to_token_pool.req_to_token
+                table = backend.req_to_token_pool.req_to_token
                 qo, kv, idx, kpos = [0], [0], [], []
                 for i, (sl, el) in enumerate(zip(batch.seq_lens_cpu, batch.extend_seq_lens_cpu)):
                     qo.append(qo[-1] + el)
@@ -50,8 +50,8 @@ def test_flashinfer_backend_matches_reference(model_factory, page_size):
                     kpos.append(torch.arange(sl, device=q.device))
                 ref_o, ref_lse = paged_attention_ref(
                     q,
-                    batch.kv_pool.k_buffer[1],
-                    batch.kv_pool.v_buffer[1],
+                    backend.kv_pool.k_buffer[1],
+                    backend.kv_pool.v_buffer[1],
                     qo,
                     kv,
                     torch.cat(idx),

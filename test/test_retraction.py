@@ -106,6 +106,8 @@ def test_victim_is_the_request_freeing_most_kv_per_recomputed_token(moe_model):
     """A context-parallel request holds only its home's share here but would recompute all of
     its positions: an older unsharded request is retracted first; among unsharded ones the newest
     (the rule before)."""
+    from nanocp.scheduler.dcp import Placement
+
     with Engine(model_path=moe_model, page_size=16, max_total_tokens=512) as engine:
         s = engine.scheduler
         reqs, _ = engine._make_requests(
@@ -113,11 +115,11 @@ def test_victim_is_the_request_freeing_most_kv_per_recomputed_token(moe_model):
         )
         old, mid, sharded = reqs
         old.kv_len, mid.kv_len = 40, 40
-        sharded.set_placement([(1, 0, 224), (0, 224, 304)], home=0)  # 80 of 304 positions held here
+        sharded.set_placement(Placement([(1, 0, 224), (0, 224, 304)], home=0))  # 80 of 304 held here
         sharded.kv_len = 300
         s.running = [old, sharded]
-        assert s._victim() is old
+        assert s.victim() is old
         s.running = [old, mid, sharded]
-        assert s._victim() is mid
+        assert s.victim() is mid
         s.running = [sharded]
-        assert s._victim() is sharded
+        assert s.victim() is sharded

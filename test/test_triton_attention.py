@@ -135,7 +135,7 @@ def test_triton_backend_engine_matches_transformers(moe_model, hf_oracle):
 def test_graph_replay_metadata_equals_eager(sharded):
     """The decode metadata a CUDA-graph replay builds on the device (static buffers) lists the
     same KV slots and positions as the eager path, also for context-parallel requests whose
-    home holds only some position ranges (kv_ranges_cpu); the attention of both (BalancedDecode,
+    home holds only some position ranges (held_ranges); the attention of both (BalancedDecode,
     planned from those lengths) equals the torch backend's."""
     from types import SimpleNamespace
 
@@ -155,16 +155,19 @@ def test_graph_replay_metadata_equals_eager(sharded):
         positions=t([n - 1 for n in seq_lens]), out_cache_loc=t([0, 0, 0]), req_pool_indices=t(rows),
         seq_lens=t(seq_lens),
         logits_indices=t([0, 1, 2]), seq_lens_cpu=seq_lens, extend_seq_lens_cpu=[1, 1, 1],
-        req_to_token_pool=pool, kv_pool=None, attn_backend=None, kv_ranges_cpu=ranges,
+        held_ranges=ranges,
     )  # fmt: skip
     hq, hkv, d = 4, 2, 16
-    batch.kv_pool = SimpleNamespace(
+    kv_pool = SimpleNamespace(
         k_buffer=[torch.randn(4 * 64, hkv, d, generator=g).to(DEVICE)],
         v_buffer=[torch.randn(4 * 64, hkv, d, generator=g).to(DEVICE)],
     )
     layer = SimpleNamespace(layer_id=0, scaling=d**-0.5)
     q = torch.randn(3, hq, d, generator=g).to(DEVICE)
-    backend = TritonAttnBackend(device=torch.device(DEVICE), num_qo_heads=hq, num_kv_heads=hkv, head_dim=d)
+    backend = TritonAttnBackend(
+        device=torch.device(DEVICE), num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, kv_pool=kv_pool,
+        req_to_token_pool=pool,
+    )  # fmt: skip
     backend.init_forward_metadata(batch)
     o_ref, lse_ref = TorchAttnBackend.forward_with_lse(backend, q, None, None, layer, batch)
     backend.eager_balanced.block_n = 16  # chunks of 16 keys: rows this short are cut too

@@ -7,8 +7,8 @@ Scheduling follows the real server, reusing its code where it is torch-free:
   placed since; holders reserve their segments at placement; a request whose plan runs out gets
   its next tail quota from the policy's plan_growth. With --cp-policy none, the real
   load-balancing policy (round robin by default) sends each request to an instance at once.
-- instances: FCFS queues, chunked prefill, new-token-ratio admission and retraction as the
-  scheduler does them (simulator.instance).
+- instances: the engine's own scheduling loop (nanocp.scheduler.core: FCFS queues, chunked
+  prefill, new-token-ratio admission, retraction) over page counts (simulator.instance).
 Step cost: every instance runs its work (decode attention over the KV it holds, own and foreign
 segments; R_i attention sequences, own and served; dense + expert layers for its B_i decode and P_i prefill tokens;
 Q_i queries served for other homes) and all wait for the slowest:
@@ -27,7 +27,7 @@ import numpy as np
 from benchmark.simulator.cost import CostModel
 from benchmark.simulator.instance import SimInstance, SimRequest
 from benchmark.workloads import Request
-from nanocp.scheduler.admission import NewTokenRatio
+from nanocp.scheduler.dcp import Placement
 from nanocp_router.cluster_state import REPORT_INTERVAL_S, ClusterState
 from nanocp_router.messages import Load
 from nanocp_router.planner import CPPolicy, NoCP, apply_growth, apply_plan, causal_pairs
@@ -87,12 +87,7 @@ class Simulator:
     def run(self, workload: list[Request], max_steps: int = 10_000_000) -> SimResult:
         self.insts = [
             SimInstance(
-                i,
-                self.capacity // self.page,
-                self.page,
-                self.chunk,
-                self.max_running,
-                NewTokenRatio(self.conservativeness),
+                i, self.capacity // self.page, self.page, self.chunk, self.max_running, self.conservativeness
             )
             for i in range(self.n)
         ]
@@ -102,7 +97,8 @@ class Simulator:
         # home (which drained its inbox before the holders acked) starts them a step later
         self.in_flight: list[SimRequest] = []
         self.lb = create_policy(self.load_balance_method) if isinstance(self.policy, NoCP) else None
-        arrivals = [(r.arrival_s, i, SimRequest(r, i)) for i, r in enumerate(workload)]
+        self.reqs = [SimRequest(r, i) for i, r in enumerate(workload)]
+        arrivals = [(sr.arrival, sr.rid, sr) for sr in self.reqs]
         heapq.heapify(arrivals)
         done: list[SimRequest] = []
         t, steps = 0.0, 0
@@ -113,10 +109,13 @@ class Simulator:
             while arrivals and arrivals[0][0] <= t:
                 self._route(heapq.heappop(arrivals)[2], t)
             self._place(t)
-            asks: list[SimRequest] = []
-            works = [inst.schedule(t, asks) for inst in self.insts]
+            works = [inst.step_work(t) for inst in self.insts]
+            asks = [self.reqs[g.rid] for inst in self.insts for g in inst.growth_requests]
+            for inst in self.insts:
+                inst.growth_requests.clear()
             if not any(works) and self.in_flight:  # an idle cluster: delivered at once
                 self._deliver()
+                self._grow_all(asks)
                 continue
             self._deliver()
             if not any(works):
@@ -138,7 +137,7 @@ class Simulator:
                 self.step_log.append((start, [(sr.rid, sr.home, n) for w in works for sr, n in w]))
             finished = [False] * self.n
             for inst, work in zip(self.insts, works):
-                inst.ratio.step()
+                inst.new_token_ratio.step()
                 for sr, n in work:
                     if self._advance(sr, n, t):
                         finished[inst.index] = True
@@ -158,7 +157,7 @@ class Simulator:
     # ------------------------------------------------------------------ router
     def _route(self, sr: SimRequest, t: float) -> None:
         if self.disaggregated:  # the prompt's KV (and first token) arrive with it; admitted = first token
-            sr.computed, sr.generated = sr.req.input_len, 1
+            sr.kv_len, sr.generated = sr.req.input_len, 1
         if self.lb is None:
             self.queue.append(sr)
             return
@@ -177,12 +176,12 @@ class Simulator:
                 return
             apply_plan(self.state, plan)
             sr.home = plan.home
-            sr.segments = [(s.instance, s.start, s.end) for s in plan.segments]
+            sr.place(Placement([(s.instance, s.start, s.end) for s in plan.segments], plan.home))
             holders = [s for s in plan.segments if s.instance != plan.home]
-            reserved = [s for s in holders if self.insts[s.instance].reserve_foreign(sr, s.start, s.end)]
+            reserved = [s for s in holders if self.insts[s.instance].reserve_foreign(sr.rid, s.start, s.end)]
             if len(reserved) < len(holders):  # a holder had no room after all: plan again later
                 for s in reserved:
-                    self.insts[s.instance].release_foreign(sr)
+                    self.insts[s.instance].release_foreign(sr.rid)
                 return
             self.queue.pop(0)
             sr.placed_s = t
@@ -203,14 +202,14 @@ class Simulator:
 
     def _grow(self, sr: SimRequest) -> None:
         """Router.on_grow: the next tail quota, on the home or reserved on another instance."""
-        end = sr.planned_end
-        tokens = self.policy.tail_quota(sr.req.input_len + sr.req.output_len - end)
-        holders = {s[0] for s in sr.segments} - {sr.home}
+        end = sr.placement.end
+        tokens = self.policy.tail_quota(sr.total_len - end)
+        holders = {s[0] for s in sr.placement.segments} - {sr.home}
         inst, tokens = self.policy.plan_growth(sr.home, holders, tokens, self.state)
         apply_growth(self.state, inst, tokens)
-        if inst != sr.home and not self.insts[inst].reserve_foreign(sr, end, end + tokens):
+        if inst != sr.home and not self.insts[inst].reserve_foreign(sr.rid, end, end + tokens):
             inst = sr.home  # no room there after all: the home grows on demand
-        sr.add_segment(inst, end, end + tokens)
+        sr.place(sr.placement.grown((inst, end, end + tokens)), grown=True)
 
     def _report(self, inst: SimInstance, t: float) -> None:
         self.state.on_report(
@@ -222,7 +221,7 @@ class Simulator:
                     "page_size": inst.page_size,
                     "running": len(inst.running),
                     "waiting": len(inst.waiting),
-                    "kv_tokens": sum(r.computed for r in inst.running),
+                    "kv_tokens": sum(r.kv_len for r in inst.running),
                 }
             )
         )
@@ -230,9 +229,8 @@ class Simulator:
 
     # ---------------------------------------------------------------- requests
     def _advance(self, sr: SimRequest, n: int, t: float) -> bool:
-        """The step ran n tokens of sr; True when it finished."""
-        sr.computed += n
-        if sr.pending > 0:
+        """The step ran n tokens of sr (its kv_len counts them already); True when it finished."""
+        if sr.num_pending > 0:
             return False
         sr.generated += 1  # the step ends with a sample
         if sr.first_token_s is None:
@@ -240,11 +238,9 @@ class Simulator:
         if sr.generated < sr.req.output_len:
             return False
         sr.finished_s = t
-        home = self.insts[sr.home]
-        home.running.remove(sr)
-        home.release(sr)
+        self.insts[sr.home].finish(sr)
         for inst in self.insts:
-            inst.release_foreign(sr)
+            inst.release_foreign(sr.rid)
         return True
 
     def _metrics(self, sr: SimRequest) -> dict:
@@ -257,7 +253,7 @@ class Simulator:
             "degree": sr.degree,
             "input_len": r.input_len,
             "output_len": r.output_len,
-            "retractions": sr.retractions,
+            "retractions": sr.num_retractions,
             "growths": sr.growths,
         }
 
@@ -267,15 +263,15 @@ class Simulator:
         KV tokens read by decodes, query-key pairs of prefill chunks (causal on the home; a holder
         attends the queries that see its keys over all it holds below the chunk's end, masked,
         not skipped), attention sequences (own requests + one per request served for another
-        home, as build_dcp_step groups them), own tokens, queries served for other homes."""
+        home, as build_dcp_plan groups them), own tokens, queries served for other homes."""
         n = self.n
         kv, reqs, batch, prefill, foreign_q, pairs = [0] * n, [0] * n, [0] * n, [0] * n, [0] * n, [0] * n
         for home, work in enumerate(works):
             for sr, tokens in work:
-                q0, q1 = sr.computed, sr.computed + tokens
-                segments = sr.segments or [(home, 0, q1)]
+                q0, q1 = sr.kv_len - tokens, sr.kv_len  # schedule() allocated the step's tokens
+                segments = sr.placement.segments if sr.placement else [(home, 0, q1)]
                 reqs[home] += 1
-                if tokens == 1 and sr.generated > 0 and sr.pending == 1:  # decode: reads the KV
+                if tokens == 1 and sr.generated > 0 and sr.num_pending == 0:  # decode: reads the KV
                     batch[home] += 1
                     for inst in {inst for inst, _, _ in segments} - {home}:  # one sequence per holder
                         held = sum(max(0, min(e, q1) - s) for i, s, e in segments if i == inst)

@@ -3,8 +3,8 @@
 GraphDCP's foreign attention has W x C fixed query rows, of which a step fills a few (one per
 sharded request decoding on a peer) with shards of any length. `paged_attention` launches
 (row, KV head, split) programs for all rows with a split count fixed at capture: one lone long
-shard then runs on few programs, and every empty row still costs its programs (an H200 spent
-~90 us on one 8k-key shard among 128 rows, 2026-11-25). A decode batch of one long request among
+shard then runs on few programs, and every empty row still costs its programs
+(benchmark/results/README.md, foreign_attention). A decode batch of one long request among
 short ones has the same problem (the triton backend's decode and eager DCP steps run this too).
 Here the host cuts this step's keys into
 equal chunks of whole key blocks (`BalancedDecode.plan`, before the replay) and a grid of about
@@ -119,9 +119,9 @@ if triton is not None:
         tl.store(lse_ptr + t * HQ + h, tl.where(total > 0, m_safe + tl.log(safe), float("-inf")))
 
 
-# programs per SM the work is cut for; GraphDCP's foreign attention on H100 (W=2, C=64, 1-8
-# queries of 8k-128k keys, benchmark.foreign_attention --waves, 2026-12-06): 4 was within 2 us of 2
-# on one 8k shard and 8-16% faster from 4 x 32k up; 8 and 16 cost 3-30 us more on small steps.
+# programs per SM the work is cut for (benchmark.foreign_attention --waves, results/README.md):
+# 4 is within 2 us of 2 on one 8k shard and 8-16% faster from 4 x 32k up on H100; 8 and 16 cost
+# 3-30 us more on small steps.
 BALANCED_WAVES = 4
 
 

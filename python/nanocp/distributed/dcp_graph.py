@@ -3,13 +3,13 @@ buffers with device-side counts (IpcAllToAll.exchange), so any plan replays with
 
 In a decode step every row goes to a peer at most once (its K/V to the holder of its position,
 its query to each holder of earlier keys), so per-peer blocks of max_bs rows always suffice.
-The host builds the step's plan exactly as in eager mode (`build_dcp_step`, one small exchange
-of positions on the control group) and `load` scatters it into the static buffers. Per layer,
+The host builds the step's DCPPlan exactly as in eager mode (`build_dcp_plan`, one small exchange
+of positions on the control group) and `begin` scatters it into the static buffers. Per layer,
 inside the graph:
   1. K/V rows to their holders, written at the holder's slots (unused block rows: the pad slot);
   2. queries to holders; every received query slot attends the request's keys held here
      (causal by position; an empty slot has no keys: o = 0, lse = -inf), through a
-     BalancedDecode whose work `load` plans from the step's shard lengths (most slots are empty);
+     BalancedDecode whose work `begin` plans from the step's shard lengths (most slots are empty);
   3. (o, lse) go back to the same block positions; the home merges its local state with one
      state per peer by log-sum-exp, a peer that got no query of a row contributing -inf.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from nanocp.distributed.dcp import DCPStep
+from nanocp.distributed.dcp import DCPExecutor, DCPPlan
 from nanocp_kernels.balanced_attention import BalancedDecode
 from nanocp_kernels.merge import merge_states
 from nanocp_kernels.reference import paged_attention_ref
@@ -29,7 +29,7 @@ def _words(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).view(torch.int32)
 
 
-class GraphDCP:
+class GraphDCP(DCPExecutor):
     def __init__(
         self,
         rank: int,
@@ -62,7 +62,7 @@ class GraphDCP:
         W, C = world, max_bs
         i64 = dict(dtype=torch.int64, device=device)
         i32 = dict(dtype=torch.int32, device=device)
-        # the step's plan (written by load before every replay)
+        # the step's plan (written by begin before every replay)
         self.kv_rows = torch.zeros(W, C, **i64)  # own rows whose K/V go to peer p
         self.kv_counts = torch.zeros(W, **i64)
         self.kv_slots = torch.full((W, C), pad_slot, **i64)  # where K/V received from src go here
@@ -85,14 +85,13 @@ class GraphDCP:
         self.slot = torch.arange(C, **i64)
         self.peer_base = torch.arange(1, W + 1, **i64)
         # merge input: state 0 local (rows < bs), state p + 1 peer p's answers at the rows that
-        # asked it, every other row -inf (reset by load: a row that asked p last step may not
+        # asked it, every other row -inf (reset by begin: a row that asked p last step may not
         # now); row C of each state takes the unused block rows. Built once per step, not per layer.
         self.dest = torch.zeros(W * C, **i64)  # state row of each returned block row
         self.states_o = torch.zeros((W + 1) * (C + 1), num_qo_heads, head_dim, dtype=dtype, device=device)
         self.states_lse = torch.full(((W + 1) * (C + 1), num_qo_heads), float("-inf"), device=device)
-        # the foreign attention: W * C query slots, mostly empty, shards of any length. Its work
-        # is planned per step from the lengths (fixed split counts: a 50k-key shard ran on 4
-        # programs and CP decode steps took twice static DP's on 2x H200, 2026-11-24).
+        # the foreign attention: W * C query slots, mostly empty, shards of any length; its work
+        # is planned per step from the shards' lengths (every shard is cut into equal blocks)
         self.foreign = BalancedDecode(W * C, num_qo_heads, num_kv_heads, head_dim, device)
 
     # ------------------------------------------------------------------ host side, per step
@@ -108,8 +107,8 @@ class GraphDCP:
     def _on_device(self, flat: list[int]) -> torch.Tensor:
         return torch.tensor(flat, dtype=torch.int64).to(self.kv_rows.device, non_blocking=True)
 
-    def load(self, st: DCPStep) -> None:
-        """Scatter an eager plan (build_dcp_step) of a decode step into the static buffers."""
+    def begin(self, st: DCPPlan) -> None:
+        """Scatter a decode step's plan (build_dcp_plan) into the static buffers."""
         dev = self.kv_rows.device
         counts = torch.tensor([st.kv_send_counts, st.q_send_counts], dtype=torch.int64)
         counts = counts.to(dev, non_blocking=True)

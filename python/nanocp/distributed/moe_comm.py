@@ -9,9 +9,9 @@ scheduler's per-step all-gather.
 
 from __future__ import annotations
 
+import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -19,14 +19,40 @@ import torch.distributed as dist
 from nanocp.distributed.parallel_state import ParallelState
 from nanocp.engine.step_trace import trace_section
 
-if TYPE_CHECKING:
-    from nanocp.layers.moe import FusedMoE
+
+class LocalExperts(Protocol):
+    """What an exchange runs on this rank (layers/moe's FusedMoE): its slice of the experts."""
+
+    num_local_experts: int
+    expert_offset: int  # global id of local expert 0
+
+    def run_experts(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_offset: int
+    ) -> torch.Tensor: ...
+
+    def run_expert_rows(
+        self,
+        x: torch.Tensor,
+        local_ids: torch.Tensor,
+        out: torch.Tensor | None = None,
+        max_rows: int | None = None,
+        fill_unused: bool = True,
+    ) -> torch.Tensor: ...
 
 
 class MoEComm(ABC):
+    """A MoE token exchange between expert-parallel ranks; backends declare what they need."""
+
     name = ""
     graph_capturable = False  # no host sync: a decode step with it can be captured in a CUDA graph
     max_tokens = 0  # tokens per rank per call (graph-capturable backends)
+    needs_cuda = False
+    shares_gpus = False  # runs with several instances on one GPU (NCCL refuses two ranks per GPU)
+
+    @classmethod
+    def check_config(cls, ep_size: int, deepep_mode: str) -> None:
+        """Raise ValueError naming the flag if the backend cannot run this configuration."""
+        return None  # most run any
 
     def __init__(self, state: ParallelState, **_: object) -> None:
         self.state = state
@@ -41,12 +67,12 @@ class MoEComm(ABC):
         x: torch.Tensor,
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
-        experts: FusedMoE,
+        experts: LocalExperts,
         global_num_tokens: list[int] | None,
     ) -> torch.Tensor: ...
 
 
-_REGISTRY: dict[str, Callable[[ParallelState], MoEComm]] = {}
+_REGISTRY: dict[str, type[MoEComm]] = {}
 
 
 def register(name: str):
@@ -56,6 +82,11 @@ def register(name: str):
         return cls
 
     return deco
+
+
+def moe_a2a_backends() -> dict[str, type[MoEComm]]:
+    """Every registered exchange by name (the --moe-a2a-backend choices)."""
+    return dict(_REGISTRY)
 
 
 def create_moe_comm(name: str, state: ParallelState, force: bool = False, **kwargs) -> MoEComm | None:
@@ -109,6 +140,8 @@ class AllGatherMoE(MoEComm):
 class AllToAllMoE(MoEComm):
     """Send each (token, expert) pair to the expert's rank, run it there, send the result back,
     and combine on the home rank in increasing expert order (the order HF transformers sums in)."""
+
+    shares_gpus = True  # ranks on one GPU exchange through CUDA IPC (ParallelState.a2a)
 
     def forward(self, x, topk_weights, topk_ids, experts, global_num_tokens):
         st = self.state
@@ -197,6 +230,9 @@ class IpcMoE(FixedCapacityMoE):
     the variable-size all_to_all of `ParallelState.a2a` instead, in as few calls as its buffers
     allow. Cut into max_tokens-token blocks, each block would read every local expert's weights
     again: a 4k-token chunk on Qwen3-30B-A3B took 1.7 s of expert time instead of ~50 ms."""
+
+    needs_cuda = True
+    shares_gpus = True
 
     def __init__(
         self,
@@ -289,6 +325,24 @@ class DeepEPMoE(FixedCapacityMoE):
     SUPPORTED_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
     MAX_TOP_K = 11  # the low-latency kernels' limit
     NORMAL_RANKS = (2, 4, 8)
+    needs_cuda = True
+
+    @classmethod
+    def check_config(cls, ep_size: int, deepep_mode: str) -> None:
+        """DeepEP's one availability check (ServerArgs, and this backend when it starts): the normal
+        kernels' rank counts (auto runs them on more than one rank), and DeepEP installed."""
+        if (
+            deepep_mode == "normal" or (deepep_mode == "auto" and ep_size > 1)
+        ) and ep_size not in cls.NORMAL_RANKS:
+            ranks = f"{', '.join(map(str, cls.NORMAL_RANKS[:-1]))} or {cls.NORMAL_RANKS[-1]}"
+            raise ValueError(
+                f"--deepep-mode {deepep_mode}: DeepEP's normal kernels need {ranks} EP ranks on one node, got --ep-size {ep_size}; use --deepep-mode low_latency"
+            )
+        if importlib.util.find_spec("deep_ep") is None:
+            raise ValueError(
+                "--moe-a2a-backend deepep needs DeepEP: install it with `pip install nanocp[deepep]` or build it "
+                "from source (https://github.com/deepseek-ai/DeepEP); or use --moe-a2a-backend all_to_all"
+            )
 
     def __init__(
         self,
@@ -302,13 +356,9 @@ class DeepEPMoE(FixedCapacityMoE):
         **_: object,
     ) -> None:
         super().__init__(state, max_tokens_per_rank)
-        try:
-            import deep_ep
-        except ImportError as e:
-            raise RuntimeError(
-                "--moe-a2a-backend deepep needs DeepEP: install it with `pip install nanocp[deepep]` or build it "
-                "from source (https://github.com/deepseek-ai/DeepEP); or use --moe-a2a-backend all_to_all"
-            ) from e
+        self.check_config(state.ep_size, deepep_mode)
+        import deep_ep
+
         if not torch.cuda.is_available() or state.group is None:
             raise RuntimeError("--moe-a2a-backend deepep needs CUDA devices and a NCCL process group")
         n = state.ep_size
@@ -324,11 +374,6 @@ class DeepEPMoE(FixedCapacityMoE):
             raise RuntimeError(
                 f"--moe-a2a-backend deepep: {top_k} experts per token exceed the low-latency kernels' "
                 f"{self.MAX_TOP_K}; try --deepep-mode normal"
-            )
-        if self.normal and n not in self.NORMAL_RANKS:
-            raise RuntimeError(
-                f"--deepep-mode {deepep_mode}: DeepEP's normal kernels need {', '.join(map(str, self.NORMAL_RANKS))} "
-                f"EP ranks on one node, got --ep-size {n}; use --deepep-mode low_latency"
             )
         self.graph_capturable = self.low_latency
         self.num_experts, self.hidden_size = num_experts, hidden_size

@@ -1,15 +1,13 @@
-"""ForwardMode / ForwardBatch and the global forward context.
+"""ForwardMode / ForwardBatch: what changes from one model forward to the next.
 
-A ForwardBatch is everything one model forward needs besides the weights. Layers read it from
-the forward context (``get_forward_batch()``) instead of having it threaded through every call.
+The per-process services a forward uses (KV pool, attention backend, MoE exchange, DCP
+executors) live on the Context (engine/context.py), set once; layers read both from it.
 Token-major tensors are laid out request by request: request i owns the next
 ``extend_seq_lens_cpu[i]`` rows.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum, auto
 from typing import TYPE_CHECKING
@@ -17,12 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from nanocp.distributed.dcp import DCPStep
-    from nanocp.distributed.dcp_graph import GraphDCP
-    from nanocp.distributed.moe_comm import MoEComm
-    from nanocp.engine.step_trace import StepTracer
-    from nanocp.kvcache.pool import KVCachePool, ReqToTokenPool
-    from nanocp.layers.attention.base import AttentionBackend
+    from nanocp.distributed.dcp import DCPPlan
 
 
 class ForwardMode(IntEnum):
@@ -44,24 +37,21 @@ class ForwardBatch:
     batch_size: int
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64, absolute position of each new token
-    out_cache_loc: torch.Tensor  # [T] int64, KV slot each new token is written to
+    out_cache_loc: torch.Tensor  # [T] int64, KV slot each new token is written to (-1: held elsewhere)
     req_pool_indices: torch.Tensor  # [B] int64, row in req_to_token
     seq_lens: torch.Tensor  # [B] int64, KV length after this step
     logits_indices: torch.Tensor  # [S] int64, rows whose next-token logits are needed
     # Host copies of the per-request lengths (used to build kernel metadata without syncs).
     seq_lens_cpu: list[int]
     extend_seq_lens_cpu: list[int]
-    req_to_token_pool: ReqToTokenPool
-    kv_pool: KVCachePool
-    attn_backend: AttentionBackend
-    moe_comm: MoEComm | None = None  # None: all experts are local
     global_num_tokens: list[int] | None = None  # every DP rank's token count this step
-    tracer: StepTracer | None = None
-    # per request: the [start, end) position ranges of its KV held here (None: all of it)
-    kv_ranges_cpu: list[list[tuple[int, int]]] | None = None
-    dcp: DCPStep | GraphDCP | None = None  # context-parallel routing of this step (None: nothing sharded)
-    cp_work: list | None = None  # (req, row_offset, start, end) of requests with a placement
-    cuda_graph: bool = False  # set when the step was replayed from a CUDA graph
+    # per request: the [start, end) ranges of its KV held here (None: all of it)
+    held_ranges: list[list[tuple[int, int]]] | None = None
+    # context parallelism: this instance's requests whose KV is partly on holders, as
+    # (req, row_offset, start, end), and the step's plan (None: nothing routed this step)
+    cp_work: list | None = None
+    dcp: DCPPlan | None = None
+    cuda_graph: bool = False  # run inside a CUDA graph (captured, or the step was replayed)
     # set once this instance entered a collective of the step (MoE exchange, DCP routing, a graph
     # holding them): from then on its peers wait for it inside the step, so a fault cannot be
     # recovered by running the step again (Scheduler.run_batch)
@@ -70,26 +60,3 @@ class ForwardBatch:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
-
-
-_CURRENT: ForwardBatch | None = None
-
-
-def get_forward_batch() -> ForwardBatch:
-    if _CURRENT is None:
-        raise RuntimeError("no forward batch is set: model layers run only inside forward_context()")
-    return _CURRENT
-
-
-def current_forward_batch() -> ForwardBatch | None:
-    return _CURRENT
-
-
-@contextlib.contextmanager
-def forward_context(batch: ForwardBatch) -> Iterator[ForwardBatch]:
-    global _CURRENT
-    prev, _CURRENT = _CURRENT, batch
-    try:
-        yield batch
-    finally:
-        _CURRENT = prev

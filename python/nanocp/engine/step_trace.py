@@ -31,6 +31,8 @@ class StepTracer:
         self._step_start = 0.0
 
     def begin_step(self) -> None:
+        global _CURRENT
+        _CURRENT = self
         self.sync()
         self.current.clear()
         self._step_start = time.perf_counter()
@@ -46,6 +48,7 @@ class StepTracer:
             self.current[name] += time.perf_counter() - t0
 
     def end_step(self, info: dict[str, Any]) -> None:
+        self.cancel_step()
         self.sync()
         step_s = time.perf_counter() - self._step_start
         record = {"instance": self.instance, "step": self.steps, "t": time.time(), **info, "step_s": step_s}
@@ -57,14 +60,19 @@ class StepTracer:
         self.file.write(orjson.dumps(record) + b"\n")
         self.file.flush()
 
+    def cancel_step(self) -> None:
+        """No step of this tracer is in progress any more (it ended, or failed)."""
+        global _CURRENT
+        if _CURRENT is self:
+            _CURRENT = None
+
     def summary(self) -> dict[str, float]:
         return {"steps": self.steps, **{f"{k}_s": round(v, 6) for k, v in self.totals.items()}}
 
 
-def trace_section(name: str):
-    """A tracer section if this step is traced, else a no-op context."""
-    from nanocp.engine.forward_batch import current_forward_batch
+_CURRENT: StepTracer | None = None  # the tracer of the step in progress (begin_step .. end_step)
 
-    batch = current_forward_batch()
-    tracer = batch.tracer if batch is not None else None
-    return tracer.section(name) if tracer is not None else contextlib.nullcontext()
+
+def trace_section(name: str):
+    """A section of the traced step in progress, else a no-op context."""
+    return _CURRENT.section(name) if _CURRENT is not None else contextlib.nullcontext()

@@ -7,6 +7,7 @@ from typing import Protocol
 import torch
 
 from nanocp.kvcache.pool import PageAllocator, ReqToTokenPool
+from nanocp.scheduler.dcp import held_spans, held_tokens
 
 
 class KVOwner(Protocol):
@@ -16,27 +17,7 @@ class KVOwner(Protocol):
     kv_pages: list[int]
     kv_len: int
     # position ranges held here (None: all); the others live on other instances
-    local_segments: list[tuple[int, int]] | None
-
-
-def local_ranges(segments: list[tuple[int, int]] | None, start: int, end: int) -> list[tuple[int, int, int]]:
-    """(first, last + 1, local index of first) of the positions in [start, end) held here. Local
-    indices number the held positions in order, so they fill the request's pages densely."""
-    if segments is None:
-        return [(start, end, start)] if end > start else []
-    out, base = [], 0
-    for s, e in segments:
-        lo, hi = max(s, start), min(e, end)
-        if lo < hi:
-            out.append((lo, hi, base + lo - s))
-        base += e - s
-    return out
-
-
-def held_tokens(req: KVOwner, upto: int | None = None) -> int:
-    """How many of the request's positions below `upto` (default: its KV length) are held here."""
-    end = req.kv_len if upto is None else upto
-    return sum(e - s for s, e, _ in local_ranges(req.local_segments, 0, end))
+    held_ranges: list[tuple[int, int]] | None
 
 
 class KVManager:
@@ -45,10 +26,14 @@ class KVManager:
         self.req_to_token_pool = req_to_token_pool
         self.page_size = allocator.page_size
 
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free_pages
+
     def pages_needed(self, req: KVOwner, new_len: int) -> int:
         """Extra pages a request needs to hold new_len tokens (only its local positions are held
         here: others of a context-parallel request live on other instances)."""
-        return max(0, -(-held_tokens(req, new_len) // self.page_size) - len(req.kv_pages))
+        return max(0, -(-held_tokens(req.held_ranges, new_len) // self.page_size) - len(req.kv_pages))
 
     def extend(self, req: KVOwner, num_tokens: int) -> torch.Tensor | None:
         """Reserve slots for the request's next num_tokens tokens; returns their slot ids
@@ -72,7 +57,7 @@ class KVManager:
         table = self.req_to_token_pool.req_to_token
         slots = torch.full((num_tokens,), -1, dtype=torch.int64, device=table.device)
         page_ids = torch.tensor(req.kv_pages or [0], dtype=torch.int64, device=table.device)
-        for lo, hi, idx0 in local_ranges(req.local_segments, start, end):
+        for lo, hi, idx0 in held_spans(req.held_ranges, start, end):
             idx = torch.arange(idx0, idx0 + hi - lo, device=table.device)
             slots[lo - start : hi - start] = (
                 page_ids[idx // self.page_size] * self.page_size + idx % self.page_size

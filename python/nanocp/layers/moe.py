@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nanocp import envs
-from nanocp.engine.forward_batch import get_forward_batch
+from nanocp.engine.context import get_context
 from nanocp.engine.step_trace import trace_section
 from nanocp.layers.layernorm import RMSNorm
 from nanocp.layers.linear import linear, small_rows
@@ -152,9 +152,9 @@ class FusedMoE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(experts(h), s) with h, s as in `route` (gate_weight [num_experts, hidden])."""
         weights, ids, h, s = self.route(x, gate_weight, residual, norm)
-        batch = get_forward_batch()
-        if batch.moe_comm is None:
+        ctx = get_context()
+        if ctx.moe_comm is None:
             with trace_section("moe_compute"):
                 return self.run_experts(h, weights, ids, self.expert_offset), s
-        batch.collectives_begun = True
-        return batch.moe_comm.forward(h, weights, ids, self, batch.global_num_tokens), s
+        ctx.batch.collectives_begun = True
+        return ctx.moe_comm.forward(h, weights, ids, self, ctx.batch.global_num_tokens), s

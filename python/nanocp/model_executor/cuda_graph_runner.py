@@ -30,26 +30,25 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from tqdm import tqdm
 
-from nanocp.engine.forward_batch import ForwardBatch, ForwardMode, forward_context
+from nanocp.distributed.dcp import DCPPlan
+from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
 from nanocp.utils import get_logger
 
 if TYPE_CHECKING:
-    from nanocp.distributed.dcp_graph import GraphDCP
-    from nanocp.distributed.moe_comm import MoEComm
+    from nanocp.engine.context import Context
     from nanocp.kvcache.pool import KVCachePool, ReqToTokenPool
-    from nanocp.layers.attention.base import AttentionBackend
 
 
 class GraphHost(Protocol):
-    """What the graph runner uses of its model runner (model_runner.ModelRunner)."""
+    """What the graph runner uses of its model runner (model_runner.ModelRunner); ctx.dcp_graph:
+    the context-parallel executor captured in the second set of graphs (None: no such graphs)."""
 
     device: torch.device
     pad_slot: int
     model: torch.nn.Module
-    attn_backend: AttentionBackend
+    ctx: Context
     kv_pool: KVCachePool
     req_to_token_pool: ReqToTokenPool
-    moe_comm: MoEComm | None
 
 
 logger = get_logger(__name__)
@@ -62,7 +61,7 @@ def graph_buckets(max_bs: int) -> list[int]:
 
 
 class CudaGraphRunner:
-    def __init__(self, runner: GraphHost, max_bs: int, dcp: GraphDCP | None = None) -> None:
+    def __init__(self, runner: GraphHost, max_bs: int) -> None:
         self.runner = runner
         self.max_bs = max_bs
         self.buckets = graph_buckets(max_bs)
@@ -75,9 +74,11 @@ class CudaGraphRunner:
         self.req_pool_indices = torch.full((max_bs,), self.pad_row, dtype=torch.int64, device=dev)
         self.seq_lens = torch.ones(max_bs, dtype=torch.int64, device=dev)
         self.rows = torch.arange(max_bs, device=dev)
-        self.moe_comm = runner.moe_comm  # None or graph-capturable (ModelRunner checks)
-        runner.attn_backend.init_cuda_graph_state(max_bs, runner.kv_pool.num_slots)
-        self.dcp = dcp  # GraphDCP when context-parallel decode steps are captured too
+        self.backend = runner.ctx.attn_backend
+        self.moe_comm = runner.ctx.moe_comm  # None or graph-capturable (ModelRunner checks)
+        self.backend.init_cuda_graph_state(max_bs, runner.kv_pool.num_slots)
+        self.dcp = runner.ctx.dcp_graph  # set when context-parallel decode steps are captured too
+        self.idle_plan = DCPPlan.idle(1, dev)  # what those graphs are captured with
         self._dcp_replayed = False
         # (with DCP routing, batch size) -> graph and its logits
         self.graphs: dict[tuple[bool, int], torch.cuda.CUDAGraph] = {}
@@ -85,9 +86,8 @@ class CudaGraphRunner:
         self.capture()
 
     def _static_batch(
-        self, bs: int, seq_lens_cpu: list[int], dcp: bool = False, kv_ranges: list | None = None
+        self, bs: int, seq_lens_cpu: list[int], dcp: DCPPlan | None = None, held: list | None = None
     ) -> ForwardBatch:
-        r = self.runner
         return ForwardBatch(
             forward_mode=ForwardMode.DECODE,
             batch_size=bs,
@@ -99,30 +99,27 @@ class CudaGraphRunner:
             logits_indices=self.rows[:bs],
             seq_lens_cpu=seq_lens_cpu,
             extend_seq_lens_cpu=[1] * bs,
-            req_to_token_pool=r.req_to_token_pool,
-            kv_pool=r.kv_pool,
-            attn_backend=r.attn_backend,
-            moe_comm=self.moe_comm,
             global_num_tokens=[bs],  # one exchange per layer (bs <= the exchange's capacity)
-            dcp=self.dcp if dcp else None,
-            kv_ranges_cpu=kv_ranges,
+            held_ranges=held,
+            dcp=dcp,
+            cuda_graph=True,
         )
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        with forward_context(batch):
+        with self.runner.ctx.forward(batch):
             hidden = self.runner.model(batch.input_ids, batch.positions)
         return self.runner.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def capture(self) -> None:
-        backend = self.runner.attn_backend
+        backend = self.backend
         pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.runner.device)
         variants = [(False, bs) for bs in reversed(self.buckets)]
         variants += [(True, bs) for bs in reversed(self.buckets)] if self.dcp is not None else []
         for key in tqdm(variants, desc="Capturing CUDA graphs", leave=False):
             dcp, bs = key
-            batch = self._static_batch(bs, [1] * bs, dcp)
+            batch = self._static_batch(bs, [1] * bs, self.idle_plan if dcp else None)
             backend.init_forward_metadata_capture(batch)
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -144,9 +141,7 @@ class CudaGraphRunner:
     def can_run(self, batch: ForwardBatch) -> bool:
         if batch.dcp is not None:  # the worker decided for every instance (can_run_dcp)
             return batch.dcp.graph
-        if batch.kv_ranges_cpu is not None and not getattr(
-            self.runner.attn_backend, "graph_kv_ranges", False
-        ):
+        if batch.held_ranges is not None and not self.backend.supports_cp_cuda_graph:
             return False
         if self.moe_comm is not None and max(batch.global_num_tokens or [0]) > self.moe_comm.max_tokens:
             return False  # some rank exchanges more than one buffer's worth: chunked, eager
@@ -170,12 +165,12 @@ class CudaGraphRunner:
             self.req_pool_indices[bs:bucket].fill_(self.pad_row)
             self.seq_lens[bs:bucket].fill_(1)
         pad = bucket - bs
-        ranges = batch.kv_ranges_cpu + [[(0, 1)]] * pad if batch.kv_ranges_cpu is not None else None
+        held = batch.held_ranges + [[(0, 1)]] * pad if batch.held_ranges is not None else None
         dcp = batch.dcp is not None
-        static = self._static_batch(bucket, batch.seq_lens_cpu + [1] * pad, dcp, ranges)
-        self.runner.attn_backend.init_forward_metadata_replay(static)
+        static = self._static_batch(bucket, batch.seq_lens_cpu + [1] * pad, batch.dcp, held)
+        self.backend.init_forward_metadata_replay(static)
         if dcp:
-            self.dcp.load(batch.dcp)
+            self.dcp.begin(batch.dcp)
             if not self._dcp_replayed:
                 self._dcp_replayed = True
                 logger.info("Context-parallel decode steps replay from CUDA graphs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from nanocp import envs
+from nanocp.distributed.dcp import EagerDCP
 from nanocp.distributed.dcp_graph import GraphDCP
 from nanocp.distributed.moe_comm import create_moe_comm
 from nanocp.distributed.parallel_state import (
@@ -13,7 +14,8 @@ from nanocp.distributed.parallel_state import (
     init_parallel_state,
     instance_device,
 )
-from nanocp.engine.forward_batch import ForwardBatch, forward_context
+from nanocp.engine.context import Context
+from nanocp.engine.forward_batch import ForwardBatch
 from nanocp.kvcache.pool import KVCachePool, PageAllocator, ReqToTokenPool
 from nanocp.layers.attention import create_attention_backend
 from nanocp.layers.moe import FusedMoE
@@ -88,6 +90,16 @@ class ModelRunner:
             num_qo_heads=cfg.num_attention_heads,
             num_kv_heads=cfg.num_key_value_heads,
             head_dim=head_dim_of(cfg),
+            kv_pool=self.kv_pool,
+            req_to_token_pool=self.req_to_token_pool,
+        )
+        heads = (cfg.num_attention_heads, cfg.num_key_value_heads, head_dim_of(cfg))
+        cp = args.cp_policy != "none" and parallel.world_size > 1
+        self.ctx = Context(
+            self.kv_pool,
+            self.attn_backend,
+            self.moe_comm,
+            dcp=EagerDCP(parallel.a2a, *heads, self.device) if cp else None,
         )
 
         self.sampler = Sampler()
@@ -108,7 +120,8 @@ class ModelRunner:
                 max_bs = min(args.cuda_graph_max_bs, args.max_running_requests)
                 if self.moe_comm is not None:
                     max_bs = min(max_bs, self.moe_comm.max_tokens)
-                self.graph_runner = CudaGraphRunner(self, max_bs, self._graph_dcp(max_bs))
+                self.ctx.dcp_graph = self._graph_dcp(max_bs) if cp else None
+                self.graph_runner = CudaGraphRunner(self, max_bs)
                 if parallel.shared_gpu and not envs.mps_active():
                     logger.warning(
                         "Instances share a GPU without MPS: each exchange inside a CUDA graph spins "
@@ -119,9 +132,7 @@ class ModelRunner:
     def _graph_dcp(self, max_bs: int) -> GraphDCP | None:
         """Fixed routing buffers for context-parallel decode steps inside CUDA graphs."""
         p, cfg = self.parallel, self.hf_config
-        if self.server_args.cp_policy == "none" or p.world_size < 2:
-            return None
-        if not getattr(self.attn_backend, "graph_kv_ranges", False):
+        if not self.attn_backend.supports_cp_cuda_graph:
             logger.info("Context-parallel steps run eagerly: --attention-backend cannot replay them")
             return None
         return GraphDCP(
@@ -186,13 +197,15 @@ class ModelRunner:
             batch.collectives_begun = self.parallel.world_size > 1  # the exchanges are inside the graphs
             return self.graph_runner.replay(batch)
         self.attn_backend.init_forward_metadata(batch)
-        with forward_context(batch):
+        if batch.dcp is not None:
+            self.ctx.dcp_executor(batch).begin(batch.dcp)
+        with self.ctx.forward(batch):
             hidden = self.model(batch.input_ids, batch.positions)
         return self.model.compute_logits(hidden[batch.logits_indices])
 
     def shutdown(self) -> None:
         """Release what this runner created beyond its tensors (the one-rank group DeepEP needs)."""
-        self.moe_comm = None
+        self.moe_comm = self.ctx.moe_comm = None
         if getattr(self, "_owns_group", False):
             destroy_parallel_state()
             self._owns_group = False

@@ -1,5 +1,5 @@
-"""Admission rule of the scheduler (SGLang's "new token ratio") and its growth request timing,
-without torch: the cluster simulator imports them so that it schedules as the instances do.
+"""Admission rule of the scheduling loop (core.SchedulerCore; SGLang's "new token ratio"), its
+retraction victim and its growth request timing, in plain Python.
 
 A waiting request is admitted when the pages of its first chunk, plus the KV every running
 request (and it) may still need, fit in the free pages. "May still need" counts its unprocessed
@@ -47,7 +47,7 @@ def retraction_victim(candidates: list[tuple[int, int]]) -> int:
     """Which running request to retract when the pool cannot hold the step. `candidates`, in
     admission order: (tokens a retraction makes the request recompute, tokens of KV it frees
     here). The victim frees the most KV per token of recompute; among equals (every request held
-    whole here: one token per token) the newest, the rule before. A context-parallel request
+    whole here: one token per token) the newest. A context-parallel request
     frees only its home's share but recomputes all of it (and stalls its holders' steps), so it
     goes last."""
 

@@ -11,6 +11,7 @@ import torch
 
 from nanocp.errors import InvalidRequestError
 from nanocp.sampling.sampling_params import SamplingParams, check_int, short_repr
+from nanocp.scheduler.dcp import Placement
 from nanocp.tokenizer.detokenizer import TextStream
 
 _ARRIVAL = itertools.count()
@@ -43,40 +44,37 @@ class Req:
     kv_pages: list[int] = field(default_factory=list)
     kv_len: int = 0
     num_retractions: int = 0
-    # Context parallelism: [(instance, start, end)] segments of this request in position order,
-    # planned by the router; cp_key names the request to the holders. None: all KV is local and
-    # unbounded. local_segments: the [start, end) ranges this (home) instance holds.
-    placement: list[tuple[int, int, int]] | None = None
-    local_segments: list[tuple[int, int]] | None = None
+    # Context parallelism (scheduler/dcp.py): where the router placed the request's positions
+    # (None: all KV here, unbounded); cp_key names the request to its holders.
+    placement: Placement | None = None
     cp_key: int | None = None
     growth_asked: bool = False  # the home asked the router to place the next tail quota
 
-    def set_placement(self, placement: list[tuple[int, int, int]], home: int) -> None:
-        """Adopt a plan or its growth; adjacent segments on one instance are merged."""
-        merged: list[tuple[int, int, int]] = []
-        for inst, s, e in placement:
-            if merged and merged[-1][0] == inst and merged[-1][2] == s:
-                merged[-1] = (inst, merged[-1][1], e)
-            else:
-                merged.append((inst, s, e))
-        self.placement = merged
-        self.local_segments = [(s, e) for inst, s, e in merged if inst == home]
+    def set_placement(self, placement: Placement) -> None:
+        """Adopt a plan or its growth."""
+        self.placement = placement
         self.growth_asked = False
 
     @property
-    def planned_end(self) -> int | None:
-        """Positions from here on are not placed yet (the request pauses until they are)."""
-        return self.placement[-1][2] if self.placement else None
+    def held_ranges(self) -> list[tuple[int, int]] | None:
+        """The [start, end) position ranges whose KV is held here (None: all of them)."""
+        return None if self.placement is None else self.placement.held
+
+    @property
+    def total_len(self) -> int:
+        """The most positions it may take: prompt + max_new_tokens."""
+        return len(self.origin_input_ids) + self.sampling_params.max_new_tokens
+
+    @property
+    def remaining_output(self) -> int:
+        return self.sampling_params.max_new_tokens - len(self.output_ids)
 
     @property
     def num_runnable(self) -> int:
         """Pending tokens that may run now: those inside the placed positions."""
         if self.placement is None:
             return self.num_pending
-        return min(self.num_pending, self.planned_end - self.kv_len)
-
-    def has_remote_kv(self, home: int) -> bool:
-        return self.placement is not None and any(inst != home for inst, _, _ in self.placement)
+        return min(self.num_pending, self.placement.end - self.kv_len)
 
     @property
     def fill_ids(self) -> list[int]:

@@ -1,30 +1,22 @@
-"""Continuous-batching scheduler of one instance.
-
-Every step runs, in one forward, the decodes of all running requests plus prefill chunks (at most
---chunked-prefill-size prompt tokens per step). New requests are admitted first-come first-served
-while the KV budget allows; when running requests outgrow the pool, running requests are retracted
-(their KV freed, prompt + outputs recomputed later), so no request fails for lack of memory: the
-newest first, but context-parallel ones (which free only their home's share here) last.
-"""
+"""Continuous-batching scheduler of one instance: the scheduling loop (core.SchedulerCore) over
+this instance's KV cache, the step's ForwardBatch, the forward, sampling and failures."""
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from nanocp.distributed.dcp import ForeignKV
 from nanocp.engine.forward_batch import ForwardBatch, ForwardMode
 from nanocp.engine.step_trace import StepTracer
-from nanocp.kvcache.manager import KVManager, held_tokens, local_ranges
+from nanocp.kvcache.manager import KVManager
 from nanocp.model_executor.model_runner import ModelRunner
-from nanocp.scheduler.admission import GROWTH_AHEAD_TOKENS, NewTokenRatio, retraction_victim
+from nanocp.scheduler.core import SchedulerCore
+from nanocp.scheduler.dcp import Segment, held_spans
 from nanocp.scheduler.request import Req, ReqStatus, RequestLimits
 from nanocp.utils import get_logger
 from nanocp_router.faults import step_fault
-from nanocp_router.messages import Grow
 from nanocp_router.planner import causal_pairs
 
 logger = get_logger(__name__)
@@ -43,57 +35,48 @@ class ReqOutput:
     top_logprobs: list[list[tuple[float, int]]] | None = None
 
 
-class Scheduler:
+class Scheduler(SchedulerCore):
     def __init__(self, runner: ModelRunner, tracer: StepTracer | None = None) -> None:
+        args = runner.server_args
+        super().__init__(
+            KVManager(runner.page_allocator, runner.req_to_token_pool),
+            runner.page_allocator,
+            args.chunked_prefill_size,
+            args.max_running_requests,
+            args.schedule_conservativeness,
+            runner.parallel.rank if runner.parallel is not None else 0,
+        )
         self.runner = runner
         self.tracer = tracer
-        args = runner.server_args
-        self.kv = KVManager(runner.page_allocator, runner.req_to_token_pool)
-        self.chunked_prefill_size = args.chunked_prefill_size
-        self.max_running_requests = args.max_running_requests
-        self.waiting: list[Req] = []  # sorted by arrival (retracted requests go back in order)
-        self.running: list[Req] = []  # admission order; the newest is retracted first
-        self.new_token_ratio = NewTokenRatio(args.schedule_conservativeness)
-        self.num_retractions = 0
-        self.num_paused = 0  # running requests that could not run this step (plan not grown yet)
-        self._traced_work: list[list] = []  # the step's [rid, tokens], for the step trace
         self.forward_ct = 0
         # forward steps by how they ran: "eager", "graph", "graph_dcp" (CUDA graphs with DCP routing)
         self.step_kinds: dict[str, int] = {"eager": 0, "graph": 0, "graph_dcp": 0}
-        self.foreign = ForeignKV(runner.page_allocator, runner.device)
-        self.instance = runner.parallel.rank if runner.parallel is not None else 0
-        self.growth_requests: list[Grow] = []  # asks for the next tail quota, for the router
         self._step_reqs: list[Req] = []  # the requests of the step being run (fail_step)
         self.failed: list[ReqOutput] = []  # requests failed while scheduling, to be sent (take_failed)
-        self.num_failed_steps = 0
 
-    # ------------------------------------------------------- context parallelism
-    def reserve_foreign(self, key: int, start: int, end: int) -> bool:
-        """Hold [start, end) of another home's request. Called between steps: own running
-        requests are retracted (see _victim) if that is what it takes."""
-        need = self.foreign.pages_for(start, end)
-        while self.kv.allocator.num_free_pages < need and self.running:
-            self._retract(self._victim())
-        return self.foreign.reserve(key, start, end)
+    # ------------------------------------------------------------------ hooks
+    def on_admit(self, req: Req) -> None:
+        logger.debug(
+            "admitted %s (%d tokens pending, %d running)", req.rid, req.num_pending, len(self.running)
+        )
+        req.status = ReqStatus.RUNNING
 
-    def release_foreign(self, key: int) -> None:
-        self.foreign.release(key)
+    def on_retract(self, req: Req) -> None:
+        logger.debug("retracted %s (%d tokens to recompute)", req.rid, len(req.fill_ids))
+        req.status = ReqStatus.WAITING
 
-    def apply_growth(self, rid: str, cp_key: int, segment: tuple[int, int, int]) -> None:
+    def on_cannot_grow(self, req: Req) -> None:
+        message = (
+            f"instance {self.instance}: the cluster's KV cache is full; request {req.rid} could "
+            f"not grow past {req.kv_len} tokens (retry later)"
+        )
+        self.failed.append(self.fail(req, {"type": "abort", "status_code": 503, "message": message}))
+
+    def apply_growth(self, rid: str, cp_key: int, segment: Segment) -> None:
         """The router placed the next positions of a request (on this home or on a holder)."""
         req = self.find(rid)
-        if req is not None and req.cp_key == cp_key and req.planned_end == segment[1]:
-            req.set_placement([*req.placement, segment], self.instance)
-
-    def _ask_growth(self, req: Req) -> None:
-        """Ask for the next tail quota once the request nears the end of its plan."""
-        end = req.planned_end
-        if end is None or req.growth_asked or req.kv_len < end - GROWTH_AHEAD_TOKENS:
-            return
-        need = len(req.origin_input_ids) + req.sampling_params.max_new_tokens - end
-        if need > 0:
-            req.growth_asked = True
-            self.growth_requests.append(Grow(req.rid, req.cp_key, end, need))
+        if req is not None and req.cp_key == cp_key and req.placement and req.placement.end == segment[1]:
+            req.set_placement(req.placement.grown(segment))
 
     # ----------------------------------------------------------------- requests
     def limits(self, has_tokenizer: bool) -> RequestLimits:
@@ -103,7 +86,7 @@ class Scheduler:
 
     def add_request(self, req: Req) -> None:
         """Queue a request that passed request.check_generate against `limits`."""
-        self._enqueue(req)
+        self.enqueue(req)
 
     def find(self, rid: str) -> Req | None:
         return next((r for q in (self.waiting, self.running) for r in q if r.rid == rid), None)
@@ -112,24 +95,9 @@ class Scheduler:
         req = self.find(rid)
         return None if req is None else self.fail(req, {"type": "abort", "message": "aborted by request"})
 
-    def committed_tokens(self) -> int:
-        """KV tokens this instance's requests may still allocate here without a new plan: the
-        placed positions it holds that are not allocated yet (a request without a placement: the
-        rest of its prompt + max_new_tokens). The router's planner counts them as taken."""
-        total = 0
-        for req in (*self.running, *self.waiting):
-            if req.placement is None:
-                total += len(req.origin_input_ids) + req.sampling_params.max_new_tokens - req.kv_len
-            else:
-                total += held_tokens(req, req.planned_end) - held_tokens(req)
-        return max(total, 0)
-
     def take_failed(self) -> list[ReqOutput]:
         out, self.failed = self.failed, []
         return out
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     # --------------------------------------------------------------------- step
     def step(self) -> list[ReqOutput]:
@@ -141,18 +109,15 @@ class Scheduler:
         """Schedule this step (reserving its KV); None when there is nothing to run."""
         if self.tracer is not None:
             self.tracer.begin_step()
-        work = self._schedule()
+        work = self.schedule()
         self._step_reqs = [req for req, _ in work]
-        if self.tracer is not None:
-            self._traced_work = [[req.rid, n] for req, n in work]
         return self._build_batch(work) if work else None
 
     def idle_batch(self) -> ForwardBatch:
         """A batch of no tokens: lets an instance without work take part in the step's collectives."""
         if self.tracer is not None:
             self.tracer.begin_step()
-            self._traced_work = []
-        self._step_reqs = []
+        self._step_reqs, self.work = [], []
         return self._build_batch([])[0]
 
     def run_batch(self, batch: ForwardBatch, sampling: list[Req]) -> list[ReqOutput]:
@@ -161,6 +126,8 @@ class Scheduler:
         try:
             logits = self.runner.forward(batch)
         except Exception as e:
+            if self.tracer is not None:
+                self.tracer.cancel_step()
             peers = batch.global_num_tokens is not None and len(batch.global_num_tokens) > 1
             if peers and batch.collectives_begun:
                 raise  # its peers wait inside this step's collectives: the instance cannot rejoin
@@ -176,7 +143,7 @@ class Scheduler:
                     **self._trace_info(batch),
                     "paused": self.num_paused,
                     "waiting": len(self.waiting),
-                    "work": self._traced_work,  # [rid, tokens] run by this instance's own requests
+                    "work": [[req.rid, n] for req, n in self.work],  # run by this instance's own requests
                 }
             )
         self.forward_ct += 1
@@ -211,8 +178,7 @@ class Scheduler:
                     out.top_logprobs = [lp[1]]
             outputs.append(out)
             if req.finished:
-                self.running.remove(req)
-                self.kv.release(req)
+                self.finish(req)
         self.new_token_ratio.step()
         return outputs
 
@@ -220,7 +186,6 @@ class Scheduler:
         """The step raised: its requests fail (HTTP 500 naming the instance), their KV is freed,
         and the scheduler goes on with the others. Outputs of a token sampled before the fault
         are not sent: the failed request's output is just its failure."""
-        self.num_failed_steps += 1
         logger.error(
             "instance %d: step failed, failing its %d requests",
             self.instance,
@@ -238,10 +203,7 @@ class Scheduler:
 
     def fail(self, req: Req, reason: dict[str, Any]) -> ReqOutput:
         """Finish a queued or running request with `reason` and free its KV."""
-        for queue in (self.waiting, self.running):
-            if req in queue:
-                queue.remove(req)
-        self.kv.release(req)
+        self.finish(req)
         req.finish(reason)
         return ReqOutput(
             req.rid, [], "", True, req.finished_reason, len(req.origin_input_ids), len(req.output_ids)
@@ -250,7 +212,7 @@ class Scheduler:
     @staticmethod
     def _trace_info(batch: ForwardBatch) -> dict[str, Any]:
         """What a step did, for --step-trace-file (and the simulator's cost calibration)."""
-        ranges = batch.kv_ranges_cpu or [[(0, seq)] for seq in batch.seq_lens_cpu]
+        ranges = batch.held_ranges or [[(0, seq)] for seq in batch.seq_lens_cpu]
         lens = zip(batch.seq_lens_cpu, batch.extend_seq_lens_cpu, ranges)
         info = {
             "mode": batch.forward_mode.name,
@@ -262,116 +224,12 @@ class Scheduler:
             "global_num_tokens": batch.global_num_tokens,
             "cuda_graph": batch.cuda_graph,  # replayed: no per-section times
         }
-        st = batch.dcp
-        if st is not None:  # context-parallel work served for other homes
-            info["foreign_queries"] = sum(st.q_recv_counts)
-            info["foreign_seqs"] = len(st.f_qo_indptr) - 1  # requests whose queries attend here
-            info["foreign_pairs"] = sum(
-                (st.f_qo_indptr[i + 1] - st.f_qo_indptr[i]) * (st.f_kv_indptr[i + 1] - st.f_kv_indptr[i])
-                for i in range(len(st.f_qo_indptr) - 1)
-            )
+        if batch.dcp is not None:  # context-parallel work served for other homes
+            info.update(batch.dcp.foreign_stats())
         return info
 
-    def _schedule(self) -> list[tuple[Req, int]]:
-        budget = self.chunked_prefill_size
-        work: list[tuple[Req, int]] = []
-        self.num_paused = 0
-        # 1. running requests: every decode, and continued prefill chunks within the budget
-        for req in self.running:
-            self._ask_growth(req)
-            runnable = req.num_runnable
-            if runnable <= 0:
-                self.num_paused += 1
-                continue  # paused: its next positions are not placed yet
-            if req.num_pending == 1:
-                work.append((req, 1))
-            elif budget > 0:
-                n = min(runnable, budget)
-                budget -= n
-                work.append((req, n))
-        work = self._fit_or_retract(work)
-        for req, n in work:
-            self.kv.extend(req, n)
-        # 2. admit waiting requests first-come first-served
-        while self.waiting and budget > 0 and len(self.running) < self.max_running_requests:
-            req = self.waiting[0]
-            n = min(req.num_runnable, budget)
-            if n <= 0:  # a retracted request at the end of its plan: it waits for its growth
-                break
-            if not self._can_admit(req, n) or self.kv.extend(req, n) is None:
-                break
-            self.waiting.pop(0)
-            logger.debug(
-                "admitted %s (%d tokens pending, %d running)", req.rid, req.num_pending, len(self.running)
-            )
-            req.status = ReqStatus.RUNNING
-            self.running.append(req)
-            work.append((req, n))
-            budget -= n
-        return work
-
-    def _future_tokens(self, req: Req, scheduled: int) -> float:
-        """KV tokens a request may still need here after this step's `scheduled` tokens. A
-        context-parallel plan says exactly which: its positions held here not yet allocated (what
-        its holders store, and growth past the plan, which the router places, take none here);
-        counting all of its tokens would keep it waiting behind pages it never uses."""
-        if req.placement is not None:
-            upto = req.kv_len + scheduled
-            return self.new_token_ratio.future_tokens(
-                held_tokens(req, req.planned_end) - held_tokens(req, upto), 0
-            )
-        remaining_out = req.sampling_params.max_new_tokens - len(req.output_ids)
-        return self.new_token_ratio.future_tokens(req.num_pending - scheduled, remaining_out)
-
-    def _can_admit(self, req: Req, n: int) -> bool:
-        future = self._future_tokens(req, n) + sum(self._future_tokens(r, 0) for r in self.running)
-        return self.new_token_ratio.fits(
-            self.kv.pages_needed(req, n), future, self.kv.page_size, self.kv.allocator.num_free_pages
-        )
-
-    def _fit_or_retract(self, work: list[tuple[Req, int]]) -> list[tuple[Req, int]]:
-        while sum(self.kv.pages_needed(r, r.kv_len + n) for r, n in work) > self.kv.allocator.num_free_pages:
-            # the last running request goes too when segments held for other homes took its
-            # pages (it waits until they are released); without them admission was wrong
-            if len(self.running) <= 1 and not self.foreign.segments:
-                req = self.running[0] if self.running else None
-                if req is None or req.placement is None:
-                    raise RuntimeError("KV cache cannot hold a single request; this is a bug in admission")
-                # A context-parallel request grew on demand on its home (no instance had room for
-                # its growth) past what the home holds: it can neither run nor wait here.
-                message = (
-                    f"instance {self.instance}: the cluster's KV cache is full; request {req.rid} could "
-                    f"not grow past {req.kv_len} tokens (retry later)"
-                )
-                self.failed.append(self.fail(req, {"type": "abort", "status_code": 503, "message": message}))
-                return [(r, n) for r, n in work if r is not req]
-            victim = self._victim()
-            self._retract(victim)
-            work = [(r, n) for r, n in work if r is not victim]
-            logger.debug("retracted %s (%d tokens) to free KV cache", victim.rid, len(victim.fill_ids))
-        return work
-
-    def _victim(self) -> Req:
-        """The running request whose retraction frees the most KV here per token it must
-        recompute; the newest among equals (admission.retraction_victim)."""
-        return self.running[retraction_victim([(r.kv_len, held_tokens(r)) for r in self.running])]
-
-    def _retract(self, victim: Req) -> None:
-        """Free a running request's KV; it waits and is recomputed (prompt + outputs) later."""
-        self.running.remove(victim)
-        self.kv.release(victim)
-        victim.status = ReqStatus.WAITING
-        victim.num_retractions += 1
-        self.num_retractions += 1
-        self._enqueue(victim)
-        self.new_token_ratio.on_retract()
-
-    def _enqueue(self, req: Req) -> None:
-        keys = [r.arrival for r in self.waiting]
-        self.waiting.insert(bisect.bisect(keys, req.arrival), req)
-
     def _build_batch(self, work: list[tuple[Req, int]]) -> tuple[ForwardBatch, list[Req]]:
-        """Lay out the step's tokens request by request. KV slots were reserved by _schedule."""
+        """Lay out the step's tokens request by request. KV slots were reserved by schedule()."""
         device = self.runner.device
         table = self.kv.req_to_token_pool.req_to_token
         input_ids, positions, locs, logits_rows, sampling, cp_work, ranges = [], [], [], [], [], [], []
@@ -380,9 +238,9 @@ class Scheduler:
         for req, n in work:
             end = req.kv_len  # extend() already advanced kv_len past this step's tokens
             start = end - n
-            if req.has_remote_kv(self.instance):
+            if req.placement is not None and req.placement.remote:
                 cp_work.append((req, offset, start, end))
-            ranges.append([(lo, hi) for lo, hi, _ in local_ranges(req.local_segments, 0, end)])
+            ranges.append([(lo, hi) for lo, hi, _ in held_spans(req.held_ranges, 0, end)])
             input_ids.extend(req.fill_ids[start:end])
             positions.append(torch.arange(start, end))
             locs.append(table[req.req_pool_idx, start:end])
@@ -417,12 +275,7 @@ class Scheduler:
             logits_indices=t(logits_rows),
             seq_lens_cpu=seq_lens,
             extend_seq_lens_cpu=ext_lens,
-            req_to_token_pool=self.kv.req_to_token_pool,
-            kv_pool=self.runner.kv_pool,
-            attn_backend=self.runner.attn_backend,
-            moe_comm=self.runner.moe_comm,
-            tracer=self.tracer,
-            kv_ranges_cpu=None if all(r == [(0, e)] for r, e in zip(ranges, seq_lens)) else ranges,
+            held_ranges=None if all(r == [(0, e)] for r, e in zip(ranges, seq_lens)) else ranges,
             cp_work=cp_work,
         )
         return batch, sampling

@@ -16,12 +16,13 @@ import torch
 import zmq
 
 from nanocp import envs
-from nanocp.distributed.dcp import build_dcp_step
+from nanocp.distributed.dcp import build_dcp_plan
 from nanocp.distributed.parallel_state import init_parallel_state, instance_device
 from nanocp.engine.step_trace import StepTracer
 from nanocp.errors import InvalidRequestError
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.sampling.sampling_params import SamplingParams
+from nanocp.scheduler.dcp import Placement
 from nanocp.scheduler.request import Req, RequestFactory, check_generate
 from nanocp.scheduler.scheduler import ReqOutput, Scheduler
 from nanocp.server_args import ServerArgs
@@ -182,7 +183,7 @@ class Worker:
             )
             self._announced[req.rid] = detok_params(params)
             if msg.placement:
-                req.set_placement([tuple(seg) for seg in msg.placement], self.instance)
+                req.set_placement(Placement([tuple(seg) for seg in msg.placement], self.instance))
                 req.cp_key = msg.cp_key
                 self._placed[req.rid] = req
             self.scheduler.add_request(req)
@@ -227,8 +228,7 @@ class Worker:
             if req is None:
                 d.placement = [[self.instance, total]]
             else:
-                segs = [[inst, min(end, total) - start] for inst, start, end in req.placement]
-                d.placement = [seg for seg in segs if seg[1] > 0] or segs[:1]
+                d.placement = req.placement.token_counts(total)
         return d
 
     def report(self, force: bool = False) -> None:
@@ -271,18 +271,16 @@ class Worker:
         batch, sampling = next_batch or (self.scheduler.idle_batch(), [])
         batch.global_num_tokens = counts
         if any(g[2] for g in gathered):  # some instance routes context-parallel work this step
-            p = self.parallel
-            batch.dcp = build_dcp_step(
+            p, graphs = self.parallel, self.runner.graph_runner
+            batch.dcp = build_dcp_plan(
                 batch.cp_work or [],
                 p.rank,
                 p.world_size,
                 self.scheduler.foreign,
-                p.a2a,
                 p.cpu_group,
                 self.runner.device,
+                graph=graphs is not None and graphs.can_run_dcp([g[1] for g in gathered], counts),
             )
-            graphs = self.runner.graph_runner
-            batch.dcp.graph = graphs is not None and graphs.can_run_dcp([g[1] for g in gathered], counts)
         return self.scheduler.run_batch(batch, sampling)
 
     def run_forever(self) -> None:

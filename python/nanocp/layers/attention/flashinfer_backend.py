@@ -7,6 +7,7 @@ splits (some KV held elsewhere) use the torch / triton backends for now.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from typing import TYPE_CHECKING
 
@@ -17,13 +18,20 @@ from nanocp.layers.attention.base import AttentionBackend, ragged_index, registe
 
 if TYPE_CHECKING:
     from nanocp.engine.forward_batch import ForwardBatch
-    from nanocp.layers.attention.layer import Attention
+    from nanocp.layers.attention.base import AttentionLayer
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
 
 @register_attention_backend("flashinfer")
 class FlashInferAttnBackend(AttentionBackend):
+    supports_cuda_graph = True  # context-parallel steps (held ranges) it cannot run: torch / triton do
+    dtypes = ("bfloat16", "float16")
+
+    @classmethod
+    def available(cls) -> bool:
+        return importlib.util.find_spec("flashinfer") is not None
+
     def __init__(
         self,
         device: torch.device,
@@ -32,8 +40,9 @@ class FlashInferAttnBackend(AttentionBackend):
         num_qo_heads: int,
         num_kv_heads: int,
         head_dim: int,
-        **_: object,
+        **kwargs: object,
     ) -> None:
+        super().__init__(**kwargs)
         try:
             import flashinfer
         except ImportError as e:
@@ -44,7 +53,7 @@ class FlashInferAttnBackend(AttentionBackend):
             raise ValueError(
                 "--attention-backend flashinfer needs a CUDA device; use --attention-backend torch"
             )
-        if dtype not in (torch.float16, torch.bfloat16):
+        if str(dtype).removeprefix("torch.") not in self.dtypes:
             raise ValueError(f"--attention-backend flashinfer needs --dtype bfloat16 or float16, got {dtype}")
         self.page_size = page_size
         self.dtype = dtype
@@ -58,8 +67,6 @@ class FlashInferAttnBackend(AttentionBackend):
         # GQA groups of 4+ run faster on the tensor-core (prefill) kernels, as SGLang does
         forced = envs.flashinfer_decode_tensor_cores()
         self.use_tensor_cores = num_qo_heads // num_kv_heads >= 4 if forced is None else forced
-
-    supports_cuda_graph = True
 
     def init_cuda_graph_state(self, max_bs: int, num_slots: int) -> None:
         dev = self.device
@@ -95,7 +102,7 @@ class FlashInferAttnBackend(AttentionBackend):
         """FlashInfer's paged-KV description of the batch (page indptr, page ids, last-page
         lengths), gathered from req_to_token on the device."""
         p = self.page_size
-        table = batch.req_to_token_pool.req_to_token
+        table = self.req_to_token_pool.req_to_token
         dev = table.device
         num_pages = [-(-n // p) for n in batch.seq_lens_cpu]
         total = sum(num_pages)
@@ -107,7 +114,7 @@ class FlashInferAttnBackend(AttentionBackend):
         return indptr, indices.to(torch.int32), torch.tensor(last, dtype=torch.int32, device=dev)
 
     def init_forward_metadata(self, batch: ForwardBatch) -> None:
-        if batch.kv_ranges_cpu or batch.dcp is not None:
+        if batch.held_ranges or batch.dcp is not None:
             raise NotImplementedError("context-parallel steps need --attention-backend torch or triton")
         self.active_decode = None
         self.empty = batch.batch_size == 0
@@ -132,25 +139,25 @@ class FlashInferAttnBackend(AttentionBackend):
             kv_data_type=self.dtype,
         )
 
-    def _run(self, q: torch.Tensor, k, v, layer: Attention, batch: ForwardBatch, return_lse: bool):
+    def _run(self, q: torch.Tensor, k, v, layer: AttentionLayer, batch: ForwardBatch, return_lse: bool):
         """Attend (the layer stored the new K/V); None for an empty batch (nothing to attend)."""
         if self.empty:
             return None
         _, hkv, d = self.heads
-        kc = batch.kv_pool.k_buffer[layer.layer_id].view(-1, self.page_size, hkv, d)
-        vc = batch.kv_pool.v_buffer[layer.layer_id].view(-1, self.page_size, hkv, d)
+        kc = self.kv_pool.k_buffer[layer.layer_id].view(-1, self.page_size, hkv, d)
+        vc = self.kv_pool.v_buffer[layer.layer_id].view(-1, self.page_size, hkv, d)
         # plan() used FlashInfer's default scale 1/sqrt(head_dim), which is the models' scaling
         wrapper = self.active_decode or self.wrapper
         return wrapper.run(q.contiguous(), (kc, vc), return_lse=return_lse)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayer, batch: ForwardBatch
     ) -> torch.Tensor:
         o = self._run(q, k, v, layer, batch, return_lse=False)  # no LSE to write or rescale
         return q.new_zeros(q.shape) if o is None else o
 
     def forward_with_lse(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayer, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         res = self._run(q, k, v, layer, batch, return_lse=True)
         if res is None:

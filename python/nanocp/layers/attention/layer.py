@@ -1,11 +1,12 @@
-"""The attention layer models call; the actual work goes to the step's attention backend."""
+"""The attention layer models call; the actual work goes to the step's attention backend, and
+for context-parallel steps to the DCP executor (distributed/dcp.py)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from nanocp.engine.forward_batch import get_forward_batch
+from nanocp.engine.context import get_context
 from nanocp.engine.step_trace import trace_section
 
 
@@ -21,8 +22,8 @@ class Attention(nn.Module):
     def kv_store(self, v: torch.Tensor) -> tuple | None:
         """Where a fused kernel before attention may store the step's new K/V itself
         (elementwise.qk_norm_rope's kv_store), or None: then forward stores them."""
-        batch = get_forward_batch()
-        pool, loc = batch.kv_pool, batch.out_cache_loc
+        ctx = get_context()
+        pool, loc = ctx.kv_pool, ctx.batch.out_cache_loc
         if not loc.is_cuda or pool.pad_slot is None:
             return None
         return v, loc, pool.k_buffer[self.layer_id], pool.v_buffer[self.layer_id], pool.pad_slot
@@ -32,27 +33,19 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """q: [T, Hq*D], k/v: [T, Hkv*D] -> [T, Hq*D]. Stores the new K/V in the cache unless the
         caller did (kv_stored, through kv_store), then attends."""
-        batch = get_forward_batch()
+        ctx = get_context()
+        batch, pool = ctx.batch, ctx.kv_pool
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if not kv_stored:  # rows with loc < 0 are held by another instance (context parallelism)
-            batch.kv_pool.set_kv(self.layer_id, batch.out_cache_loc, k, v, masked=batch.dcp is not None)
+            pool.set_kv(self.layer_id, batch.out_cache_loc, k, v, masked=batch.dcp is not None)
         with trace_section("attention"):
             if batch.dcp is None:
-                out = batch.attn_backend.forward(q, k, v, self, batch)
+                out = ctx.attn_backend.forward(q, k, v, self, batch)
             else:
-                o_local, lse_local = batch.attn_backend.forward_with_lse(q, k, v, self, batch)
-                # eager routing (DCPStep) or fixed buffers inside a CUDA graph (GraphDCP)
+                o_local, lse_local = ctx.attn_backend.forward_with_lse(q, k, v, self, batch)
                 batch.collectives_begun = True
-                out = batch.dcp.attend(
-                    q,
-                    k,
-                    v,
-                    o_local,
-                    lse_local,
-                    batch.kv_pool.k_buffer[self.layer_id],
-                    batch.kv_pool.v_buffer[self.layer_id],
-                    self.scaling,
-                )
+                kv_cache = (pool.k_buffer[self.layer_id], pool.v_buffer[self.layer_id])
+                out = ctx.dcp_executor(batch).attend(q, k, v, o_local, lse_local, *kv_cache, self.scaling)
             return out.reshape(q.shape[0], self.num_heads * self.head_dim)  # T may be 0 (idle batch)

@@ -20,11 +20,14 @@ from nanocp_kernels.balanced_attention import BalancedDecode
 
 if TYPE_CHECKING:
     from nanocp.engine.forward_batch import ForwardBatch
-    from nanocp.layers.attention.layer import Attention
+    from nanocp.layers.attention.base import AttentionLayer
 
 
 @register_attention_backend("triton")
 class TritonAttnBackend(TorchAttnBackend):
+    supports_cuda_graph = True
+    supports_cp_cuda_graph = True  # replays decode batches of context-parallel requests too
+
     def __init__(
         self,
         device: torch.device | None = None,
@@ -70,8 +73,6 @@ class TritonAttnBackend(TorchAttnBackend):
             kv_pos.to(torch.int32),
         )
 
-    supports_cuda_graph = True
-
     def init_cuda_graph_state(self, max_bs: int, num_slots: int) -> None:
         dev = self.device
         self.g_q_seq = torch.arange(max_bs, dtype=torch.int32, device=dev)
@@ -85,26 +86,24 @@ class TritonAttnBackend(TorchAttnBackend):
     def init_forward_metadata_capture(self, batch: ForwardBatch) -> None:
         self.init_forward_metadata_replay(batch)
 
-    graph_kv_ranges = True  # replays decode batches of context-parallel requests too
-
     def init_forward_metadata_replay(self, batch: ForwardBatch) -> None:
         """Decode: every request's KV row [0, seq_len) from req_to_token, built on the device;
-        for context-parallel requests only the position ranges held here (kv_ranges_cpu)."""
+        for context-parallel requests only their held ranges."""
         bs = batch.batch_size
-        if batch.kv_ranges_cpu is None:
+        if batch.held_ranges is None:
             held = batch.seq_lens_cpu
             total = sum(held)
             ends, rows, pos = ragged_index(batch.req_pool_indices, batch.seq_lens, total)
         else:
-            segs = [(i, s, e - s) for i, rs in enumerate(batch.kv_ranges_cpu) for s, e in rs if e > s]
-            held = [sum(e - s for s, e in rs) for rs in batch.kv_ranges_cpu]
+            segs = [(i, s, e - s) for i, rs in enumerate(batch.held_ranges) for s, e in rs if e > s]
+            held = [sum(e - s for s, e in rs) for rs in batch.held_ranges]
             total = sum(held)
             seg = torch.tensor(segs, dtype=torch.int64).reshape(-1, 3).T.to(self.device, non_blocking=True)
             _, rows, within = ragged_index(batch.req_pool_indices[seg[0]], seg[2], total)
             pos = torch.repeat_interleave(seg[1], seg[2], output_size=total) + within
             ends = torch.tensor(held, dtype=torch.int64).cumsum(0).to(self.device, non_blocking=True)
         self.g_kv_indptr[1 : bs + 1].copy_(ends)
-        self.g_kv_indices[:total].copy_(batch.req_to_token_pool.req_to_token[rows, pos])
+        self.g_kv_indices[:total].copy_(self.req_to_token_pool.req_to_token[rows, pos])
         self.g_kv_pos[:total].copy_(pos)
         self.prefill_qo = None
         self.g_q_pos[:bs].copy_(batch.positions)  # the graph's static positions, already written
@@ -115,11 +114,11 @@ class TritonAttnBackend(TorchAttnBackend):
             self.balanced.plan([0, *itertools.accumulate(held)])
 
     def forward_with_lse(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: Attention, batch: ForwardBatch
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: AttentionLayer, batch: ForwardBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q_seq, kv_indptr, kv_indices, kv_pos = self.triton_meta
         q = q.contiguous()
-        cache = (batch.kv_pool.k_buffer[layer.layer_id], batch.kv_pool.v_buffer[layer.layer_id])
+        cache = (self.kv_pool.k_buffer[layer.layer_id], self.kv_pool.v_buffer[layer.layer_id])
         if self.prefill_qo is not None:
             meta = (self.prefill_qo, kv_indptr, kv_indices, self.q_pos, kv_pos)
             return paged_prefill_attention(q, *cache, *meta, layer.scaling)
