@@ -159,3 +159,36 @@ def test_shared_gpu_sync_follows_mps(monkeypatch, tmp_path):
     monkeypatch.setenv("NANOCP_SHARED_GPU_SYNC", "spin")
     with pytest.raises(ValueError, match="NANOCP_SHARED_GPU_SYNC"):
         envs.shared_gpu_sync()
+
+
+def test_choices_and_capabilities_come_from_the_backends(monkeypatch):
+    """The registries are the only lists of backend names (the CLI's choices), and what a backend
+    can run is declared on its class: a new backend that attends over sharded KV is accepted for
+    context parallelism, one that does not is refused naming the flag."""
+    import argparse
+
+    from nanocp.distributed.moe_comm import moe_a2a_backends
+    from nanocp.layers.attention import attention_backends, base
+    from nanocp.layers.attention.torch_backend import TorchAttnBackend
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    choices = {a.dest: a.choices for a in parser._actions}
+    assert choices["attention_backend"] == ("auto", *attention_backends())
+    assert choices["moe_a2a_backend"] == tuple(moe_a2a_backends())
+
+    class Sharded(TorchAttnBackend):
+        pass
+
+    class Whole(TorchAttnBackend):
+        supports_context_parallel = False
+
+    monkeypatch.setitem(base._REGISTRY, "sharded_test", Sharded)
+    monkeypatch.setitem(base._REGISTRY, "whole_test", Whole)
+    cp = dict(device="cpu", dp_size=2, cp_policy="dynamic")
+    assert ServerArgs(attention_backend="sharded_test", **cp).attention_backend == "sharded_test"
+    with pytest.raises(
+        ServerArgsError, match="--cp-policy dynamic needs .*--attention-backend .*whole_test cannot"
+    ):
+        ServerArgs(attention_backend="whole_test", **cp)
+    assert ServerArgs(attention_backend="whole_test", device="cpu").attention_backend == "whole_test"

@@ -7,22 +7,44 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from nanocp_router.planner import POLICIES as CP_POLICIES
 from nanocp_router.policy import POLICIES
+
+if TYPE_CHECKING:
+    from nanocp.distributed.moe_comm import MoEComm
+    from nanocp.layers.attention.base import AttentionBackend
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("cuda", "cpu")
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "flashinfer")
 LOAD_BALANCE_METHODS = tuple(POLICIES)
-MOE_A2A_BACKENDS = ("allgather", "all_to_all", "ipc", "deepep")
 MOE_RUNNER_BACKENDS = ("auto", "torch", "triton")
 DEEPEP_MODES = ("auto", "low_latency", "normal")
-CP_POLICIES = ("none", "uniform", "dynamic")
+
+
+# The backend registries are the only lists of their names; they import torch, so only when asked.
+def attention_backends() -> dict[str, type[AttentionBackend]]:
+    from nanocp.layers.attention import attention_backends
+
+    return attention_backends()
+
+
+def attention_backend_names() -> tuple[str, ...]:
+    return tuple(attention_backends())
+
+
+def moe_a2a_backends() -> dict[str, type[MoEComm]]:
+    from nanocp.distributed.moe_comm import moe_a2a_backends
+
+    return moe_a2a_backends()
+
+
+def moe_a2a_backend_names() -> tuple[str, ...]:
+    return tuple(moe_a2a_backends())
 
 
 class ServerArgsError(ValueError):
@@ -84,107 +106,34 @@ class ServerArgs:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
-        if self.device is None:
-            self.device = _default_device()
-        if self.tokenizer_path is None:
-            self.tokenizer_path = self.model_path
-        if self.served_model_name is None:
-            self.served_model_name = self.model_path
+        # three passes: every flag alone; "auto" and defaults resolved (probing the hardware);
+        # then the flags together, against what the chosen backends declare they can do
+        self._validate_fields()
+        self._resolve()
+        self._validate()
+
+    # -------------------------------------------------------------- validate alone
+    def _validate_fields(self) -> None:
         self._check_choice("dtype", DTYPES)
-        self._check_choice("device", DEVICES)
+        self._check_choice("device", DEVICES, optional=True)
         self._check_choice("load_format", LOAD_FORMATS)
-        self._check_choice("attention_backend", ATTENTION_BACKENDS)
-        self._check_int("page_size", minimum=1)
-        self._check_int("chunked_prefill_size", minimum=1)
-        self._check_int("max_running_requests", minimum=1)
-        self._check_int("max_queued_requests", minimum=1, optional=True)
-        self._check_int("cuda_graph_max_bs", minimum=1)
+        self._check_choice("attention_backend", ("auto", *attention_backend_names()))
+        self._check_choice("moe_a2a_backend", moe_a2a_backend_names())
+        self._check_choice("moe_runner_backend", MOE_RUNNER_BACKENDS)
+        self._check_choice("deepep_mode", DEEPEP_MODES)
+        self._check_choice("cp_policy", tuple(CP_POLICIES), optional=True)
+        self._check_choice("load_balance_method", LOAD_BALANCE_METHODS)
+        for name in ("page_size", "chunked_prefill_size", "max_running_requests", "cuda_graph_max_bs"):
+            self._check_int(name, minimum=1)
+        for name in ("max_queued_requests", "max_total_tokens", "context_length"):
+            self._check_int(name, minimum=1, optional=True)
         self._check_int("random_seed", minimum=0)
         self._check_int("port", minimum=1)
         if self.port > 65535:
             raise ServerArgsError(f"--port must be <= 65535, got {self.port}")
-        self._check_int("dp_size", minimum=1)
-        self._check_int("ep_size", minimum=1)
-        if self.tp_size is not None and self.tp_size not in (1, self.dp_size):
-            raise ServerArgsError(
-                f"--tp-size {self.tp_size}: NanoCP runs attention data-parallel and experts expert-parallel, "
-                f"without tensor parallelism inside an instance; pass --tp-size equal to --dp-size "
-                f"({self.dp_size}, SGLang's DP-attention layout) or leave it out"
-            )
-        if self.ep_size not in (1, self.dp_size):
-            raise ServerArgsError(
-                f"--ep-size must be 1 (every instance holds all experts) or equal to --dp-size ({self.dp_size}); "
-                f"got {self.ep_size}"
-            )
-        self._check_choice("moe_a2a_backend", MOE_A2A_BACKENDS)
-        self._check_choice("moe_runner_backend", MOE_RUNNER_BACKENDS)
-        self._check_choice("deepep_mode", DEEPEP_MODES)
-        if (
-            self.moe_a2a_backend == "deepep"
-            and self.deepep_mode == "normal"
-            and self.ep_size not in (2, 4, 8)
-        ):
-            raise ServerArgsError(
-                f"--deepep-mode normal: DeepEP's normal kernels need 2, 4 or 8 EP ranks on one node, got "
-                f"--ep-size {self.ep_size}; use --deepep-mode low_latency or auto"
-            )
-        if self.deepep_fp8_dispatch and (self.moe_a2a_backend != "deepep" or self.deepep_mode == "normal"):
-            raise ServerArgsError(
-                "--deepep-fp8-dispatch applies to DeepEP's low-latency dispatch: it needs --moe-a2a-backend deepep "
-                f"with --deepep-mode auto or low_latency (got --moe-a2a-backend {self.moe_a2a_backend}, "
-                f"--deepep-mode {self.deepep_mode})"
-            )
-        if self.moe_a2a_backend == "deepep" and importlib.util.find_spec("deep_ep") is None:
-            raise ServerArgsError(
-                "--moe-a2a-backend deepep needs DeepEP: install it with `pip install nanocp[deepep]` or build it "
-                "from source (https://github.com/deepseek-ai/DeepEP); or use --moe-a2a-backend all_to_all"
-            )
-        if self.moe_a2a_backend in ("ipc", "deepep") and self.device != "cuda":
-            raise ServerArgsError(
-                f"--moe-a2a-backend {self.moe_a2a_backend} needs --device cuda; use all_to_all or allgather"
-            )
-        if self.moe_runner_backend == "auto":
-            self.moe_runner_backend = "triton" if self.device == "cuda" else "torch"
-        if self.cp_policy is None:
-            self.cp_policy = "dynamic" if self.dp_size > 1 else "none"
-        self._check_choice("cp_policy", CP_POLICIES)
-        if self.attention_backend == "auto":
-            self.attention_backend = self._auto_attention_backend()
-        if self.cp_policy != "none" and self.attention_backend == "flashinfer":
-            raise ServerArgsError(
-                f"--cp-policy {self.cp_policy} needs --attention-backend triton or torch (context-parallel "
-                "attention over sharded KV is not implemented with flashinfer yet); or use --cp-policy none"
-            )
-
-        self._check_int("cp_size", minimum=1)
-        self._check_int("cp_max_degree", minimum=1)
-        self._check_int("cp_min_shard_tokens", minimum=1)
-        if self.cp_policy != "none" and self.dp_size == 1:
-            raise ServerArgsError(
-                f"--cp-policy {self.cp_policy} needs --dp-size > 1 (instances to shard over)"
-            )
-        if self.cp_size > self.dp_size and self.cp_policy == "uniform":
-            raise ServerArgsError(f"--cp-size ({self.cp_size}) must be <= --dp-size ({self.dp_size})")
-        if self.device == "cuda" and self.dp_size > 1:
-            import torch
-
-            gpus = torch.cuda.device_count()
-            if gpus == 0:
-                raise ServerArgsError("--device cuda: no CUDA device found")
-            if gpus < self.dp_size:  # instances share GPUs (testing several instances on few GPUs)
-                if self.max_total_tokens is None:
-                    raise ServerArgsError(
-                        f"--dp-size {self.dp_size} on {gpus} GPU(s): instances share GPUs, so give each its KV "
-                        "budget with --max-total-tokens (--mem-fraction-static is per GPU)"
-                    )
-                if self.moe_a2a_backend not in ("all_to_all", "ipc"):
-                    raise ServerArgsError(
-                        f"--moe-a2a-backend {self.moe_a2a_backend} needs one GPU per instance "
-                        f"(--dp-size {self.dp_size}, {gpus} GPU(s)); use all_to_all or ipc"
-                    )
-        self._check_choice("load_balance_method", LOAD_BALANCE_METHODS)
-        self._check_int("max_total_tokens", minimum=1, optional=True)
-        self._check_int("context_length", minimum=1, optional=True)
+        for name in ("dp_size", "ep_size", "cp_size", "cp_max_degree", "cp_min_shard_tokens"):
+            self._check_int(name, minimum=1)
+        self._check_int("tp_size", minimum=1, optional=True)
         if (
             isinstance(self.schedule_conservativeness, bool)
             or not isinstance(self.schedule_conservativeness, (int, float))
@@ -197,22 +146,110 @@ class ServerArgs:
             raise ServerArgsError(
                 f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static!r}"
             )
-        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
-            raise ServerArgsError(
-                f"--max-total-tokens ({self.max_total_tokens}) must be at least --page-size ({self.page_size})"
-            )
         if self.model_path is not None and not os.path.exists(self.model_path):
             raise ServerArgsError(
                 f"--model-path {self.model_path!r} does not exist (NanoCP never downloads from a model hub; "
                 "pass a local checkpoint directory, or use --load-format dummy with a directory holding config.json)"
             )
+
+    # --------------------------------------------------------------------- resolve
+    def _resolve(self) -> None:
+        """Defaults that depend on other flags, "auto" values, and the GPUs there are."""
+        self._num_gpus = 0
+        if self.device is None:
+            self.device = _default_device()
         if self.device == "cuda":
             import torch
 
             if not torch.cuda.is_available():
                 raise ServerArgsError("--device cuda was requested but no CUDA device is available")
+            self._num_gpus = torch.cuda.device_count()
+        if self.tokenizer_path is None:
+            self.tokenizer_path = self.model_path
+        if self.served_model_name is None:
+            self.served_model_name = self.model_path
+        if self.moe_runner_backend == "auto":
+            self.moe_runner_backend = "triton" if self.device == "cuda" else "torch"
+        if self.cp_policy is None:
+            self.cp_policy = "dynamic" if self.dp_size > 1 else "none"
+        if self.attention_backend == "auto":
+            self.attention_backend = self._auto_attention_backend()
 
-    # ------------------------------------------------------------------ checks
+    def _auto_attention_backend(self) -> str:
+        """cpu: torch; cuda: flashinfer where it is installed and can run the configuration (its
+        kernels are half-precision, without context parallelism), else triton."""
+        if self.device != "cuda":
+            return "torch"
+        backends = attention_backends()
+        for name in ("flashinfer", "triton"):
+            cls = backends[name]
+            if self.cp_policy != "none" and not cls.supports_context_parallel:
+                continue
+            if cls.dtypes is not None and self.dtype not in ("auto", *cls.dtypes):
+                continue
+            if cls.available():
+                return name
+        return "triton"
+
+    # ---------------------------------------------------------- validate together
+    def _validate(self) -> None:
+        dp, ep = self.dp_size, self.ep_size
+        if self.tp_size is not None and self.tp_size not in (1, dp):
+            raise ServerArgsError(
+                f"--tp-size {self.tp_size}: NanoCP runs attention data-parallel and experts expert-parallel, "
+                f"without tensor parallelism inside an instance; pass --tp-size equal to --dp-size "
+                f"({dp}, SGLang's DP-attention layout) or leave it out"
+            )
+        if ep not in (1, dp):
+            raise ServerArgsError(
+                f"--ep-size must be 1 (every instance holds all experts) or equal to --dp-size ({dp}); got {ep}"
+            )
+        moe = moe_a2a_backends()[self.moe_a2a_backend]
+        if self.deepep_fp8_dispatch and (self.moe_a2a_backend != "deepep" or self.deepep_mode == "normal"):
+            raise ServerArgsError(
+                "--deepep-fp8-dispatch applies to DeepEP's low-latency dispatch: it needs --moe-a2a-backend deepep "
+                f"with --deepep-mode auto or low_latency (got --moe-a2a-backend {self.moe_a2a_backend}, "
+                f"--deepep-mode {self.deepep_mode})"
+            )
+        try:
+            moe.check_config(ep, self.deepep_mode)
+        except ValueError as e:
+            raise ServerArgsError(str(e)) from None
+        if moe.needs_cuda and self.device != "cuda":
+            raise ServerArgsError(
+                f"--moe-a2a-backend {self.moe_a2a_backend} needs --device cuda; use all_to_all or allgather"
+            )
+        attn = attention_backends()[self.attention_backend]
+        if self.cp_policy != "none" and not attn.supports_context_parallel:
+            capable = ", ".join(n for n, c in attention_backends().items() if c.supports_context_parallel)
+            raise ServerArgsError(
+                f"--cp-policy {self.cp_policy} needs an attention backend that attends over sharded KV "
+                f"(--attention-backend {capable}; {self.attention_backend} cannot yet); or use --cp-policy none"
+            )
+        if self.cp_policy != "none" and dp == 1:
+            raise ServerArgsError(
+                f"--cp-policy {self.cp_policy} needs --dp-size > 1 (instances to shard over)"
+            )
+        if self.cp_size > dp and self.cp_policy == "uniform":
+            raise ServerArgsError(f"--cp-size ({self.cp_size}) must be <= --dp-size ({dp})")
+        if self.device == "cuda" and dp > 1 and self._num_gpus < dp:
+            # instances share GPUs (testing several instances on few GPUs)
+            if self.max_total_tokens is None:
+                raise ServerArgsError(
+                    f"--dp-size {dp} on {self._num_gpus} GPU(s): instances share GPUs, so give each its KV "
+                    "budget with --max-total-tokens (--mem-fraction-static is per GPU)"
+                )
+            if not moe.shares_gpus:
+                sharing = ", ".join(n for n, c in moe_a2a_backends().items() if c.shares_gpus)
+                raise ServerArgsError(
+                    f"--moe-a2a-backend {self.moe_a2a_backend} needs one GPU per instance "
+                    f"(--dp-size {dp}, {self._num_gpus} GPU(s)); use {sharing}"
+                )
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            raise ServerArgsError(
+                f"--max-total-tokens ({self.max_total_tokens}) must be at least --page-size ({self.page_size})"
+            )
+
     def cp_config(self) -> dict[str, Any]:
         """The context-parallel settings, as the router's planner takes them (planner.cp_policy_from)."""
         return {
@@ -222,21 +259,12 @@ class ServerArgs:
             "cp_min_shard_tokens": self.cp_min_shard_tokens,
         }
 
-    def _check_choice(self, name: str, choices: tuple[str, ...]) -> None:
+    def _check_choice(self, name: str, choices: tuple[str, ...], optional: bool = False) -> None:
         value = getattr(self, name)
+        if value is None and optional:
+            return
         if value not in choices:
             raise ServerArgsError(f"{_flag(name)} must be one of {', '.join(choices)}; got {value!r}")
-
-    def _auto_attention_backend(self) -> str:
-        if self.device != "cuda":
-            return "torch"
-        if (
-            self.cp_policy == "none"
-            and self.dtype != "float32"  # FlashInfer's kernels are half-precision
-            and importlib.util.find_spec("flashinfer") is not None
-        ):
-            return "flashinfer"
-        return "triton"  # context-parallel steps need triton's (o, lse) over position ranges
 
     def _check_int(self, name: str, minimum: int, optional: bool = False) -> None:
         value = getattr(self, name)
@@ -299,7 +327,12 @@ class ServerArgs:
             "requests admitted, more retractions).",
         )
         a("--random-seed", type=int, default=ServerArgs.random_seed)
-        a("--attention-backend", type=str, default=ServerArgs.attention_backend, choices=ATTENTION_BACKENDS)
+        a(
+            "--attention-backend",
+            type=str,
+            default=ServerArgs.attention_backend,
+            choices=("auto", *attention_backend_names()),
+        )
         a("--disable-cuda-graph", action="store_true")
         a("--cuda-graph-max-bs", type=int, default=ServerArgs.cuda_graph_max_bs)
         a("--host", type=str, default=ServerArgs.host)
@@ -335,7 +368,7 @@ class ServerArgs:
             "--moe-a2a-backend",
             type=str,
             default=ServerArgs.moe_a2a_backend,
-            choices=MOE_A2A_BACKENDS,
+            choices=moe_a2a_backend_names(),
             help="MoE token exchange between expert-parallel instances: allgather (reference), all_to_all "
             "(NCCL, or CUDA IPC when instances share GPUs), ipc (CUDA-IPC routing backend, no host sync, "
             "graph-capturable), deepep (DeepEP low-latency kernels).",
@@ -366,7 +399,7 @@ class ServerArgs:
         a(
             "--cp-policy",
             type=str,
-            choices=CP_POLICIES,
+            choices=tuple(CP_POLICIES),
             help="Context parallelism: none (static DP), uniform (--cp-size), dynamic (sized per request; "
             "the default when --dp-size > 1).",
         )
