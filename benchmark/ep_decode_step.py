@@ -38,7 +38,9 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, backend: s
     from nanocp.model_executor.model_runner import ModelRunner
 
     device = instance_device(rank, args.device)
-    parallel = init_parallel_state(rank, world, world, device, port, force_group=True)  # barriers below
+    parallel = init_parallel_state(
+        rank, world, world, device, f"tcp://127.0.0.1:{port}", force_group=True
+    )  # barriers
     sa = ServerArgs(
         model_path=args.model_path,
         load_format=args.load_format,

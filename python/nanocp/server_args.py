@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
+from nanocp_router.layout import LayoutError, NodeLayout
 from nanocp_router.planner import POLICIES as CP_POLICIES
 from nanocp_router.policy import POLICIES
 
@@ -96,6 +97,14 @@ class ServerArgs:
     deepep_fp8_dispatch: bool = False  # low-latency dispatch sends FP8 (+ scales), experts stay bf16
     load_balance_method: str = "round_robin"
     step_trace_file: str | None = None
+    # Multi-node (SGLang's flags; every node gets the same ones but --node-rank; server/layout.py)
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # HOST:PORT of node 0, where every socket of the server is
+    nproc_per_node: int | None = None  # instances per node (default: --dp-size / instance nodes)
+    router_only: bool = False  # node 0 runs the HTTP server, tokenizer and router, no instances
+    worker_only: bool = False  # this node only runs instances (states --node-rank > 0)
+    dry_run: bool = False  # print the layout (which instance runs where, the ports) and exit
     # Context parallelism (router planner): none = static DP, uniform = every request over
     # --cp-size instances, dynamic = degree sized to the request's KV footprint
     cp_policy: str | None = None  # default: dynamic when --dp-size > 1, else none
@@ -131,9 +140,11 @@ class ServerArgs:
         self._check_int("port", minimum=1)
         if self.port > 65535:
             raise ServerArgsError(f"--port must be <= 65535, got {self.port}")
-        for name in ("dp_size", "ep_size", "cp_size", "cp_max_degree", "cp_min_shard_tokens"):
+        for name in ("dp_size", "ep_size", "cp_size", "cp_max_degree", "cp_min_shard_tokens", "nnodes"):
             self._check_int(name, minimum=1)
         self._check_int("tp_size", minimum=1, optional=True)
+        self._check_int("nproc_per_node", minimum=1, optional=True)
+        self._check_int("node_rank", minimum=0)
         if (
             isinstance(self.schedule_conservativeness, bool)
             or not isinstance(self.schedule_conservativeness, (int, float))
@@ -146,6 +157,17 @@ class ServerArgs:
             raise ServerArgsError(
                 f"--mem-fraction-static must be in (0, 1), got {self.mem_fraction_static!r}"
             )
+        try:
+            self._layout = NodeLayout.create(
+                self.nnodes,
+                self.node_rank,
+                self.dp_size,
+                self.dist_init_addr,
+                self.router_only,
+                self.nproc_per_node,
+            )
+        except LayoutError as e:
+            raise ServerArgsError(str(e)) from None
         if self.model_path is not None and not os.path.exists(self.model_path):
             raise ServerArgsError(
                 f"--model-path {self.model_path!r} does not exist (NanoCP never downloads from a model hub; "
@@ -158,7 +180,7 @@ class ServerArgs:
         self._num_gpus = 0
         if self.device is None:
             self.device = _default_device()
-        if self.device == "cuda":
+        if self.device == "cuda" and len(self._layout.local_instances) > 0:  # (a router-only node: none)
             import torch
 
             if not torch.cuda.is_available():
@@ -194,6 +216,11 @@ class ServerArgs:
     # ---------------------------------------------------------- validate together
     def _validate(self) -> None:
         dp, ep = self.dp_size, self.ep_size
+        runs_instances = len(self._layout.local_instances) > 0
+        if self.worker_only and self.node_rank == 0:
+            raise ServerArgsError(
+                "--worker-only: node 0 runs the HTTP server and router; pass --node-rank >= 1"
+            )
         if self.tp_size is not None and self.tp_size not in (1, dp):
             raise ServerArgsError(
                 f"--tp-size {self.tp_size}: NanoCP runs attention data-parallel and experts expert-parallel, "
@@ -212,10 +239,10 @@ class ServerArgs:
                 f"--deepep-mode {self.deepep_mode})"
             )
         try:
-            moe.check_config(ep, self.deepep_mode)
+            moe.check_config(ep, self.deepep_mode, installed=runs_instances)
         except ValueError as e:
             raise ServerArgsError(str(e)) from None
-        if moe.needs_cuda and self.device != "cuda":
+        if moe.needs_cuda and self.device != "cuda" and runs_instances:
             raise ServerArgsError(
                 f"--moe-a2a-backend {self.moe_a2a_backend} needs --device cuda; use all_to_all or allgather"
             )
@@ -232,23 +259,30 @@ class ServerArgs:
             )
         if self.cp_size > dp and self.cp_policy == "uniform":
             raise ServerArgsError(f"--cp-size ({self.cp_size}) must be <= --dp-size ({dp})")
-        if self.device == "cuda" and dp > 1 and self._num_gpus < dp:
+        local = len(self._layout.local_instances)
+        if self.device == "cuda" and local > 1 and self._num_gpus < local:
             # instances share GPUs (testing several instances on few GPUs)
+            where = f"--dp-size {dp}" + (f" ({local} on this node)" if self._layout.multinode else "")
             if self.max_total_tokens is None:
                 raise ServerArgsError(
-                    f"--dp-size {dp} on {self._num_gpus} GPU(s): instances share GPUs, so give each its KV "
+                    f"{where} on {self._num_gpus} GPU(s): instances share GPUs, so give each its KV "
                     "budget with --max-total-tokens (--mem-fraction-static is per GPU)"
                 )
             if not moe.shares_gpus:
                 sharing = ", ".join(n for n, c in moe_a2a_backends().items() if c.shares_gpus)
                 raise ServerArgsError(
                     f"--moe-a2a-backend {self.moe_a2a_backend} needs one GPU per instance "
-                    f"(--dp-size {dp}, {self._num_gpus} GPU(s)); use {sharing}"
+                    f"({where}, {self._num_gpus} GPU(s)); use {sharing}"
                 )
         if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
             raise ServerArgsError(
                 f"--max-total-tokens ({self.max_total_tokens}) must be at least --page-size ({self.page_size})"
             )
+
+    @property
+    def layout(self) -> NodeLayout:
+        """Which node runs what, and the ports between them (server/layout.py)."""
+        return self._layout
 
     def cp_config(self) -> dict[str, Any]:
         """The context-parallel settings, as the router's planner takes them (planner.cp_policy_from)."""
@@ -430,6 +464,35 @@ class ServerArgs:
             choices=LOAD_BALANCE_METHODS,
         )
         a("--log-level", type=str, default=ServerArgs.log_level)
+        a(
+            "--nnodes",
+            type=int,
+            default=ServerArgs.nnodes,
+            help="Nodes of the server (multi-node: see README).",
+        )
+        a("--node-rank", type=int, default=ServerArgs.node_rank, help="This node's rank; node 0 serves HTTP.")
+        a(
+            "--dist-init-addr",
+            type=str,
+            help="HOST:PORT of node 0: the server uses ports PORT..PORT+4 and PORT+10+i for instance i there.",
+        )
+        a(
+            "--nproc-per-node",
+            type=int,
+            help="Instances per node (default and only value: --dp-size / the nodes that run instances).",
+        )
+        a(
+            "--router-only",
+            action="store_true",
+            help="Node 0 runs the HTTP server, tokenizer, router and detokenizer only; instances run on "
+            "nodes 1..N-1 (give it on every node).",
+        )
+        a(
+            "--worker-only",
+            action="store_true",
+            help="This node runs instances only (needs --node-rank >= 1).",
+        )
+        a("--dry-run", action="store_true", help="Check the flags, print which node runs what, and exit.")
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:

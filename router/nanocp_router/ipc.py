@@ -14,41 +14,76 @@ from typing import Any
 import msgspec
 import zmq
 
+from nanocp_router.layout import NodeLayout
+
 logger = logging.getLogger("nanocp.ipc")
 
 
 @dataclass
 class PortArgs:
-    """IPC endpoints of one server (ipc:// sockets in a private directory)."""
+    """Endpoints of one server: ipc:// sockets in a private directory on one node; on several,
+    TCP ports on node 0 (layout.NodeLayout lists them)."""
 
-    ipc_dir: str
+    ipc_dir: str | None
     tokenizer: str  # HTTP/tokenizer process pulls outputs and cluster state here
     router: str  # router pulls requests (from the tokenizer) and load reports (from workers)
     detokenizer: str  # detokenizer pulls token outputs from the workers
     workers: list[str] = field(default_factory=list)  # worker i pulls its requests here
-    dist_port: int = 0  # TCP port on 127.0.0.1 for torch.distributed rendezvous of the instances
+    # the instances' torch.distributed rendezvous: tcp://127.0.0.1:P on one node (instance 0
+    # hosts it); on several, a TCPStore that node 0's launcher hosts (dist_store)
+    dist_init: str = ""
+    dist_store: bool = False
+    control: str | None = None  # node control (several nodes)
+    # several nodes: the router binds the worker inboxes and the workers connect to them, so
+    # every socket is on node 0 and the other nodes need only its address
+    router_binds_workers: bool = False
 
     @classmethod
     def create(cls, dp_size: int) -> PortArgs:
         d = tempfile.mkdtemp(prefix=f"nanocp-{uuid.uuid4().hex[:6]}-")
         ep = lambda name: f"ipc://{os.path.join(d, name)}"  # noqa: E731
         workers = [ep(f"worker{i}") for i in range(dp_size)]
-        return cls(d, ep("tokenizer"), ep("router"), ep("detokenizer"), workers, free_tcp_port())
+        dist = f"tcp://127.0.0.1:{free_tcp_port()}"
+        return cls(d, ep("tokenizer"), ep("router"), ep("detokenizer"), workers, dist)
+
+    @classmethod
+    def for_layout(cls, layout: NodeLayout) -> PortArgs:
+        if not layout.multinode:
+            return cls.create(layout.dp_size)
+        workers = [f"tcp://{layout.host}:{layout.worker_port(i)}" for i in range(layout.dp_size)]
+        return cls(
+            None,
+            layout.endpoint("tokenizer"),
+            layout.endpoint("router"),
+            layout.endpoint("detokenizer"),
+            workers,
+            layout.endpoint("dist"),
+            dist_store=True,
+            control=layout.endpoint("control"),
+            router_binds_workers=True,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def pull(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def bind_address(endpoint: str) -> str:
+    """Where the binding side listens: a tcp:// endpoint on every interface of its node."""
+    if endpoint.startswith("tcp://"):
+        return "tcp://*:" + endpoint.rpartition(":")[2]
+    return endpoint
+
+
+def pull(ctx: zmq.Context, endpoint: str, bind: bool = True) -> zmq.Socket:
     sock = ctx.socket(zmq.PULL)
-    sock.bind(endpoint)
+    sock.bind(bind_address(endpoint)) if bind else sock.connect(endpoint)
     return sock
 
 
-def push(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def push(ctx: zmq.Context, endpoint: str, bind: bool = False) -> zmq.Socket:
     sock = ctx.socket(zmq.PUSH)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
+    sock.bind(bind_address(endpoint)) if bind else sock.connect(endpoint)
     return sock
 
 

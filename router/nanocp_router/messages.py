@@ -3,6 +3,8 @@
     HTTP/tokenizer --Generate, Abort, FlushCache--> router --Generate, Abort, FlushCache, Wake,
     Reserve, Release, Grown--> worker i --Outputs--> detokenizer --Outputs--> HTTP/tokenizer
     worker i --Reserved, Grow, Load--> router --Outputs (never placed), Cluster--> HTTP/tokenizer
+    node r's launcher --NodeReady, NodeAlive, NodeDown--> node 0's --ClusterReady, NodeAlive,
+    Shutdown--> node r's (several nodes: nanocp_router.nodes)
 
 Each receiver decodes its inbox with `decoder(...)` over the kinds it accepts: a message of
 another kind or with a field of the wrong type is refused there (logged, dropped), not
@@ -142,11 +144,46 @@ class Cluster(Message, tag="cluster"):
     router_queue: int = 0
 
 
+# ------------------------------------------------------------ nodes (node r's launcher <-> node 0's)
+class NodeReady(Message, tag="node_ready"):
+    """Node r's instances have loaded: their info (Worker.info), in instance order."""
+
+    node: int
+    instances: list[dict[str, Any]]
+
+
+class ClusterReady(Message, tag="cluster_ready"):
+    """Node 0, once every instance is ready: every instance's KV capacity (Worker.join_cluster)."""
+
+    instance_tokens: list[int]
+
+
+class NodeAlive(Message, tag="node_alive"):
+    """Heartbeat, both ways (nodes.HEARTBEAT_S)."""
+
+    node: int
+
+
+class NodeDown(Message, tag="node_down"):
+    """A process of node r died; its launcher stops the node's other processes."""
+
+    node: int
+    message: str
+
+
+class Shutdown(Message, tag="shutdown"):
+    """Node 0 stops: every other node stops its processes."""
+
+    reason: str
+
+
 # ------------------------------------------------------------ inboxes
 ROUTER_INBOX = (Generate, Abort, FlushCache, Reserved, Grow, Load)
 WORKER_INBOX = (Generate, Abort, FlushCache, Wake, Reserve, Release, Grown)
 DETOKENIZER_INBOX = (Outputs,)
 TOKENIZER_INBOX = (Outputs, Cluster)
+HEAD_CONTROL_INBOX = (NodeReady, NodeAlive, NodeDown)
+NODE_CONTROL_INBOX = (ClusterReady, NodeAlive, Shutdown)
 
 
 def _enc_hook(obj: Any) -> Any:

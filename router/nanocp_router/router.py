@@ -75,7 +75,7 @@ class Router:
         self.ctx = zmq.Context()
         self.inbox = pull(self.ctx, ports.router)
         self.decode = decoder(ROUTER_INBOX)
-        self.workers = [push(self.ctx, ep) for ep in ports.workers]
+        self.workers = [push(self.ctx, ep, bind=ports.router_binds_workers) for ep in ports.workers]
         self.to_tokenizer = push(self.ctx, ports.tokenizer)
         self.state = ClusterState.create(dp_size)
         self.policy = create_policy(load_balance_method)

@@ -50,8 +50,9 @@ class MoEComm(ABC):
     shares_gpus = False  # runs with several instances on one GPU (NCCL refuses two ranks per GPU)
 
     @classmethod
-    def check_config(cls, ep_size: int, deepep_mode: str) -> None:
-        """Raise ValueError naming the flag if the backend cannot run this configuration."""
+    def check_config(cls, ep_size: int, deepep_mode: str, installed: bool = True) -> None:
+        """Raise ValueError naming the flag if the backend cannot run this configuration
+        (installed: also check what it needs installed on this node)."""
         return None  # most run any
 
     def __init__(self, state: ParallelState, **_: object) -> None:
@@ -328,7 +329,7 @@ class DeepEPMoE(FixedCapacityMoE):
     needs_cuda = True
 
     @classmethod
-    def check_config(cls, ep_size: int, deepep_mode: str) -> None:
+    def check_config(cls, ep_size: int, deepep_mode: str, installed: bool = True) -> None:
         """DeepEP's one availability check (ServerArgs, and this backend when it starts): the normal
         kernels' rank counts (auto runs them on more than one rank), and DeepEP installed."""
         if (
@@ -338,7 +339,7 @@ class DeepEPMoE(FixedCapacityMoE):
             raise ValueError(
                 f"--deepep-mode {deepep_mode}: DeepEP's normal kernels need {ranks} EP ranks on one node, got --ep-size {ep_size}; use --deepep-mode low_latency"
             )
-        if importlib.util.find_spec("deep_ep") is None:
+        if installed and importlib.util.find_spec("deep_ep") is None:
             raise ValueError(
                 "--moe-a2a-backend deepep needs DeepEP: install it with `pip install nanocp[deepep]` or build it "
                 "from source (https://github.com/deepseek-ai/DeepEP); or use --moe-a2a-backend all_to_all"

@@ -10,6 +10,7 @@ instances than devices: NCCL refuses two ranks on one GPU), the CUDA-IPC routing
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -48,19 +49,32 @@ def instance_device(instance: int, device_type: str) -> torch.device:
 
 
 def init_parallel_state(
-    rank: int, world_size: int, ep_size: int, device: torch.device, init_port: int, force_group: bool = False
+    rank: int,
+    world_size: int,
+    ep_size: int,
+    device: torch.device,
+    init_method: str,
+    force_group: bool = False,
+    store: bool = False,
 ) -> ParallelState:
-    """force_group: create the (one-rank) group even for a single instance (DeepEP needs one)."""
+    """init_method: tcp://HOST:PORT, hosted by rank 0, or with store=True a TCPStore that another
+    process hosts there (node 0's launcher, for several nodes). force_group: create the
+    (one-rank) group even for a single instance (DeepEP needs one)."""
     if world_size == 1 and not force_group:
         return ParallelState(device=device)
     shared_gpu = device.type == "cuda" and world_size > torch.cuda.device_count()
     backend = "nccl" if device.type == "cuda" and not shared_gpu else "gloo"
+    rendezvous: dict = {"init_method": init_method}
+    if store:
+        host, _, port = init_method.removeprefix("tcp://").rpartition(":")
+        timeout = timedelta(seconds=envs.startup_timeout_s())
+        rendezvous = {"store": dist.TCPStore(host.strip("[]"), int(port), None, False, timeout=timeout)}
     dist.init_process_group(
         backend=backend,
-        init_method=f"tcp://127.0.0.1:{init_port}",
         rank=rank,
         world_size=world_size,
         device_id=device if backend == "nccl" else None,
+        **rendezvous,
     )
     cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
     if shared_gpu:

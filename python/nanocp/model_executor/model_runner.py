@@ -38,7 +38,9 @@ class ModelRunner:
         if args.moe_a2a_backend == "deepep" and parallel.group is None and args.device == "cuda":
             from nanocp_router.ipc import free_tcp_port
 
-            parallel = init_parallel_state(0, 1, 1, torch.device("cuda:0"), free_tcp_port(), force_group=True)
+            parallel = init_parallel_state(
+                0, 1, 1, torch.device("cuda:0"), f"tcp://127.0.0.1:{free_tcp_port()}", force_group=True
+            )
             self._owns_group = True
         self.parallel = parallel
 

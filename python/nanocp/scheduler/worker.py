@@ -80,7 +80,9 @@ class Worker:
         if server_args.device == "cpu" and dp > 1:  # instances share the host's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // dp))
         device = instance_device(instance, server_args.device)
-        self.parallel = init_parallel_state(instance, dp, server_args.ep_size, device, ports.dist_port)
+        self.parallel = init_parallel_state(
+            instance, dp, server_args.ep_size, device, ports.dist_init, store=ports.dist_store
+        )
         # MoE collectives or context-parallel routing: every instance runs every step
         self.lockstep = server_args.ep_size > 1 or server_args.cp_policy != "none"
         self.runner = ModelRunner(server_args, self.parallel)
@@ -97,7 +99,7 @@ class Worker:
         eos = eos_token_ids(tokenizer, self.runner.hf_config, server_args.model_path)
         self.make_req = RequestFactory(tokenizer, eos, self.runner.device, server_args.random_seed + instance)
         self.ctx = zmq.Context()
-        self.inbox = pull(self.ctx, ports.workers[instance])
+        self.inbox = pull(self.ctx, ports.workers[instance], bind=not ports.router_binds_workers)
         self.decode = decoder(WORKER_INBOX)
         self.to_router = push(self.ctx, ports.router)
         self.to_detok = push(self.ctx, ports.detokenizer)

@@ -220,8 +220,12 @@ def create_app(manager: TokenizerManager) -> FastAPI:
             "version": __version__,
             "max_total_num_tokens": manager.max_total_tokens,
             "max_request_tokens": manager.max_request_tokens(),  # KV pooling: what one request may span
-            "instances": manager.worker_infos,
-            "processes": manager.process_pids,
+            "instances": manager.worker_infos,  # each with its "node"
+            "nodes": [
+                {"node": n, "instances": list(args.layout.instances_of(n)), "http": n == 0}
+                for n in range(args.nnodes)
+            ],
+            "processes": manager.process_pids,  # node 0's (the instances' pids are in "instances")
             "cluster": manager.cluster,
             "cp_degrees": manager.cp_degrees,
             "cp_growth_segments": manager.cp_growth_segments,

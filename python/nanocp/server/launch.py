@@ -1,5 +1,7 @@
 """Start the engine's processes (detokenizer, router, one worker per instance), supervise them,
-and serve HTTP until SIGINT/SIGTERM; then stop every child (no orphans)."""
+and serve HTTP until SIGINT/SIGTERM; then stop every child (no orphans). With several nodes
+(nanocp_router.layout), node 0 does this for the whole server and the other nodes only run
+their instances (serve_instances)."""
 
 from __future__ import annotations
 
@@ -9,10 +11,14 @@ import shutil
 import threading
 import time
 from multiprocessing.connection import wait
+from typing import TYPE_CHECKING
 
 from nanocp import envs
 from nanocp.server_args import ServerArgs
 from nanocp_router.ipc import PortArgs
+
+if TYPE_CHECKING:
+    from nanocp_router.nodes import HeadControl, NodeControl
 
 logger = logging.getLogger("nanocp.launch")
 
@@ -31,6 +37,10 @@ def check_layout(server_args: ServerArgs) -> None:
 
 
 class EngineProcesses:
+    """This node's processes: on node 0 the detokenizer and the router, and the node's instances
+    (server_args.layout). With several nodes, node 0's launcher hosts the instances'
+    torch.distributed store and the nodes' control socket (nanocp_router.nodes)."""
+
     def __init__(self, server_args: ServerArgs) -> None:
         from nanocp.scheduler.worker import run_worker_process
         from nanocp.tokenizer.detokenizer_process import run_detokenizer_process
@@ -38,29 +48,37 @@ class EngineProcesses:
 
         check_layout(server_args)
         self.server_args = server_args
-        self.ports = PortArgs.create(server_args.dp_size)
+        self.layout = layout = server_args.layout
+        self.ports = PortArgs.for_layout(layout)
         ctx = mp.get_context("spawn")
         ports = self.ports.to_dict()
         self.procs: dict[str, mp.Process] = {}
-        self.procs["detokenizer"] = ctx.Process(
-            target=run_detokenizer_process, args=(server_args, ports), name="nanocp-detokenizer", daemon=True
-        )
-        self.procs["router"] = ctx.Process(
-            target=run_router_process,
-            args=(
-                ports,
-                server_args.dp_size,
-                server_args.load_balance_method,
-                server_args.cp_config(),
-                server_args.log_level,
-                server_args.max_queued_requests,
-                envs.fault_inject(),
-            ),
-            name="nanocp-router",
-            daemon=True,
-        )
-        self.ready_conns = []
-        for i in range(server_args.dp_size):
+        self.head: HeadControl | None = None
+        self.node: NodeControl | None = None
+        self._store = None
+        if layout.is_head:
+            self.procs["detokenizer"] = ctx.Process(
+                target=run_detokenizer_process,
+                args=(server_args, ports),
+                name="nanocp-detokenizer",
+                daemon=True,
+            )
+            self.procs["router"] = ctx.Process(
+                target=run_router_process,
+                args=(
+                    ports,
+                    server_args.dp_size,
+                    server_args.load_balance_method,
+                    server_args.cp_config(),
+                    server_args.log_level,
+                    server_args.max_queued_requests,
+                    envs.fault_inject(),
+                ),
+                name="nanocp-router",
+                daemon=True,
+            )
+        self.ready_conns = {}
+        for i in layout.local_instances:
             reader, writer = ctx.Pipe()  # ready -> launcher; the cluster's instances -> worker
             self.procs[f"instance {i}"] = ctx.Process(
                 target=run_worker_process,
@@ -68,46 +86,79 @@ class EngineProcesses:
                 name=f"nanocp-worker{i}",
                 daemon=True,
             )
-            self.ready_conns.append(reader)
+            self.ready_conns[i] = reader
         self._stopping = False
 
     def start(self) -> list[dict]:
-        """Start every process; wait for the workers to load. Returns the workers' info."""
+        """Start this node's processes; wait until every instance of the server has loaded.
+        Returns every instance's info (node 0; another node: its own instances')."""
+        layout = self.layout
+        if layout.multinode and layout.is_head:
+            import torch.distributed as dist
+
+            from nanocp_router.nodes import HeadControl
+
+            self._store = dist.TCPStore("0.0.0.0", layout.port("dist"), None, True, wait_for_workers=False)
+            self.head = HeadControl(self.ports.control, layout.nnodes)
+        elif layout.multinode:
+            from nanocp_router.nodes import NodeControl
+
+            self.node = NodeControl(self.ports.control, layout.node_rank)
         for p in self.procs.values():
             p.start()
-        infos: list[dict | None] = [None] * len(self.ready_conns)
-        pending = dict(enumerate(self.ready_conns))
         timeout = envs.startup_timeout_s()
         deadline = time.monotonic() + timeout
+        infos = self._wait_local(deadline, timeout)
+        if self.head is not None:
+            for node_infos in self.head.wait_ready(deadline, self._check_alive).values():
+                infos.update({info["instance"]: info for info in node_infos})
+        if self.node is not None:
+            self.node.ready([infos[i] for i in sorted(infos)])
+            tokens = self.node.wait_cluster(deadline, self._check_alive)
+        else:
+            tokens = [infos[i]["max_total_num_tokens"] for i in range(layout.dp_size)]
+            if self.head is not None:
+                self.head.start_cluster(tokens)
+        for conn in self.ready_conns.values():  # what every worker waits for before it serves
+            conn.send({"instance_tokens": tokens})
+        return [infos[i] for i in sorted(infos)]
+
+    def _wait_local(self, deadline: float, timeout: float) -> dict[int, dict]:
+        infos: dict[int, dict] = {}
+        pending = dict(self.ready_conns)
         while pending:
             for i, conn in list(pending.items()):
                 if conn.poll(0.2):
                     msg = conn.recv()
                     if not msg["ok"]:
                         logger.error("instance %d failed to start:\n%s", i, msg["traceback"])
+                        self._report_down(f"instance {i} failed to start: {msg['error']}")
                         raise RuntimeError(f"instance {i} failed to start: {msg['error']}")
-                    infos[i] = {k: v for k, v in msg.items() if k != "ok"}
+                    infos[i] = {k: v for k, v in msg.items() if k != "ok"} | {"node": self.layout.node_rank}
                     del pending[i]
                     logger.info(
                         "instance %d ready: %d KV tokens on %s", i, msg["max_total_num_tokens"], msg["device"]
                     )
-                elif not self.procs[f"instance {i}"].is_alive():
-                    code = self.procs[f"instance {i}"].exitcode
-                    raise RuntimeError(f"instance {i} died while starting (exit code {code})")
-            for name in ("router", "detokenizer"):
-                if not self.procs[name].is_alive():
-                    raise RuntimeError(
-                        f"the {name} process died while starting (exit code {self.procs[name].exitcode})"
-                    )
+            self._check_alive()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"instances {sorted(pending)} not ready after {timeout:.0f} s")
-        cluster = {"instance_tokens": [i["max_total_num_tokens"] for i in infos]}  # type: ignore[index]
-        for conn in self.ready_conns:  # what every worker waits for before it serves
-            conn.send(cluster)
-        return infos  # type: ignore[return-value]
+        return infos
+
+    def _check_alive(self) -> None:
+        """Raise if a process of this node died while the server starts."""
+        for name, p in self.procs.items():
+            if not p.is_alive():
+                what = f"{name} died while starting (exit code {p.exitcode})"
+                self._report_down(what)
+                raise RuntimeError(what if name.startswith("instance") else f"the {what}")
+
+    def _report_down(self, message: str) -> None:
+        if self.node is not None:
+            self.node.report_down(message)
 
     def watch(self, on_death) -> None:
-        """Call on_death(message) from a thread as soon as any child process exits."""
+        """Call on_death(message) from a thread as soon as any child process exits, or (node 0)
+        another node is down, or (another node) node 0 stopped or was lost."""
 
         def run() -> None:
             sentinels = {p.sentinel: name for name, p in self.procs.items()}
@@ -120,9 +171,16 @@ class EngineProcesses:
                     p.join(timeout=1)  # the sentinel fires before exitcode is set
                     msg = f"{name} (pid {p.pid}) died with exit code {p.exitcode}; the server cannot serve requests"
                     logger.error(msg)
+                    if self.node is not None:
+                        self.node.stop_watch()
+                        self._report_down(msg)
                     on_death(msg)
 
         threading.Thread(target=run, daemon=True, name="nanocp-supervisor").start()
+        if self.head is not None:
+            self.head.watch(on_death)
+        if self.node is not None:
+            self.node.watch(on_death)
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -137,7 +195,42 @@ class EngineProcesses:
             if p.is_alive():
                 p.kill()
                 p.join(1)
-        shutil.rmtree(self.ports.ipc_dir, ignore_errors=True)
+        for control in (self.head, self.node):
+            if control is not None:
+                control.close()
+        if self.ports.ipc_dir is not None:
+            shutil.rmtree(self.ports.ipc_dir, ignore_errors=True)
+
+
+def serve_instances(server_args: ServerArgs) -> None:
+    """A node other than node 0: run its instances until node 0 stops (or is lost), one of them
+    dies (node 0 is told), or SIGINT/SIGTERM."""
+    import signal
+
+    engine = EngineProcesses(server_args)
+    stopped = threading.Event()
+    reason: list[str] = []
+
+    def stop(msg: str) -> None:
+        reason.append(msg)
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, lambda *_: stop("SIGTERM"))
+    try:
+        engine.start()
+        engine.watch(stop)
+        layout = server_args.layout
+        inst = layout.local_instances
+        logger.info("node %d serving instances %d..%d for node 0 at %s", layout.node_rank, inst.start,
+                    inst.stop - 1, layout.host)  # fmt: skip
+        while not stopped.wait(0.5):
+            pass
+        logger.info("stopping: %s", reason[0])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.shutdown()
+        logger.info("shut down")
 
 
 def launch_server(server_args: ServerArgs) -> None:
@@ -153,6 +246,8 @@ def launch_server(server_args: ServerArgs) -> None:
     from nanocp.server.tokenizer_manager import TokenizerManager
     from nanocp.tokenizer.detokenizer import load_tokenizer
 
+    if not server_args.layout.is_head:
+        return serve_instances(server_args)
     engine = EngineProcesses(server_args)
     try:
         infos = engine.start()

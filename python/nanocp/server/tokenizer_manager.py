@@ -24,7 +24,7 @@ from nanocp.scheduler.request import RequestLimits, check_generate
 from nanocp.server.metrics import Metrics
 from nanocp.server_args import ServerArgs
 from nanocp_router.faults import request_fault
-from nanocp_router.ipc import PortArgs, decode_or_drop, push
+from nanocp_router.ipc import PortArgs, bind_address, decode_or_drop, push
 from nanocp_router.messages import (
     TOKENIZER_INBOX,
     Abort,
@@ -134,7 +134,7 @@ class TokenizerManager:
         self.to_router = push(self._sync_ctx, ports.router)
         self._async_ctx = zmq.asyncio.Context()
         self.inbox = self._async_ctx.socket(zmq.PULL)
-        self.inbox.bind(ports.tokenizer)
+        self.inbox.bind(bind_address(ports.tokenizer))
         self.decode = decoder(TOKENIZER_INBOX)
         self._loop_task: asyncio.Task | None = None
 
@@ -304,9 +304,14 @@ class TokenizerManager:
         )
 
     def on_process_death(self, message: str) -> None:
-        """A process of the engine died: fail everything in flight, refuse new work."""
+        """A process of the engine died (or a node was lost): fail everything in flight, refuse
+        new work. Later deaths are added to the reason (the first may be a consequence: an
+        instance whose peer node vanished fails in its collective before the node is declared
+        lost)."""
         if self.dead is None:
             self.dead = message
+        elif message not in self.dead and self.dead.count("; ") < 3:
+            self.dead = f"{self.dead}; {message}"
         for state in list(self.states.values()):
             state.error = EngineError(503, message)
             state.event.set()

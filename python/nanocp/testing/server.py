@@ -115,3 +115,35 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class NodeProcess(ServerProcess):
+    """`launch_server --node-rank R` (R >= 1) of a multi-node server: no HTTP; ready once node 0
+    is (node 0 waits for every node's instances before it serves)."""
+
+    def wait_ready(self, timeout: float | None = None) -> NodeProcess:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"node exited with code {self.proc.returncode}; log: {self.log()}")
+        return self
+
+
+def free_port_range(n: int, start: int = 20000, stop: int = 60000) -> int:
+    """A port P with P .. P + n - 1 free on the loopback interface (multi-node tests)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(start, stop - n)
+        try:
+            socks = []
+            for port in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError(f"no {n} consecutive free ports")
