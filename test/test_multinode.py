@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 from test_dcp import dcp_server_args
+from test_server import _wait_dead as wait_dead
 from test_server import wait_idle
 
 from conftest import BackgroundRequest, greedy_params, random_prompts
@@ -34,14 +35,6 @@ def generate_all(url: str, prompts: list[list[int]], new: int) -> list[list[int]
         return [r.json()["output_ids"] for r in out]
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 @pytest.mark.parametrize("dp", [2, 4], ids=["one-instance-per-node", "two-per-node"])
 def test_two_nodes_serve_like_one(moe_model, hf_oracle, tmp_path, dp):
     """dp 2 / dp 4 over two nodes with dynamic CP: greedy tokens equal HF's (a long prompt is
@@ -61,10 +54,7 @@ def test_two_nodes_serve_like_one(moe_model, hf_oracle, tmp_path, dp):
             pids = [i["pid"] for i in info["instances"]] + list(info["processes"].values())
         # node 0 stopped (SIGINT): node 1 stops its instances and exits by itself
         node1.proc.wait(timeout=20)
-    deadline = time.monotonic() + 10
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in pids if alive(p)], "orphan processes"
+    wait_dead(pids)
 
 
 def test_losing_a_node_fails_fast_and_sigterm_leaves_no_orphans(moe_model, tmp_path):
@@ -88,10 +78,7 @@ def test_losing_a_node_fails_fast_and_sigterm_leaves_no_orphans(moe_model, tmp_p
                          timeout=30)  # fmt: skip
         assert res.status_code >= 500, res.text
         assert head.stop(signal.SIGTERM) is not None
-    deadline = time.monotonic() + 10
-    while any(alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [p for p in pids if alive(p)], "orphan processes"
+    wait_dead(pids)
 
 
 def test_router_only_node_serves_instances_of_other_nodes(moe_model, hf_oracle, tmp_path):

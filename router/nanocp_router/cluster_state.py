@@ -1,7 +1,12 @@
-"""What the router knows of every instance, from the instances' load reports."""
+"""What the router knows of every instance, from the instances' load reports, indexed for the
+planner: the instances by home load and by used KV, and the cluster's total used KV, kept up to
+date on every change of an instance's load fields (so a plan costs O(degree log N), not a scan).
+"""
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 from nanocp_router.messages import Load
@@ -35,17 +40,77 @@ class InstanceLoad:
     def kv_usage(self) -> float:
         return 1.0 - self.free_pages / self.total_pages if self.total_pages else 0.0
 
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        owner = self.__dict__.get("_owner")
+        if owner is not None and name in _INDEXED:
+            owner._reindex(self)
+
+
+_INDEXED = frozenset(
+    ("total_pages", "free_pages", "page_size", "running", "waiting", "committed_tokens")
+    + ("pending_requests", "pending_tokens")
+)
+
+
+def free_tokens(inst: InstanceLoad) -> int:
+    """KV tokens a new plan may still place there."""
+    return inst.free_pages * inst.page_size - inst.pending_tokens - inst.committed_tokens
+
+
+def used_tokens(inst: InstanceLoad) -> int:
+    return (inst.total_pages - inst.free_pages) * inst.page_size + inst.pending_tokens + inst.committed_tokens
+
+
+def home_load(inst: InstanceLoad) -> tuple[int, int, int]:
+    """Which instance should be home first: fewest requests, then least used KV."""
+    return (inst.running + inst.waiting + inst.pending_requests, used_tokens(inst), inst.instance)
+
 
 @dataclass
 class ClusterState:
     instances: list[InstanceLoad] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        self._by_home: list[tuple[int, int, int]] = []  # home_load keys, ascending
+        self._by_used: list[tuple[int, int]] = []  # (used_tokens, instance), ascending
+        self._keys: dict[int, tuple[tuple[int, int, int], tuple[int, int]]] = {}
+        self.total_used = 0
+        for inst in self.instances:
+            object.__setattr__(inst, "_owner", self)
+            self._reindex(inst)
+
     @classmethod
     def create(cls, n: int) -> ClusterState:
         return cls([InstanceLoad(i) for i in range(n)])
 
+    # ------------------------------------------------------------------ index
+    def _reindex(self, inst: InstanceLoad) -> None:
+        old = self._keys.get(inst.instance)
+        if old is not None:
+            home_key, used_key = old
+            del self._by_home[bisect.bisect_left(self._by_home, home_key)]
+            del self._by_used[bisect.bisect_left(self._by_used, used_key)]
+            self.total_used -= used_key[0]
+        home_key = home_load(inst)
+        used_key = (home_key[1], inst.instance)
+        bisect.insort(self._by_home, home_key)
+        bisect.insort(self._by_used, used_key)
+        self._keys[inst.instance] = (home_key, used_key)
+        self.total_used += used_key[0]
+
+    def by_home(self) -> Iterator[InstanceLoad]:
+        """Instances by home_load, the least loaded first."""
+        return (self.instances[key[-1]] for key in self._by_home)
+
+    def by_used(self) -> Iterator[InstanceLoad]:
+        """Instances by (used_tokens, instance), the least used first."""
+        return (self.instances[key[-1]] for key in self._by_used)
+
+    # ---------------------------------------------------------------- updates
     def on_report(self, report: Load) -> None:
         inst = self.instances[report.instance]
+        object.__setattr__(inst, "_owner", None)  # one reindex for the whole report
         for key in ("total_pages", "free_pages", "page_size", "running", "waiting", "kv_tokens"):
             setattr(inst, key, getattr(report, key))
         inst.committed_tokens = report.committed_tokens
@@ -53,6 +118,8 @@ class ClusterState:
         inst.retractions = report.retractions
         inst.step_kinds = report.step_kinds
         inst.pending_requests = inst.pending_tokens = 0
+        object.__setattr__(inst, "_owner", self)
+        self._reindex(inst)
 
     def on_dispatch(self, instance: int, num_tokens: int) -> None:
         inst = self.instances[instance]
@@ -61,3 +128,25 @@ class ClusterState:
 
     def snapshot(self) -> list[dict]:
         return [{**asdict(i), "kv_usage": round(i.kv_usage, 4)} for i in self.instances]
+
+
+class ScannedClusterState(ClusterState):
+    """The same answers by scanning and sorting every instance at every call: the oracle of the
+    index (test_planner) and the planner's former cost (benchmark.planner_latency)."""
+
+    def _reindex(self, inst: InstanceLoad) -> None:
+        pass
+
+    @property
+    def total_used(self) -> int:
+        return sum(used_tokens(i) for i in self.instances)
+
+    @total_used.setter
+    def total_used(self, value: int) -> None:
+        pass
+
+    def by_home(self) -> Iterator[InstanceLoad]:
+        return iter(sorted(self.instances, key=home_load))
+
+    def by_used(self) -> Iterator[InstanceLoad]:
+        return iter(sorted(self.instances, key=lambda i: (used_tokens(i), i.instance)))

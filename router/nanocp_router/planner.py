@@ -22,6 +22,10 @@ the end of its plan, its home asks for the next quota and `plan_growth` places i
 while the home is not above the cluster's water level, otherwise on the least-loaded instance
 (a new segment there; the home's tail is sealed where it is). A request growing to many times
 its prompt thus keeps spreading its KV, and memory is reserved only for outputs that come.
+
+Cost: a plan reads the cluster state's index (instances by home load and by used KV, the total
+used KV) and fills a few candidate groups in closed form: O(degree log N), flat in N
+(benchmark.planner_latency).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from nanocp_router.cluster_state import ClusterState, InstanceLoad
+from nanocp_router.cluster_state import ClusterState, InstanceLoad, free_tokens, used_tokens
 
 
 @dataclass(frozen=True)
@@ -80,18 +84,6 @@ def causal_pairs(q0: int, q1: int, s: int, e: int) -> int:
     return total
 
 
-def free_tokens(inst: InstanceLoad) -> int:
-    return inst.free_pages * inst.page_size - inst.pending_tokens - inst.committed_tokens
-
-
-def used_tokens(inst: InstanceLoad) -> int:
-    return (inst.total_pages - inst.free_pages) * inst.page_size + inst.pending_tokens + inst.committed_tokens
-
-
-def home_load(inst: InstanceLoad) -> tuple[int, int, int]:
-    return (inst.running + inst.waiting + inst.pending_requests, used_tokens(inst), inst.instance)
-
-
 def last_page_tokens(length: int, page: int) -> int:
     """Tokens on the last page of a request of `length` (1..page): what its home holds at least."""
     return (length - 1) % page + 1
@@ -124,10 +116,20 @@ class CPPolicy(ABC):
 
     @staticmethod
     def pick_home(state: ClusterState, tail: int | None = None) -> InstanceLoad | None:
-        """The instance with the fewest requests; with `tail`, among those with room for that
-        many tokens (the positions the home must hold itself), None when none has."""
-        fits = [i for i in state.instances if tail is None or free_tokens(i) >= tail]
-        return min(fits, key=home_load) if fits else None
+        """The instance with the fewest requests (home_load); with `tail`, among those with room
+        for that many tokens (the positions the home must hold itself), None when none has."""
+        return next((i for i in state.by_home() if tail is None or free_tokens(i) >= tail), None)
+
+    @staticmethod
+    def least_used(state: ClusterState, n: int, skip: InstanceLoad) -> list[InstanceLoad]:
+        """The n instances but `skip` with the least used KV (ties: lower instance first)."""
+        out = []
+        for inst in state.by_used():
+            if len(out) == n:
+                break
+            if inst is not skip:
+                out.append(inst)
+        return out
 
     @abstractmethod
     def capacity(self, instance_tokens: list[int], page: int) -> int:
@@ -180,14 +182,13 @@ class UniformCP(CPPolicy):
         page = home.page_size
         # whole pages per instance: a request shorter than cp_size pages spans fewer instances
         k = max(1, min(self.config.cp_size, len(state.instances), length // page))
-        others = sorted((i for i in state.instances if i is not home), key=used_tokens)[: k - 1]
+        others = self.least_used(state, k - 1, home)
         share = length // k // page * page
         amounts = {i.instance: share for i in others}
 
         amounts[home.instance] = length - share * len(others)
         plan = contiguous_plan(home.instance, amounts, length, page)
-        insts = {i.instance: i for i in state.instances}
-        if any(free_tokens(insts[s.instance]) < plan.tokens_on(s.instance) for s in plan.segments):
+        if any(free_tokens(state.instances[s.instance]) < plan.tokens_on(s.instance) for s in plan.segments):
             return None
         return plan
 
@@ -196,7 +197,34 @@ class DynamicCP(CPPolicy):
     """Degree 1 while the request fits at home below the water level; otherwise water-fill its
     KV onto the least-loaded instances (home included, keeping the tail), with the fewest
     instances that bring every holder down to the level. Degree is at most cp_max_degree and,
-    unless memory forces more, at most length // cp_min_shard_tokens."""
+    unless memory forces more, at most length // cp_min_shard_tokens. Cost: O(degree log N) from
+    the cluster state's index, and a closed-form water-fill per candidate degree."""
+
+    @staticmethod
+    def fill(ids: list[int], caps: list[int], loads: list[int], length: int, page: int) -> Fill | None:
+        return fill_lists(ids, caps, loads, length, page)
+
+    @staticmethod
+    def group_level(
+        ids: list[int], caps: list[int], loads: list[int], length: int, page: int
+    ) -> float | None:
+        """The level the group would be filled to (None: it cannot hold `length`)."""
+        level = fill_level(caps, loads, length)
+        return None if level is None else level[0] / level[1]
+
+    def _first_at_level(self, levels, threshold: float, last: int) -> int:
+        """The smallest degree d <= last whose group level is known and <= threshold (last + 1:
+        none). Adding the next least-used instance never raises a group's fill level nor makes
+        it unable to hold the request, so the degrees that qualify are a suffix: bisect."""
+        lo, hi = 1, last + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lv = levels(mid)
+            if lv is not None and lv <= threshold:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
 
     def plan(self, length: int, state: ClusterState) -> Plan | None:
         cfg = self.config
@@ -206,31 +234,52 @@ class DynamicCP(CPPolicy):
         home = self.pick_home(state, last_page_tokens(length, page))
         if home is None:
             return None
-        level = (sum(used_tokens(i) for i in insts) + length) / len(insts)  # mean load after placing
+        level = (state.total_used + length) / len(insts)  # mean load after placing
         fits_home = free_tokens(home) >= length
         if fits_home and (length <= cfg.cp_min_shard_tokens or used_tokens(home) + length <= level + page):
             return Plan(home.instance, [Segment(home.instance, 0, length)])
-        others = sorted((i for i in insts if i is not home), key=lambda i: (used_tokens(i), i.instance))
+        max_degree = min(cfg.cp_max_degree, len(insts))
+        others = self.least_used(state, max_degree - 1, home)
         natural_max = max(1, length // max(1, cfg.cp_min_shard_tokens))
-        best: Plan | None = None
-        for degree in range(1, min(cfg.cp_max_degree, len(insts)) + 1):
-            group = [home, *others[: degree - 1]]
-            filled = self._water_fill(group, length, page)
-            if filled is None:
+        ids, caps, loads = _loads([home, *others])  # degree d: the first d
+        plans: dict[int, Plan | None] = {}
+
+        def plan_of(degree: int) -> Plan | None:  # the fill's rounding may still fail
+            if degree not in plans:
+                filled = self.fill(ids[:degree], caps[:degree], loads[:degree], length, page)
+                plans[degree] = (
+                    None if filled is None else contiguous_plan(home.instance, filled[0], length, page)
+                )
+            return plans[degree]
+
+        def widest_below(degree: int) -> Plan | None:
+            return next((p for d in range(degree - 1, 0, -1) if (p := plan_of(d)) is not None), None)
+
+        levels: dict[int, float | None] = {}
+
+        def level_of(degree: int) -> float | None:
+            if degree not in levels:
+                levels[degree] = self.group_level(ids[:degree], caps[:degree], loads[:degree], length, page)
+            return levels[degree]
+
+        # The smallest degree whose fill level reaches the cluster's. Both levels rise with
+        # length, the group's at least as fast (1/k vs 1/N per token), and more holders lower
+        # the group's level: the chosen degree never drops as length grows. (Comparing holders'
+        # loads instead would count the home's mandatory tail page, which made a longer request
+        # pick a smaller degree when the home sat just above the level.) A plan is rounded to
+        # pages only for the degree chosen.
+        start = self._first_at_level(level_of, level + page, min(natural_max, max_degree))
+        for degree in range(start, max_degree + 1):
+            group_level = level_of(degree)
+            if group_level is None:
                 continue
-            amounts, group_level = filled
-            plan = contiguous_plan(home.instance, amounts, length, page)
-            if degree > natural_max:
-                return best or plan  # only memory pressure justifies going this wide
-            best = plan
-            # The smallest degree whose fill level reaches the cluster's. Both levels rise with
-            # length, the group's at least as fast (1/k vs 1/N per token), and more holders
-            # lower the group's level: the chosen degree never drops as length grows. (Comparing
-            # holders' loads instead would count the home's mandatory tail page, which made a
-            # longer request pick a smaller degree when the home sat just above the level.)
-            if group_level <= level + page:
+            if degree > natural_max:  # only memory pressure justifies going this wide
+                plan = plan_of(degree)
+                if plan is not None:
+                    return widest_below(degree) or plan
+            elif group_level <= level + page and (plan := plan_of(degree)) is not None:
                 return plan
-        return best
+        return widest_below(max_degree + 1)
 
     def capacity(self, instance_tokens: list[int], page: int) -> int:
         # cp_max_degree pools, whole (the water-fill fills them to the last page); the smallest
@@ -250,54 +299,129 @@ class DynamicCP(CPPolicy):
         on the home, on demand."""
         insts = state.instances
         h = insts[home]
-        level = (sum(used_tokens(i) for i in insts) + tokens) / len(insts)
+        level = (state.total_used + tokens) / len(insts)
         if free_tokens(h) >= tokens and used_tokens(h) + tokens <= level + h.page_size:
             return home, tokens
         spanned = holders | {home}
+        candidates = state.by_used()  # the least used with room first; the home among equals
         if len(spanned) >= self.config.cp_max_degree:
             insts = [i for i in insts if i.instance in spanned]
-        fits = [i for i in insts if free_tokens(i) >= tokens]
-        if fits:
-            return min(fits, key=lambda i: (used_tokens(i), i.instance != home, i.instance)).instance, tokens
+            candidates = iter(sorted(insts, key=lambda i: (used_tokens(i), i.instance)))
+        first = next((i for i in candidates if free_tokens(i) >= tokens), None)
+        if first is not None:
+            if first.instance != home and used_tokens(h) == used_tokens(first) and free_tokens(h) >= tokens:
+                return home, tokens
+            return first.instance, tokens
         roomiest = max(insts, key=lambda i: (free_tokens(i), i.instance == home, -i.instance))
         room = free_tokens(roomiest) // h.page_size * h.page_size
         return (roomiest.instance, room) if room > 0 else (home, tokens)
 
+
+Fill = tuple[dict[int, int], float]  # tokens per instance, and the level they were filled to
+
+
+def _loads(group: list[InstanceLoad]) -> tuple[list[int], list[int], list[int]]:
+    """(instances, free tokens, used tokens) of a group, the home first."""
+    return (
+        [i.instance for i in group],
+        [max(0, free_tokens(i)) for i in group],
+        [used_tokens(i) for i in group],
+    )
+
+
+def fill_level(caps: list[int], loads: list[int], length: int) -> tuple[int, int] | None:
+    """The least common level L (exact: num / den) at which the instances, each raised from
+    its load by at most its cap, take `length` tokens: sum_i min(cap_i, max(0, L - load_i)) =
+    length; None when the caps cannot. Walks the breakpoints of that piecewise linear sum: an
+    instance joins at its load and stops at load + cap."""
+    if sum(caps) < length:
+        return None
+    events = sorted(
+        [(x, 1) for x, c in zip(loads, caps) if c > 0] + [(x + c, -1) for x, c in zip(loads, caps) if c > 0]
+    )
+    taken, slope, at = 0, 0, events[0][0]
+    for x, step in events:
+        if slope and taken + slope * (x - at) >= length:
+            break
+        taken += slope * (x - at)
+        at, slope = x, slope + step
+    return (length - taken) + slope * at, slope  # L = at + (length - taken) / slope
+
+
+def fill_lists(ids: list[int], caps: list[int], loads: list[int], length: int, page: int) -> Fill | None:
+    """water_fill over the group's (instances, free tokens, used tokens), the home first."""
+    level = fill_level(caps, loads, length)
+    if level is None:
+        return None
+    num, den = level
+    raw = [min(c, max(0, (num - den * x) // den)) for c, x in zip(caps, loads)]
+    return _round_fill(ids, caps, raw, length, page, num / den)
+
+
+def water_fill(group: list[InstanceLoad], length: int, page: int) -> Fill | None:
+    """Tokens per instance raising the least loaded to a common level within their free tokens,
+    and that level; non-home amounts are whole pages, the home (group[0]) takes the remainder."""
+    return fill_lists(*_loads(group), length, page)
+
+
+def bisect_lists(ids: list[int], caps: list[int], loads: list[int], length: int, page: int) -> Fill | None:
+    """fill_lists with the level bisected in floats: the planner's former formulation, kept as
+    the oracle of the closed form (test_planner) and for its cost (benchmark.planner_latency)."""
+    if sum(caps) < length:
+        return None
+    lo, hi = min(loads), max(loads) + length
+    for _ in range(64):  # bisection on the common level
+        mid = (lo + hi) / 2
+        if sum(min(c, max(0.0, mid - x)) for c, x in zip(caps, loads)) >= length:
+            hi = mid
+        else:
+            lo = mid
+    raw = [min(c, int(max(0.0, hi - x))) for c, x in zip(caps, loads)]
+    return _round_fill(ids, caps, raw, length, page, hi)
+
+
+def water_fill_bisect(group: list[InstanceLoad], length: int, page: int) -> Fill | None:
+    return bisect_lists(*_loads(group), length, page)
+
+
+def _round_fill(
+    ids: list[int], caps: list[int], raw: list[int], length: int, page: int, level: float
+) -> Fill | None:
+    """Whole pages to the non-home instances (their raw share rounded down), the remainder to
+    the home (ids[0]), which keeps the tail (at least the last page's tokens)."""
+    amounts = [r // page * page for r in raw]
+    amounts[0] = length - sum(amounts[1:])
+    # Rounding down left too much on the home: move whole pages to others with room.
+    for k in range(1, len(ids)):
+        while amounts[0] > caps[0] and caps[k] - amounts[k] >= page:
+            amounts[k] += page
+            amounts[0] -= page
+    need_home = last_page_tokens(length, page)
+    while amounts[0] < need_home and len(ids) > 1:
+        donor = max(range(1, len(ids)), key=lambda k: amounts[k])  # the first of the largest
+        if amounts[donor] < page:
+            break
+        amounts[donor] -= page
+        amounts[0] += page
+    if not need_home <= amounts[0] <= caps[0]:
+        return None
+    return dict(zip(ids, amounts)), level
+
+
+class ScanningDynamicCP(DynamicCP):
+    """DynamicCP filling every candidate degree by bisection (over a ScannedClusterState: the
+    former planner's cost)."""
+
     @staticmethod
-    def _water_fill(group: list[InstanceLoad], length: int, page: int) -> tuple[dict[int, int], float] | None:
-        """Tokens per instance raising the least loaded to a common level within their free
-        tokens, and that level; non-home amounts are whole pages, the home (group[0]) takes the
-        remainder."""
-        caps = {i.instance: max(0, free_tokens(i)) for i in group}
-        if sum(caps.values()) < length:
-            return None
-        loads = {i.instance: used_tokens(i) for i in group}
-        lo, hi = min(loads.values()), max(loads.values()) + length
-        for _ in range(64):  # bisection on the common level
-            mid = (lo + hi) / 2
-            if sum(min(caps[i], max(0.0, mid - loads[i])) for i in caps) >= length:
-                hi = mid
-            else:
-                lo = mid
-        home, others = group[0].instance, [i.instance for i in group[1:]]
-        amounts = {i: min(caps[i], int(max(0.0, hi - loads[i]))) // page * page for i in others}
-        amounts[home] = length - sum(amounts.values())
-        # Rounding down left too much on the home: move whole pages to others with room.
-        for i in others:
-            while amounts[home] > caps[home] and caps[i] - amounts[i] >= page:
-                amounts[i] += page
-                amounts[home] -= page
-        # The home keeps the tail: at least the last page's tokens (the others hold whole pages).
-        need_home = last_page_tokens(length, page)
-        while amounts[home] < need_home and others:
-            donor = max(others, key=lambda i: amounts[i])
-            if amounts[donor] < page:
-                break
-            amounts[donor] -= page
-            amounts[home] += page
-        if not need_home <= amounts[home] <= caps[home]:
-            return None
-        return amounts, hi
+    def fill(ids: list[int], caps: list[int], loads: list[int], length: int, page: int) -> Fill | None:
+        return bisect_lists(ids, caps, loads, length, page)
+
+    @staticmethod
+    def group_level(
+        ids: list[int], caps: list[int], loads: list[int], length: int, page: int
+    ) -> float | None:
+        filled = bisect_lists(ids, caps, loads, length, page)
+        return None if filled is None else filled[1]
 
 
 POLICIES: dict[str, type[CPPolicy]] = {"none": NoCP, "uniform": UniformCP, "dynamic": DynamicCP}
@@ -321,8 +445,6 @@ def apply_growth(state: ClusterState, instance: int, tokens: int) -> None:
 
 def apply_plan(state: ClusterState, plan: Plan) -> None:
     """Account a placed request in the cluster state (until the instances' next load reports)."""
-    for inst in state.instances:
-        tokens = plan.tokens_on(inst.instance)
-        if tokens:
-            inst.pending_tokens += tokens
+    for seg in plan.segments:
+        state.instances[seg.instance].pending_tokens += seg.tokens
     state.instances[plan.home].pending_requests += 1
