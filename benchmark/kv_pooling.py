@@ -29,7 +29,7 @@ from benchmark.simulator.cost import H200, MODELS, CostModel
 from benchmark.simulator.sim import Simulator
 from benchmark.workloads import Request
 from nanocp.errors import InvalidRequestError
-from nanocp.scheduler.request import RequestLimits, check_generate
+from nanocp.scheduler.validation import RequestLimits, check_generate
 from nanocp_router.planner import cp_policy_from
 
 POLICIES = ("none", "uniform", "dynamic")

@@ -98,3 +98,14 @@ def test_the_checker_sees_cycles():
     graph = import_graph()  # TYPE_CHECKING and function-level imports are edges too
     assert "nanocp.distributed.dcp" in graph["nanocp.engine.forward_batch"]  # TYPE_CHECKING
     assert "nanocp.server.openai_api" in graph["nanocp.server.http_server"]
+
+
+def test_the_http_process_imports_no_torch():
+    """The HTTP server and tokenizer manager (the front process) validate requests without torch:
+    request checks live in scheduler/validation.py, apart from the torch-using Req."""
+    import subprocess
+    import sys
+
+    code = "import sys, nanocp.server.http_server, nanocp.server.tokenizer_manager; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

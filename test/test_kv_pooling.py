@@ -10,7 +10,7 @@ from test_server import wait_idle
 
 from conftest import greedy_params, random_prompts
 from nanocp.errors import InvalidRequestError
-from nanocp.scheduler.request import RequestLimits, check_generate
+from nanocp.scheduler.validation import RequestLimits, check_generate
 from nanocp.testing.server import ServerProcess
 
 POOL = 2048  # KV tokens per instance

@@ -12,8 +12,9 @@ import torch
 
 from nanocp.errors import InvalidRequestError
 from nanocp.model_executor.model_runner import ModelRunner
-from nanocp.scheduler.request import Req, RequestFactory, check_generate
+from nanocp.scheduler.request import Req, RequestFactory
 from nanocp.scheduler.scheduler import ReqOutput, Scheduler
+from nanocp.scheduler.validation import check_generate
 from nanocp.server_args import ServerArgs
 from nanocp.tokenizer.detokenizer import eos_token_ids, load_tokenizer
 from nanocp.utils import set_log_level

@@ -14,7 +14,8 @@ from nanocp.kvcache.manager import KVManager
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.scheduler.core import SchedulerCore
 from nanocp.scheduler.dcp import Segment, held_spans
-from nanocp.scheduler.request import Req, ReqStatus, RequestLimits
+from nanocp.scheduler.request import Req, ReqStatus
+from nanocp.scheduler.validation import RequestLimits
 from nanocp.utils import get_logger
 from nanocp_router.faults import step_fault
 from nanocp_router.planner import causal_pairs

@@ -23,8 +23,9 @@ from nanocp.errors import InvalidRequestError
 from nanocp.model_executor.model_runner import ModelRunner
 from nanocp.sampling.sampling_params import SamplingParams
 from nanocp.scheduler.dcp import Placement
-from nanocp.scheduler.request import Req, RequestFactory, check_generate
+from nanocp.scheduler.request import Req, RequestFactory
 from nanocp.scheduler.scheduler import ReqOutput, Scheduler
+from nanocp.scheduler.validation import check_generate
 from nanocp.server_args import ServerArgs
 from nanocp.tokenizer.detokenizer import eos_token_ids, load_tokenizer
 from nanocp_router import faults

@@ -20,7 +20,7 @@ import zmq.asyncio
 
 from nanocp.errors import InvalidRequestError
 from nanocp.sampling.sampling_params import SamplingParams, short_repr
-from nanocp.scheduler.request import RequestLimits, check_generate
+from nanocp.scheduler.validation import RequestLimits, check_generate
 from nanocp.server.metrics import Metrics
 from nanocp.server_args import ServerArgs
 from nanocp_router.faults import request_fault
