@@ -100,12 +100,27 @@ def test_the_checker_sees_cycles():
     assert "nanocp.server.openai_api" in graph["nanocp.server.http_server"]
 
 
-def test_the_http_process_imports_no_torch():
-    """The HTTP server and tokenizer manager (the front process) validate requests without torch:
-    request checks live in scheduler/validation.py, apart from the torch-using Req."""
+ROUTER_NODE = """
+import sys
+import nanocp.server.http_server, nanocp.server.tokenizer_manager, nanocp.server.launch
+import nanocp.tokenizer.detokenizer_process, nanocp_router.router, nanocp_router.nodes
+from nanocp.server_args import ServerArgs
+args = ServerArgs.parse(["--dp-size", "2", "--nnodes", "2", "--router-only", "--dist-init-addr", "127.0.0.1:29500",
+                         "--moe-a2a-backend", "deepep", "--deepep-mode", "low_latency", "--device", "cuda"])
+print("torch" in sys.modules)
+"""
+
+
+def test_a_router_node_needs_no_torch():
+    """What node 0 of a --router-only server runs (HTTP server, tokenizer manager, router,
+    detokenizer, the launcher, its flags, even naming GPU-only backends) imports no torch:
+    request checks live in scheduler/validation.py apart from the torch-using Req, backend
+    names in nanocp.registries, and the instances' store is hosted on an instance node.
+    (transformers itself imports torch when it is installed, to load the tokenizer.)"""
     import subprocess
     import sys
 
-    code = "import sys, nanocp.server.http_server, nanocp.server.tokenizer_manager; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", ROUTER_NODE], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "False"

@@ -10,7 +10,8 @@ import torch
 
 from conftest import greedy_params
 from nanocp import Engine
-from nanocp.models.loader import load_hf_config, load_model
+from nanocp.models.config import load_hf_config
+from nanocp.models.loader import load_model
 
 
 def _params(path: str, load_format: str = "auto") -> dict[str, torch.Tensor]:

@@ -82,8 +82,9 @@ def test_losing_a_node_fails_fast_and_sigterm_leaves_no_orphans(moe_model, tmp_p
 
 
 def test_router_only_node_serves_instances_of_other_nodes(moe_model, hf_oracle, tmp_path):
-    """--router-only: node 0 runs HTTP, tokenizer, router and detokenizer; both instances run on
-    node 1 (--worker-only); outputs equal HF's."""
+    """--router-only: node 0 runs HTTP, tokenizer, router and detokenizer (node 1, which has
+    instance 0, hosts the instances' rendezvous store); both instances run on node 1
+    (--worker-only); outputs equal HF's."""
     prompts = random_prompts([200, 9], vocab=500, seed=12)
     expected = [hf_oracle(moe_model).greedy(p, 6) for p in prompts]
     base = free_port_range(12)

@@ -168,8 +168,9 @@ def test_choices_and_capabilities_come_from_the_backends(monkeypatch):
     import argparse
 
     from nanocp.distributed.moe_comm import moe_a2a_backends
-    from nanocp.layers.attention import attention_backends, base
+    from nanocp.layers.attention import attention_backends
     from nanocp.layers.attention.torch_backend import TorchAttnBackend
+    from nanocp.registries import ATTENTION_BACKENDS
 
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)
@@ -183,8 +184,8 @@ def test_choices_and_capabilities_come_from_the_backends(monkeypatch):
     class Whole(TorchAttnBackend):
         supports_context_parallel = False
 
-    monkeypatch.setitem(base._REGISTRY, "sharded_test", Sharded)
-    monkeypatch.setitem(base._REGISTRY, "whole_test", Whole)
+    monkeypatch.setitem(ATTENTION_BACKENDS.entries, "sharded_test", Sharded)
+    monkeypatch.setitem(ATTENTION_BACKENDS.entries, "whole_test", Whole)
     cp = dict(device="cpu", dp_size=2, cp_policy="dynamic")
     assert ServerArgs(attention_backend="sharded_test", **cp).attention_backend == "sharded_test"
     with pytest.raises(

@@ -9,15 +9,12 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from nanocp.registries import ATTENTION_BACKENDS, MOE_A2A_BACKENDS
 from nanocp_router.layout import LayoutError, NodeLayout
 from nanocp_router.planner import POLICIES as CP_POLICIES
 from nanocp_router.policy import POLICIES
-
-if TYPE_CHECKING:
-    from nanocp.distributed.moe_comm import MoEComm
-    from nanocp.layers.attention.base import AttentionBackend
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("cuda", "cpu")
@@ -25,27 +22,6 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 LOAD_BALANCE_METHODS = tuple(POLICIES)
 MOE_RUNNER_BACKENDS = ("auto", "torch", "triton")
 DEEPEP_MODES = ("auto", "low_latency", "normal")
-
-
-# The backend registries are the only lists of their names; they import torch, so only when asked.
-def attention_backends() -> dict[str, type[AttentionBackend]]:
-    from nanocp.layers.attention import attention_backends
-
-    return attention_backends()
-
-
-def attention_backend_names() -> tuple[str, ...]:
-    return tuple(attention_backends())
-
-
-def moe_a2a_backends() -> dict[str, type[MoEComm]]:
-    from nanocp.distributed.moe_comm import moe_a2a_backends
-
-    return moe_a2a_backends()
-
-
-def moe_a2a_backend_names() -> tuple[str, ...]:
-    return tuple(moe_a2a_backends())
 
 
 class ServerArgsError(ValueError):
@@ -126,8 +102,8 @@ class ServerArgs:
         self._check_choice("dtype", DTYPES)
         self._check_choice("device", DEVICES, optional=True)
         self._check_choice("load_format", LOAD_FORMATS)
-        self._check_choice("attention_backend", ("auto", *attention_backend_names()))
-        self._check_choice("moe_a2a_backend", moe_a2a_backend_names())
+        self._check_choice("attention_backend", ("auto", *ATTENTION_BACKENDS.names()))
+        self._check_choice("moe_a2a_backend", MOE_A2A_BACKENDS.names())
         self._check_choice("moe_runner_backend", MOE_RUNNER_BACKENDS)
         self._check_choice("deepep_mode", DEEPEP_MODES)
         self._check_choice("cp_policy", tuple(CP_POLICIES), optional=True)
@@ -178,9 +154,10 @@ class ServerArgs:
     def _resolve(self) -> None:
         """Defaults that depend on other flags, "auto" values, and the GPUs there are."""
         self._num_gpus = 0
+        runs_instances = len(self._layout.local_instances) > 0  # a router-only node: none
         if self.device is None:
-            self.device = _default_device()
-        if self.device == "cuda" and len(self._layout.local_instances) > 0:  # (a router-only node: none)
+            self.device = _default_device() if runs_instances else "cpu"
+        if self.device == "cuda" and runs_instances:
             import torch
 
             if not torch.cuda.is_available():
@@ -194,7 +171,7 @@ class ServerArgs:
             self.moe_runner_backend = "triton" if self.device == "cuda" else "torch"
         if self.cp_policy is None:
             self.cp_policy = "dynamic" if self.dp_size > 1 else "none"
-        if self.attention_backend == "auto":
+        if self.attention_backend == "auto" and runs_instances:
             self.attention_backend = self._auto_attention_backend()
 
     def _auto_attention_backend(self) -> str:
@@ -202,9 +179,8 @@ class ServerArgs:
         kernels are half-precision, without context parallelism), else triton."""
         if self.device != "cuda":
             return "torch"
-        backends = attention_backends()
         for name in ("flashinfer", "triton"):
-            cls = backends[name]
+            cls = ATTENTION_BACKENDS.get(name)
             if self.cp_policy != "none" and not cls.supports_context_parallel:
                 continue
             if cls.dtypes is not None and self.dtype not in ("auto", *cls.dtypes):
@@ -231,27 +207,11 @@ class ServerArgs:
             raise ServerArgsError(
                 f"--ep-size must be 1 (every instance holds all experts) or equal to --dp-size ({dp}); got {ep}"
             )
-        moe = moe_a2a_backends()[self.moe_a2a_backend]
         if self.deepep_fp8_dispatch and (self.moe_a2a_backend != "deepep" or self.deepep_mode == "normal"):
             raise ServerArgsError(
                 "--deepep-fp8-dispatch applies to DeepEP's low-latency dispatch: it needs --moe-a2a-backend deepep "
                 f"with --deepep-mode auto or low_latency (got --moe-a2a-backend {self.moe_a2a_backend}, "
                 f"--deepep-mode {self.deepep_mode})"
-            )
-        try:
-            moe.check_config(ep, self.deepep_mode, installed=runs_instances)
-        except ValueError as e:
-            raise ServerArgsError(str(e)) from None
-        if moe.needs_cuda and self.device != "cuda" and runs_instances:
-            raise ServerArgsError(
-                f"--moe-a2a-backend {self.moe_a2a_backend} needs --device cuda; use all_to_all or allgather"
-            )
-        attn = attention_backends()[self.attention_backend]
-        if self.cp_policy != "none" and not attn.supports_context_parallel:
-            capable = ", ".join(n for n, c in attention_backends().items() if c.supports_context_parallel)
-            raise ServerArgsError(
-                f"--cp-policy {self.cp_policy} needs an attention backend that attends over sharded KV "
-                f"(--attention-backend {capable}; {self.attention_backend} cannot yet); or use --cp-policy none"
             )
         if self.cp_policy != "none" and dp == 1:
             raise ServerArgsError(
@@ -259,6 +219,33 @@ class ServerArgs:
             )
         if self.cp_size > dp and self.cp_policy == "uniform":
             raise ServerArgsError(f"--cp-size ({self.cp_size}) must be <= --dp-size ({dp})")
+        if runs_instances:  # what the backends declare (their classes import torch): where they run
+            self._validate_backends()
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            raise ServerArgsError(
+                f"--max-total-tokens ({self.max_total_tokens}) must be at least --page-size ({self.page_size})"
+            )
+
+    def _validate_backends(self) -> None:
+        dp, ep = self.dp_size, self.ep_size
+        moe = MOE_A2A_BACKENDS.get(self.moe_a2a_backend)
+        try:
+            moe.check_config(ep, self.deepep_mode)
+        except ValueError as e:
+            raise ServerArgsError(str(e)) from None
+        if moe.needs_cuda and self.device != "cuda":
+            raise ServerArgsError(
+                f"--moe-a2a-backend {self.moe_a2a_backend} needs --device cuda; use all_to_all or allgather"
+            )
+        attn = ATTENTION_BACKENDS.get(self.attention_backend)
+        if self.cp_policy != "none" and not attn.supports_context_parallel:
+            capable = ", ".join(
+                n for n, c in ATTENTION_BACKENDS.classes().items() if c.supports_context_parallel
+            )
+            raise ServerArgsError(
+                f"--cp-policy {self.cp_policy} needs an attention backend that attends over sharded KV "
+                f"(--attention-backend {capable}; {self.attention_backend} cannot yet); or use --cp-policy none"
+            )
         local = len(self._layout.local_instances)
         if self.device == "cuda" and local > 1 and self._num_gpus < local:
             # instances share GPUs (testing several instances on few GPUs)
@@ -269,15 +256,11 @@ class ServerArgs:
                     "budget with --max-total-tokens (--mem-fraction-static is per GPU)"
                 )
             if not moe.shares_gpus:
-                sharing = ", ".join(n for n, c in moe_a2a_backends().items() if c.shares_gpus)
+                sharing = ", ".join(n for n, c in MOE_A2A_BACKENDS.classes().items() if c.shares_gpus)
                 raise ServerArgsError(
                     f"--moe-a2a-backend {self.moe_a2a_backend} needs one GPU per instance "
                     f"({where}, {self._num_gpus} GPU(s)); use {sharing}"
                 )
-        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
-            raise ServerArgsError(
-                f"--max-total-tokens ({self.max_total_tokens}) must be at least --page-size ({self.page_size})"
-            )
 
     @property
     def layout(self) -> NodeLayout:
@@ -365,7 +348,7 @@ class ServerArgs:
             "--attention-backend",
             type=str,
             default=ServerArgs.attention_backend,
-            choices=("auto", *attention_backend_names()),
+            choices=("auto", *ATTENTION_BACKENDS.names()),
         )
         a("--disable-cuda-graph", action="store_true")
         a("--cuda-graph-max-bs", type=int, default=ServerArgs.cuda_graph_max_bs)
@@ -402,7 +385,7 @@ class ServerArgs:
             "--moe-a2a-backend",
             type=str,
             default=ServerArgs.moe_a2a_backend,
-            choices=moe_a2a_backend_names(),
+            choices=MOE_A2A_BACKENDS.names(),
             help="MoE token exchange between expert-parallel instances: allgather (reference), all_to_all "
             "(NCCL, or CUDA IPC when instances share GPUs), ipc (CUDA-IPC routing backend, no host sync, "
             "graph-capturable), deepep (DeepEP low-latency kernels).",

@@ -9,7 +9,8 @@ the instances unless --router-only; the other nodes run only instances, numbered
 (--dp-size is the total; every instance node runs dp_size / instance nodes of them). Every
 socket is on node 0, so the other nodes need only HOST:
 
-  PORT        torch.distributed store of the instances (hosted by node 0's launcher)
+  PORT        torch.distributed store of the instances (hosted by node 0's launcher; with
+              --router-only by the launcher of instance 0's node, at PORT on its own address)
   PORT + 1    router inbox (requests from the tokenizer, reports from the instances)
   PORT + 2    detokenizer inbox (token outputs of the instances)
   PORT + 3    tokenizer inbox (outputs and cluster state for the HTTP server)

@@ -3,8 +3,8 @@
     HTTP/tokenizer --Generate, Abort, FlushCache--> router --Generate, Abort, FlushCache, Wake,
     Reserve, Release, Grown--> worker i --Outputs--> detokenizer --Outputs--> HTTP/tokenizer
     worker i --Reserved, Grow, Load--> router --Outputs (never placed), Cluster--> HTTP/tokenizer
-    node r's launcher --NodeReady, NodeAlive, NodeDown--> node 0's --ClusterReady, NodeAlive,
-    Shutdown--> node r's (several nodes: nanocp_router.nodes)
+    node r's launcher --NodeHello, NodeStore, NodeReady, NodeAlive, NodeDown--> node 0's
+    --DistStore, ClusterReady, NodeAlive, Shutdown--> node r's (several nodes: nanocp_router.nodes)
 
 Each receiver decodes its inbox with `decoder(...)` over the kinds it accepts: a message of
 another kind or with a field of the wrong type is refused there (logged, dropped), not
@@ -152,6 +152,25 @@ class NodeReady(Message, tag="node_ready"):
     instances: list[dict[str, Any]]
 
 
+class NodeHello(Message, tag="node_hello"):
+    """Node r is up (--router-only: it waits for DistStore before starting its instances)."""
+
+    node: int
+
+
+class NodeStore(Message, tag="node_store"):
+    """--router-only: the node of instance 0 hosts the instances' torch.distributed store here."""
+
+    node: int
+    address: str  # HOST:PORT
+
+
+class DistStore(Message, tag="dist_store"):
+    """Node 0 to every node (--router-only): where the instances' store is."""
+
+    address: str
+
+
 class ClusterReady(Message, tag="cluster_ready"):
     """Node 0, once every instance is ready: every instance's KV capacity (Worker.join_cluster)."""
 
@@ -182,8 +201,8 @@ ROUTER_INBOX = (Generate, Abort, FlushCache, Reserved, Grow, Load)
 WORKER_INBOX = (Generate, Abort, FlushCache, Wake, Reserve, Release, Grown)
 DETOKENIZER_INBOX = (Outputs,)
 TOKENIZER_INBOX = (Outputs, Cluster)
-HEAD_CONTROL_INBOX = (NodeReady, NodeAlive, NodeDown)
-NODE_CONTROL_INBOX = (ClusterReady, NodeAlive, Shutdown)
+HEAD_CONTROL_INBOX = (NodeHello, NodeStore, NodeReady, NodeAlive, NodeDown)
+NODE_CONTROL_INBOX = (DistStore, ClusterReady, NodeAlive, Shutdown)
 
 
 def _enc_hook(obj: Any) -> Any:

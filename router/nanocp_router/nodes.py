@@ -2,7 +2,10 @@
 
 Node 0's launcher binds a ROUTER socket on the control port; every other node's launcher
 connects a DEALER named after its rank. A node joins with NodeReady once its instances have
-loaded; node 0 answers every node with ClusterReady once all instances are ready. Then both
+loaded; node 0 answers every node with ClusterReady once all instances are ready. With
+--router-only node 0 has no torch, so the node of instance 0 hosts the instances' rendezvous
+store and says where (NodeStore); node 0 passes it on (DistStore) to every node that said
+NodeHello, which start their instances only then. Then both
 sides send NodeAlive every HEARTBEAT_S: node 0 reports a node that was silent for NODE_TIMEOUT_S
 or sent NodeDown (one of its processes died) as down (the server turns unhealthy); a node stops
 its processes when node 0 sends Shutdown or falls silent for NODE_TIMEOUT_S.
@@ -25,9 +28,12 @@ from nanocp_router.messages import (
     HEAD_CONTROL_INBOX,
     NODE_CONTROL_INBOX,
     ClusterReady,
+    DistStore,
     NodeAlive,
     NodeDown,
+    NodeHello,
     NodeReady,
+    NodeStore,
     Shutdown,
     decoder,
     encode,
@@ -72,10 +78,21 @@ class HeadControl:
         """Every other node's instances' info, by node. check() runs between polls (it raises
         when a local process died); a NodeDown or the deadline raises RuntimeError."""
         ready: dict[int, list[dict]] = {}
+        hello: set[int] = set()
+        store: str | None = None
         while len(ready) < len(self.nodes):
             check()
             msg = self._recv(200)
-            if isinstance(msg, NodeReady):
+            if isinstance(msg, NodeHello):
+                hello.add(msg.node)
+                if store is not None:
+                    self._send(msg.node, DistStore(store))
+            elif isinstance(msg, NodeStore):
+                store = msg.address
+                logger.info("node %d hosts the instances' store at %s", msg.node, store)
+                for node in hello:
+                    self._send(node, DistStore(store))
+            elif isinstance(msg, NodeReady):
                 ready[msg.node] = msg.instances
                 logger.info("node %d joined with %d instance(s)", msg.node, len(msg.instances))
             elif isinstance(msg, NodeDown):
@@ -156,6 +173,23 @@ class NodeControl:
 
     def ready(self, instances: list[dict]) -> None:
         self.sock.send(encode(NodeReady(self.node, instances)))
+
+    def host_store(self, address: str) -> None:
+        self.sock.send(encode(NodeStore(self.node, address)))
+
+    def wait_store(self, deadline: float) -> str:
+        """Where the instances' store is (--router-only), from node 0."""
+        self.sock.send(encode(NodeHello(self.node)))
+        while True:
+            msg = self._recv(200)
+            if isinstance(msg, DistStore):
+                return msg.address
+            if isinstance(msg, Shutdown):
+                raise RuntimeError(f"node 0 stopped the server while starting: {msg.reason}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    "node 0 did not say where the instances' store is within the startup timeout"
+                )
 
     def wait_cluster(self, deadline: float, check: Callable[[], None]) -> list[int]:
         """Every instance's KV capacity, once node 0 has all instances ready."""

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from nanocp.distributed.parallel_state import ParallelState
 from nanocp.engine.step_trace import trace_section
+from nanocp.registries import MOE_A2A_BACKENDS
 
 
 class LocalExperts(Protocol):
@@ -50,9 +51,8 @@ class MoEComm(ABC):
     shares_gpus = False  # runs with several instances on one GPU (NCCL refuses two ranks per GPU)
 
     @classmethod
-    def check_config(cls, ep_size: int, deepep_mode: str, installed: bool = True) -> None:
-        """Raise ValueError naming the flag if the backend cannot run this configuration
-        (installed: also check what it needs installed on this node)."""
+    def check_config(cls, ep_size: int, deepep_mode: str) -> None:
+        """Raise ValueError naming the flag if the backend cannot run this configuration here."""
         return None  # most run any
 
     def __init__(self, state: ParallelState, **_: object) -> None:
@@ -73,39 +73,37 @@ class MoEComm(ABC):
     ) -> torch.Tensor: ...
 
 
-_REGISTRY: dict[str, type[MoEComm]] = {}
-
-
 def register(name: str):
+    """Class decorator adding an exchange to the registry (nanocp.registries) under `name`."""
+
     def deco(cls):
         cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return MOE_A2A_BACKENDS.register(name, cls)
 
     return deco
 
 
 def moe_a2a_backends() -> dict[str, type[MoEComm]]:
-    """Every registered exchange by name (the --moe-a2a-backend choices)."""
-    return dict(_REGISTRY)
+    """Every registered exchange's class by name (the --moe-a2a-backend choices)."""
+    return MOE_A2A_BACKENDS.classes()
 
 
 def create_moe_comm(name: str, state: ParallelState, force: bool = False, **kwargs) -> MoEComm | None:
     """None when there is no expert parallelism (every expert is local); DeepEP is used even on
     one rank when asked for (it then dispatches to itself, which is how it is tested on one GPU),
     and so is any backend with force (benchmarks: its cost on one rank)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"--moe-a2a-backend must be one of {', '.join(sorted(_REGISTRY))}; got {name!r}")
+    cls = MOE_A2A_BACKENDS.get(name)
     if state.ep_size == 1 and name != "deepep" and not force:
         return None
-    return _REGISTRY[name](state, **kwargs)
+    return cls(state, **kwargs)
 
 
-@register("allgather")
 class AllGatherMoE(MoEComm):
     """Reference: gather every rank's tokens, apply the local experts to all of them, sum the
     partial results over ranks, keep this rank's rows. Simple and obviously right; moves N x
     the data of all_to_all."""
+
+    name = "allgather"
 
     def __init__(self, state: ParallelState, **kwargs: object) -> None:
         super().__init__(state)
@@ -137,10 +135,11 @@ class AllGatherMoE(MoEComm):
         return partial[start : start + x.shape[0]]
 
 
-@register("all_to_all")
 class AllToAllMoE(MoEComm):
     """Send each (token, expert) pair to the expert's rank, run it there, send the result back,
     and combine on the home rank in increasing expert order (the order HF transformers sums in)."""
+
+    name = "all_to_all"
 
     shares_gpus = True  # ranks on one GPU exchange through CUDA IPC (ParallelState.a2a)
 
@@ -220,7 +219,6 @@ class FixedCapacityMoE(MoEComm):
     def _run(self, x, topk_weights, topk_ids, experts) -> torch.Tensor: ...
 
 
-@register("ipc")
 class IpcMoE(FixedCapacityMoE):
     """The routing backend for MoE: each (token, expert) pair is written straight into its expert
     rank's receive block (CUDA IPC, NVLink between GPUs) by IpcAllToAll.exchange, with the local
@@ -231,6 +229,8 @@ class IpcMoE(FixedCapacityMoE):
     the variable-size all_to_all of `ParallelState.a2a` instead, in as few calls as its buffers
     allow. Cut into max_tokens-token blocks, each block would read every local expert's weights
     again: a 4k-token chunk on Qwen3-30B-A3B took 1.7 s of expert time instead of ~50 ms."""
+
+    name = "ipc"
 
     needs_cuda = True
     shares_gpus = True
@@ -306,7 +306,6 @@ class IpcMoE(FixedCapacityMoE):
         )
 
 
-@register("deepep")
 class DeepEPMoE(FixedCapacityMoE):
     """DeepEP on one Buffer (NVSHMEM + NVLink).
 
@@ -323,13 +322,15 @@ class DeepEPMoE(FixedCapacityMoE):
     the step's global token counts. After a normal step the low-latency buffer is cleaned before
     its next use (eager call or graph replay: `prepare_replay`), as DeepEP requires."""
 
+    name = "deepep"
+
     SUPPORTED_HIDDEN = (2048, 2560, 3072, 4096, 5120, 6144, 7168, 8192)
     MAX_TOP_K = 11  # the low-latency kernels' limit
     NORMAL_RANKS = (2, 4, 8)
     needs_cuda = True
 
     @classmethod
-    def check_config(cls, ep_size: int, deepep_mode: str, installed: bool = True) -> None:
+    def check_config(cls, ep_size: int, deepep_mode: str) -> None:
         """DeepEP's one availability check (ServerArgs, and this backend when it starts): the normal
         kernels' rank counts (auto runs them on more than one rank), and DeepEP installed."""
         if (
@@ -339,7 +340,7 @@ class DeepEPMoE(FixedCapacityMoE):
             raise ValueError(
                 f"--deepep-mode {deepep_mode}: DeepEP's normal kernels need {ranks} EP ranks on one node, got --ep-size {ep_size}; use --deepep-mode low_latency"
             )
-        if installed and importlib.util.find_spec("deep_ep") is None:
+        if importlib.util.find_spec("deep_ep") is None:
             raise ValueError(
                 "--moe-a2a-backend deepep needs DeepEP: install it with `pip install nanocp[deepep]` or build it "
                 "from source (https://github.com/deepseek-ai/DeepEP); or use --moe-a2a-backend all_to_all"

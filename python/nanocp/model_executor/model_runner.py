@@ -22,7 +22,8 @@ from nanocp.layers.moe import FusedMoE
 from nanocp.layers.rotary import RotaryEmbedding
 from nanocp.layers.sampler import Sampler
 from nanocp.model_executor.cuda_graph_runner import CudaGraphRunner
-from nanocp.models.loader import load_hf_config, load_model
+from nanocp.models.config import load_hf_config
+from nanocp.models.loader import load_model
 from nanocp.models.qwen3 import head_dim_of
 from nanocp.server_args import ServerArgs
 from nanocp.utils import get_logger, resolve_dtype

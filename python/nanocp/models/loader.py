@@ -18,14 +18,6 @@ from nanocp.utils import get_logger
 logger = get_logger(__name__)
 
 
-def load_hf_config(model_path: str, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoConfig
-
-    if not os.path.isfile(os.path.join(model_path, "config.json")):
-        raise FileNotFoundError(f"--model-path {model_path!r} has no config.json")
-    return AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-
-
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype):
     prev = torch.get_default_dtype()

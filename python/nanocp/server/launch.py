@@ -25,7 +25,7 @@ logger = logging.getLogger("nanocp.launch")
 
 def check_layout(server_args: ServerArgs) -> None:
     """Fail before starting any process when the model cannot be split as asked."""
-    from nanocp.models.loader import load_hf_config
+    from nanocp.models.config import load_hf_config
 
     cfg = load_hf_config(server_args.model_path, server_args.trust_remote_code)
     experts = getattr(cfg, "num_experts", 0) or 0
@@ -42,7 +42,6 @@ class EngineProcesses:
     torch.distributed store and the nodes' control socket (nanocp_router.nodes)."""
 
     def __init__(self, server_args: ServerArgs) -> None:
-        from nanocp.scheduler.worker import run_worker_process
         from nanocp.tokenizer.detokenizer_process import run_detokenizer_process
         from nanocp_router.router import run_router_process
 
@@ -51,7 +50,7 @@ class EngineProcesses:
         self.layout = layout = server_args.layout
         self.ports = PortArgs.for_layout(layout)
         ctx = mp.get_context("spawn")
-        ports = self.ports.to_dict()
+        self._ports = ports = self.ports.to_dict()  # the processes' copy (start() may set dist_init)
         self.procs: dict[str, mp.Process] = {}
         self.head: HeadControl | None = None
         self.node: NodeControl | None = None
@@ -78,6 +77,8 @@ class EngineProcesses:
                 daemon=True,
             )
         self.ready_conns = {}
+        if len(layout.local_instances):  # (a router-only node never imports the model code)
+            from nanocp.scheduler.worker import run_worker_process
         for i in layout.local_instances:
             reader, writer = ctx.Pipe()  # ready -> launcher; the cluster's instances -> worker
             self.procs[f"instance {i}"] = ctx.Process(
@@ -93,21 +94,27 @@ class EngineProcesses:
         """Start this node's processes; wait until every instance of the server has loaded.
         Returns every instance's info (node 0; another node: its own instances')."""
         layout = self.layout
+        timeout = envs.startup_timeout_s()
+        deadline = time.monotonic() + timeout
         if layout.multinode and layout.is_head:
-            import torch.distributed as dist
-
             from nanocp_router.nodes import HeadControl
 
-            self._store = dist.TCPStore("0.0.0.0", layout.port("dist"), None, True, wait_for_workers=False)
+            if not layout.router_only:  # else the node of instance 0 hosts it (no torch here)
+                self._store = _host_store(layout.port("dist"))
             self.head = HeadControl(self.ports.control, layout.nnodes)
         elif layout.multinode:
             from nanocp_router.nodes import NodeControl
 
             self.node = NodeControl(self.ports.control, layout.node_rank)
+            if layout.router_only and 0 in layout.local_instances:
+                self._store = _host_store(layout.base_port)
+                address = f"{_address_towards(layout.host, layout.port('control'))}:{layout.base_port}"
+                self.node.host_store(address)
+                self._ports["dist_init"] = f"tcp://{address}"
+            elif layout.router_only:
+                self._ports["dist_init"] = f"tcp://{self.node.wait_store(deadline)}"
         for p in self.procs.values():
             p.start()
-        timeout = envs.startup_timeout_s()
-        deadline = time.monotonic() + timeout
         infos = self._wait_local(deadline, timeout)
         if self.head is not None:
             for node_infos in self.head.wait_ready(deadline, self._check_alive).values():
@@ -200,6 +207,23 @@ class EngineProcesses:
                 control.close()
         if self.ports.ipc_dir is not None:
             shutil.rmtree(self.ports.ipc_dir, ignore_errors=True)
+
+
+def _host_store(port: int):
+    """The instances' torch.distributed store, hosted by this launcher (several nodes)."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("0.0.0.0", port, None, True, wait_for_workers=False)
+
+
+def _address_towards(host: str, port: int) -> str:
+    """This machine's address on the route to host (what the other nodes can reach it by)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((host, port))  # no packet is sent: this only picks the route
+        return s.getsockname()[0]
 
 
 def serve_instances(server_args: ServerArgs) -> None:

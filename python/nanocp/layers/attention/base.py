@@ -86,12 +86,8 @@ def ragged_index(
     return ends, rows, within
 
 
-_REGISTRY: dict[str, type[AttentionBackend]] = {}
-
-
 def register_attention_backend(name: str) -> Callable:
-    def deco(cls: type[AttentionBackend]) -> type[AttentionBackend]:
-        _REGISTRY[name] = cls
-        return cls
+    """Class decorator adding a backend to the registry (nanocp.registries) under `name`."""
+    from nanocp.registries import ATTENTION_BACKENDS
 
-    return deco
+    return ATTENTION_BACKENDS.register(name)

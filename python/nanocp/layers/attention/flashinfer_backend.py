@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nanocp import envs
-from nanocp.layers.attention.base import AttentionBackend, ragged_index, register_attention_backend
+from nanocp.layers.attention.base import AttentionBackend, ragged_index
 
 if TYPE_CHECKING:
     from nanocp.engine.forward_batch import ForwardBatch
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 WORKSPACE_BYTES = 256 * 1024 * 1024
 
 
-@register_attention_backend("flashinfer")
 class FlashInferAttnBackend(AttentionBackend):
     supports_cuda_graph = True  # context-parallel steps (held ranges) it cannot run: torch / triton do
     dtypes = ("bfloat16", "float16")

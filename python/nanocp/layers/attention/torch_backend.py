@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanocp.layers.attention.base import AttentionBackend, register_attention_backend
+from nanocp.layers.attention.base import AttentionBackend
 from nanocp_kernels.reference import paged_attention_ref
 
 if TYPE_CHECKING:
@@ -14,7 +14,6 @@ if TYPE_CHECKING:
     from nanocp.layers.attention.base import AttentionLayer
 
 
-@register_attention_backend("torch")
 class TorchAttnBackend(AttentionBackend):
     supports_context_parallel = True
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanocp.layers.attention.base import ragged_index, register_attention_backend
+from nanocp.layers.attention.base import ragged_index
 from nanocp.layers.attention.torch_backend import TorchAttnBackend
 from nanocp_kernels import triton_runs_on
 from nanocp_kernels.attention import paged_attention, paged_prefill_attention
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from nanocp.layers.attention.base import AttentionLayer
 
 
-@register_attention_backend("triton")
 class TritonAttnBackend(TorchAttnBackend):
     supports_cuda_graph = True
     supports_cp_cuda_graph = True  # replays decode batches of context-parallel requests too
