@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Graph decode and context-parallel decode on the GPU machine, from the project root (~5-6 min
 # on one H100):
-#   source .gpu/env.sh && bash benchmark/gpu/dcp_check.sh
+#   source .gpu/env.sh && bash benchmark/gpu/dcp_check.sh   (bundle: EXTRA as verify.sh says: openai needs httpx2)
 # GPU tests of the graph-captured decode / DCP / IPC paths against their oracles (servers and
 # graph decode vs HF fp32, GraphDCP vs unsharded attention, BalancedDecode vs the torch reference,
 # IPC MoE vs the single-rank reference), then one layer's attention: DCP's foreign attention
