@@ -180,28 +180,24 @@ class NodeControl:
     def wait_store(self, deadline: float) -> str:
         """Where the instances' store is (--router-only), from node 0."""
         self.sock.send(encode(NodeHello(self.node)))
-        while True:
-            msg = self._recv(200)
-            if isinstance(msg, DistStore):
-                return msg.address
-            if isinstance(msg, Shutdown):
-                raise RuntimeError(f"node 0 stopped the server while starting: {msg.reason}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    "node 0 did not say where the instances' store is within the startup timeout"
-                )
+        return self._wait(DistStore, deadline, lambda: None, "say where the instances' store is").address
 
     def wait_cluster(self, deadline: float, check: Callable[[], None]) -> list[int]:
         """Every instance's KV capacity, once node 0 has all instances ready."""
+        return self._wait(ClusterReady, deadline, check, "start the cluster").instance_tokens
+
+    def _wait(self, kind: type, deadline: float, check: Callable[[], None], what: str) -> Any:
+        """The next `kind` message from node 0; check() between polls; Shutdown or the deadline
+        raise RuntimeError."""
         while True:
             check()
             msg = self._recv(200)
-            if isinstance(msg, ClusterReady):
-                return msg.instance_tokens
+            if isinstance(msg, kind):
+                return msg
             if isinstance(msg, Shutdown):
                 raise RuntimeError(f"node 0 stopped the server while starting: {msg.reason}")
             if time.monotonic() > deadline:
-                raise RuntimeError("node 0 did not start the cluster within the startup timeout")
+                raise RuntimeError(f"node 0 did not {what} within the startup timeout")
 
     def report_down(self, message: str) -> None:
         """Before this node stops because one of its processes died (watcher stopped first)."""
