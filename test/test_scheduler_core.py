@@ -77,3 +77,62 @@ def test_the_simulator_follows_the_schedule_flags(conservativeness):
     res = Simulator(cost, policy, schedule_conservativeness=conservativeness, **kw).run(trace)
     assert sorted(m["rid"] for m in res.metrics) == list(range(len(TRACE)))
     assert (res.retractions == 0) == (conservativeness > 1)
+
+
+def test_slo_order_serves_by_least_slack_and_puts_late_requests_last():
+    """--schedule-policy slo on a known case (10 ms per pending token, TTFT SLO 1 s, one running
+    request at a time): at t = 0.5 A (200 tokens, arrived at 0) can no longer make its TTFT, B
+    (30 tokens, at 0.1) has 0.3 s to spare and C (50 tokens, at 0.2) 0.2 s: slo admits C, then B,
+    and A last; fcfs admits A first."""
+    from benchmark.simulator.instance import SimInstance, SimRequest
+
+    def admitted(policy: str) -> list[int]:
+        inst = SimInstance(0, total_pages=1000, page_size=16, chunk=512, max_running=1, policy=policy,
+                           ttft_slo_s=1.0)  # fmt: skip
+        inst.prefill_s_per_token = 0.01
+        reqs = [
+            SimRequest(Request(t, n, 1), rid=i) for i, (t, n) in enumerate([(0.0, 200), (0.1, 30), (0.2, 50)])
+        ]
+        for r in reqs:
+            inst.enqueue(r)
+        assert inst.slack(reqs[0]) < 0 and 0 < inst.slack(reqs[2]) + 0.5 < inst.slack(reqs[1]) + 0.5
+        order = []
+        for step in range(3):
+            work = inst.step_work(0.5 + step * 0.001)
+            order.append(work[0][0].rid)
+            inst.finish(work[0][0])
+        return order
+
+    assert admitted("slo") == [2, 1, 0]
+    assert admitted("fcfs") == [0, 1, 2]
+
+
+def test_slo_order_keeps_short_requests_within_their_ttft_behind_long_prompts():
+    """One instance, a burst of 4 long prompts (each longer to prefill than the TTFT SLO) queued
+    before 16 short requests: in arrival order every short one waits behind the long prefills
+    and misses its TTFT; ordered by slack (the long ones cannot make it anyway) every short one
+    makes it."""
+    cost = CostModel(QWEN3_235B, H200, 1)
+    chunk = 8192
+    per_token = (cost.prefill(chunk) + cost.dense(chunk, chunk)) / chunk
+    long_len = int(3.0 / per_token)  # 3 s of prefill each, against a 2 s TTFT (one full step: ~1.2 s)
+    trace = [Request(0.0, long_len, 4) for _ in range(4)] + [Request(0.0, 200, 4) for _ in range(16)]
+    ttft = {}
+    for policy in ("fcfs", "slo"):
+        sim = Simulator(cost, create_cp_policy("none"), page_size=16, chunk=chunk, capacity_tokens=1 << 20,
+                        schedule_policy=policy, slo_ttft_s=2.0, slo_tpot_s=1.0)  # fmt: skip
+        ttft[policy] = [m["ttft"] for m in sim.run(trace).metrics[4:]]
+    assert all(t > 2.0 for t in ttft["fcfs"]), ttft["fcfs"]
+    assert all(t <= 2.0 for t in ttft["slo"]), ttft["slo"]
+
+
+def test_engine_with_the_slo_order_matches_hf(moe_model, hf_oracle):
+    """The slo order changes when requests run, never what they generate (the engine measures
+    prefill_s_per_token from its steps for the slack)."""
+    prompts = random_prompts([300, 12, 80, 5], vocab=500, seed=21)
+    expected = [hf_oracle(moe_model).greedy(p, 6) for p in prompts]
+    with Engine(model_path=moe_model, chunked_prefill_size=64, max_total_tokens=2048, schedule_policy="slo",
+                slo_ttft_ms=50, slo_tpot_ms=10) as engine:  # fmt: skip
+        outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 6, "temperature": 0.0})
+        assert engine.scheduler.prefill_s_per_token > 0
+    assert [o["output_ids"] for o in outs] == expected

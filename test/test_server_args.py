@@ -50,6 +50,9 @@ def test_defaults_and_cli_roundtrip(moe_model):
         ({"moe_a2a_backend": "ipc", "device": "cpu"}, "--moe-a2a-backend ipc"),
         ({"attention_backend": "flashinfer", "dp_size": 2, "cp_policy": "dynamic"}, "--attention-backend"),
         ({"moe_a2a_backend": "deepep", "device": "cpu"}, "--moe-a2a-backend deepep"),
+        ({"schedule_policy": "lpm"}, "--schedule-policy"),
+        ({"slo_ttft_ms": 0}, "--slo-ttft-ms"),
+        ({"slo_tpot_ms": "fast"}, "--slo-tpot-ms"),
     ],
 )
 def test_bad_values_name_the_flag(kwargs, flag):

@@ -40,6 +40,14 @@ class SimRequest:
         return self.rid
 
     @property
+    def arrival_s(self) -> float:
+        return self.req.arrival_s
+
+    @property
+    def num_outputs(self) -> int:
+        return self.generated
+
+    @property
     def num_pending(self) -> int:
         """Tokens still to run before the next sample (the prompt, or the last sampled token)."""
         return self.req.input_len + self.generated - self.kv_len
@@ -113,9 +121,14 @@ class SimInstance(SchedulerCore):
         chunk: int,
         max_running: int,
         conservativeness: float = 1.0,
+        policy: str = "fcfs",
+        ttft_slo_s: float = float("inf"),
+        tpot_slo_s: float = float("inf"),
     ) -> None:
         pages = SimPages(total_pages, page_size)
-        super().__init__(pages, pages, chunk, max_running, conservativeness, index)
+        super().__init__(
+            pages, pages, chunk, max_running, conservativeness, index, policy, ttft_slo_s, tpot_slo_s
+        )
         self.index, self.total_pages, self.page_size = index, total_pages, page_size
         self.now = 0.0
         self.last_report_s = float("-inf")

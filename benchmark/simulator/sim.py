@@ -65,6 +65,9 @@ class Simulator:
         disaggregated: bool = False,
         load_balance_method: str = "round_robin",
         schedule_conservativeness: float = 1.0,
+        schedule_policy: str = "fcfs",
+        slo_ttft_s: float = float("inf"),
+        slo_tpot_s: float = float("inf"),
     ) -> None:
         """disaggregated: prompts are prefilled elsewhere (PD disaggregation) and arrive with their
         KV; only decode runs here, so TPOT reflects decode balance alone (the case DCP targets).
@@ -80,6 +83,7 @@ class Simulator:
         self.disaggregated = disaggregated
         self.load_balance_method = load_balance_method
         self.conservativeness = schedule_conservativeness
+        self.schedule = (schedule_policy, slo_ttft_s, slo_tpot_s)
         # per step (start time, [(rid, home, tokens)]), kept when set to a list: joins with the
         # real server's step traces (their "work" field) request by request
         self.step_log: list[tuple[float, list[tuple[int, int, int]]]] | None = None
@@ -87,10 +91,19 @@ class Simulator:
     def run(self, workload: list[Request], max_steps: int = 10_000_000) -> SimResult:
         self.insts = [
             SimInstance(
-                i, self.capacity // self.page, self.page, self.chunk, self.max_running, self.conservativeness
-            )
+                i,
+                self.capacity // self.page,
+                self.page,
+                self.chunk,
+                self.max_running,
+                self.conservativeness,
+                *self.schedule,
+            )  # fmt: skip
             for i in range(self.n)
         ]
+        per_token = (self.cost.prefill(self.chunk) + self.cost.dense(self.chunk, self.chunk)) / self.chunk
+        for inst in self.insts:  # what a pending token costs, for the slo order's slack
+            inst.prefill_s_per_token = per_token
         self.state = ClusterState.create(self.n)
         self.queue: list[SimRequest] = []  # router queue (context-parallel policies)
         # placed, sharded requests whose holders reserve between this step and the next: their

@@ -22,6 +22,7 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 LOAD_BALANCE_METHODS = tuple(POLICIES)
 MOE_RUNNER_BACKENDS = ("auto", "torch", "triton")
 DEEPEP_MODES = ("auto", "low_latency", "normal")
+SCHEDULE_POLICIES = ("fcfs", "slo")  # scheduler/core.py
 
 
 class ServerArgsError(ValueError):
@@ -53,6 +54,11 @@ class ServerArgs:
     # scales the KV reserved for running requests' future outputs at admission (SGLang's flag):
     # < 1 admits more (and retracts more often), > 1 admits fewer
     schedule_conservativeness: float = 1.0
+    # admission order (SGLang's flag): fcfs, or slo (least remaining slack against the SLOs below;
+    # scheduler/core.py)
+    schedule_policy: str = "fcfs"
+    slo_ttft_ms: float = 5000.0
+    slo_tpot_ms: float = 100.0
     random_seed: int = 0
     # Kernels
     attention_backend: str = "auto"  # cuda: flashinfer (installed, no CP) or triton; cpu: torch
@@ -108,6 +114,11 @@ class ServerArgs:
         self._check_choice("deepep_mode", DEEPEP_MODES)
         self._check_choice("cp_policy", tuple(CP_POLICIES), optional=True)
         self._check_choice("load_balance_method", LOAD_BALANCE_METHODS)
+        self._check_choice("schedule_policy", SCHEDULE_POLICIES)
+        for name in ("slo_ttft_ms", "slo_tpot_ms"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ServerArgsError(f"{_flag(name)} must be a number > 0, got {value!r}")
         for name in ("page_size", "chunked_prefill_size", "max_running_requests", "cuda_graph_max_bs"):
             self._check_int(name, minimum=1)
         for name in ("max_queued_requests", "max_total_tokens", "context_length"):
@@ -342,6 +353,26 @@ class ServerArgs:
             default=ServerArgs.schedule_conservativeness,
             help="Scales the KV reserved for running requests' future outputs when admitting (lower: more "
             "requests admitted, more retractions).",
+        )
+        a(
+            "--schedule-policy",
+            type=str,
+            default=ServerArgs.schedule_policy,
+            choices=SCHEDULE_POLICIES,
+            help="Admission order of waiting requests: fcfs, or slo (least remaining slack against "
+            "--slo-ttft-ms / --slo-tpot-ms; requests that can no longer meet them go last).",
+        )
+        a(
+            "--slo-ttft-ms",
+            type=float,
+            default=ServerArgs.slo_ttft_ms,
+            help="TTFT target of --schedule-policy slo.",
+        )
+        a(
+            "--slo-tpot-ms",
+            type=float,
+            default=ServerArgs.slo_tpot_ms,
+            help="TPOT target of --schedule-policy slo.",
         )
         a("--random-seed", type=int, default=ServerArgs.random_seed)
         a(

@@ -8,6 +8,13 @@ tokens per step). Waiting requests are admitted first-come first-served while th
 allows (admission.NewTokenRatio); when running requests outgrow the pool, running requests are
 retracted (their KV freed, prompt + outputs recomputed later), so no request fails for lack of
 memory: the one freeing the most KV per recomputed token first (admission.retraction_victim).
+
+Admission order (--schedule-policy): `fcfs`, or `slo`: least remaining slack first (Medha-style),
+slack = the request's next deadline (arrival + TTFT SLO before its first token; first token +
+TPOT SLO per token since, for a retracted one) - now - the time its pending tokens take
+(prefill_s_per_token, measured by the owner). Requests that can no longer meet their deadline
+(negative slack) go after every one that still can, oldest first: an overloaded instance keeps
+serving the requests it can still serve in time instead of all of them late.
 """
 
 from __future__ import annotations
@@ -41,6 +48,11 @@ class CoreReq(Protocol):
     def total_len(self) -> int: ...  # prompt + max_new_tokens
     @property
     def remaining_output(self) -> int: ...  # output tokens it may still sample
+    @property
+    def num_outputs(self) -> int: ...  # output tokens sampled so far
+
+    arrival_s: float  # on the owner's clock (now)
+    first_token_s: float | None
 
 
 class KVPages(Protocol):
@@ -64,9 +76,13 @@ class SchedulerCore:
         max_running: int,
         conservativeness: float = 1.0,
         instance: int = 0,
+        policy: str = "fcfs",
+        ttft_slo_s: float = float("inf"),
+        tpot_slo_s: float = float("inf"),
     ) -> None:
         """kv: the own requests' KV; pages: where segments held for other homes are allocated
-        (the same pages); chunk: --chunked-prefill-size; max_running: --max-running-requests."""
+        (the same pages); chunk: --chunked-prefill-size; max_running: --max-running-requests;
+        policy, *_slo_s: --schedule-policy and the SLOs the `slo` order works against."""
         self.kv = kv
         self.foreign = ForeignKV(pages)
         self.chunk = chunk
@@ -79,6 +95,11 @@ class SchedulerCore:
         self.num_retractions = 0
         self.num_paused = 0  # running requests that could not run this step (plan not grown yet)
         self.growth_requests: list[Grow] = []  # asks for the next tail quota, for the router
+        if policy not in ("fcfs", "slo"):
+            raise ValueError(f"--schedule-policy must be fcfs or slo, got {policy!r}")
+        self.policy, self.ttft_slo_s, self.tpot_slo_s = policy, ttft_slo_s, tpot_slo_s
+        self.now = 0.0  # the owner's clock at this step (engine: time.monotonic(); simulator: its time)
+        self.prefill_s_per_token = 0.0  # the owner's estimate, for the slack of pending tokens
 
     # ------------------------------------------------------------------ hooks
     def on_admit(self, req: CoreReq) -> None:
@@ -158,7 +179,9 @@ class SchedulerCore:
         work = self._fit_or_retract(work)
         for req, n in work:
             self.kv.extend(req, n)
-        # 2. admit waiting requests first-come first-served
+        if self.policy == "slo":
+            self.waiting.sort(key=self._slack_order)
+        # 2. admit waiting requests in order (first-come first-served, or by slack)
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
             n = min(req.num_runnable, budget)
@@ -173,6 +196,18 @@ class SchedulerCore:
             budget -= n
         self.work = work
         return work
+
+    def slack(self, req: CoreReq) -> float:
+        """Seconds to spare before the request's next deadline, after its pending tokens."""
+        if req.first_token_s is None:
+            deadline = req.arrival_s + self.ttft_slo_s
+        else:
+            deadline = req.first_token_s + self.tpot_slo_s * req.num_outputs
+        return deadline - self.now - req.num_pending * self.prefill_s_per_token
+
+    def _slack_order(self, req: CoreReq) -> tuple:
+        slack = self.slack(req)
+        return (False, slack, req.arrival) if slack >= 0 else (True, req.arrival)
 
     def _future_tokens(self, req: CoreReq, scheduled: int) -> float:
         """KV tokens a request may still need here after this step's `scheduled` tokens. A

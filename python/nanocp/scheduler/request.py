@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
@@ -38,6 +39,8 @@ class Req:
     status: ReqStatus = ReqStatus.WAITING
     finished_reason: dict[str, Any] | None = None
     arrival: int = field(default_factory=lambda: next(_ARRIVAL))
+    arrival_s: float = field(default_factory=time.monotonic)
+    first_token_s: float | None = None  # when its first output token was sampled (monotonic)
     # KV state (see nanocp.kvcache.manager): tokens of fill_ids already in the cache.
     req_pool_idx: int | None = None
     kv_pages: list[int] = field(default_factory=list)
@@ -63,6 +66,10 @@ class Req:
     def total_len(self) -> int:
         """The most positions it may take: prompt + max_new_tokens."""
         return len(self.origin_input_ids) + self.sampling_params.max_new_tokens
+
+    @property
+    def num_outputs(self) -> int:
+        return len(self.output_ids)
 
     @property
     def remaining_output(self) -> int:

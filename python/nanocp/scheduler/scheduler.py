@@ -3,6 +3,7 @@ this instance's KV cache, the step's ForwardBatch, the forward, sampling and fai
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,9 @@ class Scheduler(SchedulerCore):
             args.max_running_requests,
             args.schedule_conservativeness,
             runner.parallel.rank if runner.parallel is not None else 0,
+            args.schedule_policy,
+            args.slo_ttft_ms / 1e3,
+            args.slo_tpot_ms / 1e3,
         )
         self.runner = runner
         self.tracer = tracer
@@ -110,6 +114,7 @@ class Scheduler(SchedulerCore):
         """Schedule this step (reserving its KV); None when there is nothing to run."""
         if self.tracer is not None:
             self.tracer.begin_step()
+        self.now = time.monotonic()
         work = self.schedule()
         self._step_reqs = [req for req, _ in work]
         return self._build_batch(work) if work else None
@@ -124,6 +129,7 @@ class Scheduler(SchedulerCore):
     def run_batch(self, batch: ForwardBatch, sampling: list[Req]) -> list[ReqOutput]:
         """Run the step and sample. A fault in it fails this step's requests (fail_step) and the
         instance goes on; in lockstep it first completes the step with its peers (see below)."""
+        t0 = time.monotonic()
         try:
             logits = self.runner.forward(batch)
         except Exception as e:
@@ -148,6 +154,11 @@ class Scheduler(SchedulerCore):
                 }
             )
         self.forward_ct += 1
+        if batch.num_tokens > batch.batch_size:  # prefill tokens: what a pending token costs (slack)
+            per_token = (time.monotonic() - t0) / batch.num_tokens
+            self.prefill_s_per_token = per_token if not self.prefill_s_per_token else (
+                0.9 * self.prefill_s_per_token + 0.1 * per_token
+            )  # fmt: skip
         kind = ("graph_dcp" if batch.dcp is not None else "graph") if batch.cuda_graph else "eager"
         self.step_kinds[kind] += 1
         try:  # from here on nothing waits for peers
@@ -160,8 +171,11 @@ class Scheduler(SchedulerCore):
             step_fault("sample", self.instance, self.runner.forward_steps)  # tests only
         next_ids, logprobs = self.runner.sampler(logits, sampling) if sampling else ([], [])
         outputs = []
+        now = time.monotonic()
         for req, token, lp in zip(sampling, next_ids, logprobs):
             req.append_token(token)
+            if req.first_token_s is None:
+                req.first_token_s = now
             out = ReqOutput(
                 req.rid,
                 [token],
