@@ -75,7 +75,7 @@ class ClusterState:
         self._by_home: list[tuple[int, int, int]] = []  # home_load keys, ascending
         self._by_used: list[tuple[int, int]] = []  # (used_tokens, instance), ascending
         self._keys: dict[int, tuple[tuple[int, int, int], tuple[int, int]]] = {}
-        self.total_used = 0
+        self._total_used = 0
         for inst in self.instances:
             object.__setattr__(inst, "_owner", self)
             self._reindex(inst)
@@ -91,13 +91,18 @@ class ClusterState:
             home_key, used_key = old
             del self._by_home[bisect.bisect_left(self._by_home, home_key)]
             del self._by_used[bisect.bisect_left(self._by_used, used_key)]
-            self.total_used -= used_key[0]
+            self._total_used -= used_key[0]
         home_key = home_load(inst)
         used_key = (home_key[1], inst.instance)
         bisect.insort(self._by_home, home_key)
         bisect.insort(self._by_used, used_key)
         self._keys[inst.instance] = (home_key, used_key)
-        self.total_used += used_key[0]
+        self._total_used += used_key[0]
+
+    @property
+    def total_used(self) -> int:
+        """The cluster's used KV tokens (used_tokens summed over the instances)."""
+        return self._total_used
 
     def by_home(self) -> Iterator[InstanceLoad]:
         """Instances by home_load, the least loaded first."""
@@ -140,10 +145,6 @@ class ScannedClusterState(ClusterState):
     @property
     def total_used(self) -> int:
         return sum(used_tokens(i) for i in self.instances)
-
-    @total_used.setter
-    def total_used(self, value: int) -> None:
-        pass
 
     def by_home(self) -> Iterator[InstanceLoad]:
         return iter(sorted(self.instances, key=home_load))

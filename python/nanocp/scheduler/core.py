@@ -115,6 +115,7 @@ class SchedulerCore:
 
     # --------------------------------------------------------------- requests
     def enqueue(self, req: CoreReq) -> None:
+        # by arrival (the fcfs order); the slo order re-sorts the queue before each admission
         keys = [r.arrival for r in self.waiting]
         self.waiting.insert(bisect.bisect(keys, req.arrival), req)
 
