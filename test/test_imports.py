@@ -116,7 +116,8 @@ def test_a_router_node_needs_no_torch():
     detokenizer, the launcher, its flags, even naming GPU-only backends) imports no torch:
     request checks live in scheduler/validation.py apart from the torch-using Req, backend
     names in nanocp.registries, and the instances' store is hosted on an instance node.
-    (transformers itself imports torch when it is installed, to load the tokenizer.)"""
+    (transformers itself imports torch when it is installed; test_multinode runs a --router-only
+    node with torch unimportable.)"""
     import subprocess
     import sys
 

@@ -81,16 +81,25 @@ def test_losing_a_node_fails_fast_and_sigterm_leaves_no_orphans(moe_model, tmp_p
     wait_dead(pids)
 
 
+NO_TORCH = """import sys
+sys.modules["torch"] = None  # as on a node where torch is not installed: import torch fails
+"""
+
+
 def test_router_only_node_serves_instances_of_other_nodes(moe_model, hf_oracle, tmp_path):
-    """--router-only: node 0 runs HTTP, tokenizer, router and detokenizer (node 1, which has
+    """--router-only: node 0 runs HTTP, tokenizer, router and detokenizer with torch
+    unimportable in it and its children, as on a CPU node without torch (node 1, which has
     instance 0, hosts the instances' rendezvous store); both instances run on node 1
     (--worker-only); outputs equal HF's."""
     prompts = random_prompts([200, 9], vocab=500, seed=12)
     expected = [hf_oracle(moe_model).greedy(p, 6) for p in prompts]
     base = free_port_range(12)
     args = lambda rank, *f: node_args(moe_model, 2, rank, base, "--router-only", *f)  # noqa: E731
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(NO_TORCH)
+    path = os.pathsep.join([str(tmp_path / "site"), *filter(None, [os.environ.get("PYTHONPATH")])])
     with NodeProcess(args(1, "--worker-only"), log_path=str(tmp_path / "node1.log")):
-        with ServerProcess(args(0), log_path=str(tmp_path / "node0.log")) as head:
+        with ServerProcess(args(0), log_path=str(tmp_path / "node0.log"), env={"PYTHONPATH": path}) as head:
             assert generate_all(head.url, prompts, 6) == expected
             info = httpx.get(head.url + "/server_info").json()
             assert [i["node"] for i in info["instances"]] == [1, 1]
