@@ -89,3 +89,8 @@ def fault_inject() -> str:
 def max_request_body_bytes() -> int:
     """Largest HTTP request body the server reads (larger: 413)."""
     return int(float(_get("NANOCP_MAX_REQUEST_BODY_MB", "64")) * 2**20)
+
+
+def disaggregation_timeout_s() -> float:
+    """A decode server fails a request whose prefill and KV transfer take longer (HTTP 504)."""
+    return float(_get("NANOCP_DISAGGREGATION_TIMEOUT_S", "600"))

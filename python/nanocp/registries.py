@@ -1,5 +1,5 @@
-"""The registries of backend names: the only lists of --attention-backend and --moe-a2a-backend
-values (the CLI's choices come from here). Plain Python: a name registered as "module:Class" is
+"""The registries of backend names: the only lists of --attention-backend, --moe-a2a-backend and
+--disaggregation-transfer-backend values (the CLI's choices come from here). Plain Python: a name registered as "module:Class" is
 imported only when its class is asked for, so parsing flags (and a router-only node) imports no
 torch; what a backend can do is declared on its class."""
 
@@ -56,4 +56,8 @@ MOE_A2A_BACKENDS = Registry(
         "ipc": "nanocp.distributed.moe_comm:IpcMoE",
         "deepep": "nanocp.distributed.moe_comm:DeepEPMoE",
     },
+)
+KV_TRANSFER_BACKENDS = Registry(
+    "--disaggregation-transfer-backend",
+    {"nixl": "nanocp.disaggregation.nixl:NixlTransfer"},
 )

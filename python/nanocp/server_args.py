@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import Any
 
-from nanocp.registries import ATTENTION_BACKENDS, MOE_A2A_BACKENDS
+from nanocp.registries import ATTENTION_BACKENDS, KV_TRANSFER_BACKENDS, MOE_A2A_BACKENDS
 from nanocp_router.layout import LayoutError, NodeLayout
 from nanocp_router.planner import POLICIES as CP_POLICIES
 from nanocp_router.policy import POLICIES
@@ -23,6 +23,7 @@ LOAD_BALANCE_METHODS = tuple(POLICIES)
 MOE_RUNNER_BACKENDS = ("auto", "torch", "triton")
 DEEPEP_MODES = ("auto", "low_latency", "normal")
 SCHEDULE_POLICIES = ("fcfs", "slo")  # scheduler/core.py
+DISAGGREGATION_MODES = ("null", "prefill", "decode")
 
 
 class ServerArgsError(ValueError):
@@ -93,6 +94,12 @@ class ServerArgs:
     cp_size: int = 2
     cp_max_degree: int = 8
     cp_min_shard_tokens: int = 4096
+    # Prefill/decode disaggregation (SGLang's flags; nanocp/disaggregation): null (colocated),
+    # prefill (runs prompts for decode servers), decode (the front door; prefill elsewhere)
+    disaggregation_mode: str = "null"
+    disaggregation_prefill_url: str | None = None  # decode: the prefill servers, URL[,URL...]
+    disaggregation_transfer_backend: str = "nixl"
+    disaggregation_bootstrap_port: int = 8998  # prefill: where decode servers reach its router
     # Logging
     log_level: str = "info"
 
@@ -115,6 +122,14 @@ class ServerArgs:
         self._check_choice("cp_policy", tuple(CP_POLICIES), optional=True)
         self._check_choice("load_balance_method", LOAD_BALANCE_METHODS)
         self._check_choice("schedule_policy", SCHEDULE_POLICIES)
+        self._check_choice("disaggregation_mode", DISAGGREGATION_MODES)
+        self._check_choice("disaggregation_transfer_backend", KV_TRANSFER_BACKENDS.names())
+        self._check_int("disaggregation_bootstrap_port", minimum=1)
+        if self.disaggregation_bootstrap_port > 65535:
+            raise ServerArgsError(
+                f"--disaggregation-bootstrap-port must be <= 65535, got {self.disaggregation_bootstrap_port}"
+            )
+        self._prefill_urls = self._check_prefill_urls()
         for name in ("slo_ttft_ms", "slo_tpot_ms"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
@@ -180,8 +195,9 @@ class ServerArgs:
             self.served_model_name = self.model_path
         if self.moe_runner_backend == "auto":
             self.moe_runner_backend = "triton" if self.device == "cuda" else "torch"
-        if self.cp_policy is None:
-            self.cp_policy = "dynamic" if self.dp_size > 1 else "none"
+        if self.cp_policy is None:  # a prefill server's instances never decode: no placements
+            dynamic = self.dp_size > 1 and self.disaggregation_mode != "prefill"
+            self.cp_policy = "dynamic" if dynamic else "none"
         if self.attention_backend == "auto" and runs_instances:
             self.attention_backend = self._auto_attention_backend()
 
@@ -230,6 +246,24 @@ class ServerArgs:
             )
         if self.cp_size > dp and self.cp_policy == "uniform":
             raise ServerArgsError(f"--cp-size ({self.cp_size}) must be <= --dp-size ({dp})")
+        mode = self.disaggregation_mode
+        if mode == "decode" and not self._prefill_urls:
+            raise ServerArgsError(
+                "--disaggregation-mode decode needs --disaggregation-prefill-url URL[,URL...] (the prefill servers)"
+            )
+        if mode != "decode" and self._prefill_urls:
+            raise ServerArgsError(
+                f"--disaggregation-prefill-url applies to --disaggregation-mode decode (got {mode})"
+            )
+        if mode == "prefill" and self.cp_policy != "none":
+            raise ServerArgsError(
+                f"--cp-policy {self.cp_policy} applies to decode servers: a prefill server's instances run "
+                "whole prompts (leave --cp-policy out, or pass none)"
+            )
+        if mode == "prefill" and self.disaggregation_bootstrap_port == self.port:
+            raise ServerArgsError(
+                f"--disaggregation-bootstrap-port ({self.disaggregation_bootstrap_port}) must differ from --port"
+            )
         if runs_instances:  # what the backends declare (their classes import torch): where they run
             self._validate_backends()
         if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
@@ -237,8 +271,41 @@ class ServerArgs:
                 f"--max-total-tokens ({self.max_total_tokens}) must be at least --page-size ({self.page_size})"
             )
 
+    def _check_prefill_urls(self) -> list[str]:
+        from urllib.parse import urlsplit
+
+        if self.disaggregation_prefill_url is None:
+            return []
+        urls = [u.strip().rstrip("/") for u in str(self.disaggregation_prefill_url).split(",") if u.strip()]
+        for url in urls:
+            parts = urlsplit(url)
+            try:
+                port = parts.port
+            except ValueError:
+                port = None
+            if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
+                raise ServerArgsError(
+                    f"--disaggregation-prefill-url: {url!r} is not an http://HOST:PORT URL of a prefill server"
+                )
+        if not urls:
+            raise ServerArgsError("--disaggregation-prefill-url is empty")
+        return urls
+
+    @property
+    def prefill_urls(self) -> list[str]:
+        """--disaggregation-prefill-url, split (decode servers)."""
+        return list(self._prefill_urls)
+
     def _validate_backends(self) -> None:
         dp, ep = self.dp_size, self.ep_size
+        if self.disaggregation_mode != "null":
+            kv = KV_TRANSFER_BACKENDS.get(self.disaggregation_transfer_backend)
+            if self.device not in kv.mem_types or not kv.available():
+                raise ServerArgsError(
+                    f"--disaggregation-transfer-backend {self.disaggregation_transfer_backend} cannot run here "
+                    f"(installed: {kv.available()}; pools on {', '.join(kv.mem_types)}; this server: --device "
+                    f"{self.device})"
+                )
         moe = MOE_A2A_BACKENDS.get(self.moe_a2a_backend)
         try:
             moe.check_config(ep, self.deepep_mode)
@@ -277,6 +344,18 @@ class ServerArgs:
     def layout(self) -> NodeLayout:
         """Which node runs what, and the ports between them (server/layout.py)."""
         return self._layout
+
+    def disagg_config(self) -> dict[str, Any] | None:
+        """The router's disaggregation settings (nanocp_router.pd, prefill_router); a decode
+        server's launcher adds the prefill servers' addresses before the router starts."""
+        from nanocp import envs
+
+        mode = self.disaggregation_mode
+        if mode == "null":
+            return None
+        if mode == "prefill":
+            return {"mode": mode, "bootstrap_port": self.disaggregation_bootstrap_port}
+        return {"mode": mode, "timeout_s": envs.disaggregation_timeout_s(), "servers": []}
 
     def cp_config(self) -> dict[str, Any]:
         """The context-parallel settings, as the router's planner takes them (planner.cp_policy_from)."""
@@ -507,6 +586,33 @@ class ServerArgs:
             help="This node runs instances only (needs --node-rank >= 1).",
         )
         a("--dry-run", action="store_true", help="Check the flags, print which node runs what, and exit.")
+        a(
+            "--disaggregation-mode",
+            type=str,
+            default=ServerArgs.disaggregation_mode,
+            choices=DISAGGREGATION_MODES,
+            help="Prefill/decode disaggregation: null (prefill and decode on the same instances), prefill "
+            "(this server only runs prompts, for decode servers), decode (the front door: prompts run on "
+            "--disaggregation-prefill-url servers, which write their KV into this server's instances).",
+        )
+        a(
+            "--disaggregation-prefill-url",
+            type=str,
+            help="Decode servers: the prefill servers' URLs, comma-separated (started first).",
+        )
+        a(
+            "--disaggregation-transfer-backend",
+            type=str,
+            default=ServerArgs.disaggregation_transfer_backend,
+            choices=KV_TRANSFER_BACKENDS.names(),
+            help="How KV moves from prefill to decode instances: nixl (UCX; DRAM on CPU, GPU memory on GPU).",
+        )
+        a(
+            "--disaggregation-bootstrap-port",
+            type=int,
+            default=ServerArgs.disaggregation_bootstrap_port,
+            help="Prefill servers: the TCP port decode servers send prompts to.",
+        )
 
     @classmethod
     def from_cli_args(cls, args: argparse.Namespace) -> ServerArgs:

@@ -33,6 +33,9 @@ class Generate(Message, tag="generate"):
     # set by the router for a placed request: [instance, start, end] per segment, and its key
     placement: list[list[int]] | None = None
     cp_key: int | None = None
+    # --disaggregation-mode decode: the home allocates the prompt's KV at once and answers
+    # Reserved with where it lies; a prefill server writes it there (nanocp_router.pd)
+    kv_from_prefill: bool = False
 
 
 class Abort(Message, tag="abort"):
@@ -54,6 +57,7 @@ class Reserve(Message, tag="reserve"):
     cp_key: int
     start: int
     end: int
+    want_dest: bool = False  # answer with the pages (a prefill server writes the KV there)
 
 
 class Reserved(Message, tag="reserved"):
@@ -61,6 +65,8 @@ class Reserved(Message, tag="reserved"):
     start: int
     ok: bool
     instance: int
+    dest: list[KVDest] | None = None  # asked for (want_dest, kv_from_prefill): where the KV goes
+    refused: bool = False  # the home refused the request (and answered the client): no retry
 
 
 class Release(Message, tag="release"):
@@ -105,6 +111,105 @@ class Load(Message, tag="load"):
     trace: dict[str, Any] | None = None
 
 
+# ------------------------------------------------------------ prefill/decode disaggregation (nanocp_router.pd)
+class KVDest(msgspec.Struct, array_like=True):
+    """Where positions [start, end) of a request go on a decode instance: position p's slot is
+    pages[i // page_size] * page_size + i % page_size, i = base + p - start."""
+
+    instance: int
+    start: int
+    end: int
+    base: int
+    pages: list[int]
+
+
+class KVAgent(Message, tag="kv_agent"):
+    """A decode instance's transfer endpoint (--disaggregation-transfer-backend), once at start."""
+
+    instance: int
+    meta: dict[str, Any]
+
+
+class PrefillHello(Message, tag="prefill_hello"):
+    """A decode server to a prefill server: where to answer, and its instances' endpoints
+    (resent every second until the prefill server's heartbeats come)."""
+
+    decode_id: str
+    reply_to: str
+    agents: list[dict[str, Any]]
+    name: str = ""  # what the decode server calls the prefill server (its URL), echoed in heartbeats
+
+
+class PrefillRequest(Message, tag="prefill_request"):
+    """Run a prompt and write its KV to `dest`; answer PrefillDone to the decode server."""
+
+    rid: str
+    cp_key: int
+    decode_id: str
+    input_ids: list[int]
+    sampling_params: dict[str, Any]
+    dest: list[KVDest]
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+
+
+class PrefillAbort(Message, tag="prefill_abort"):
+    """Stop a prefill; its PrefillDone (failed) comes once no transfer of it is in flight."""
+
+    decode_id: str
+    cp_key: int
+
+
+class PrefillDone(Message, tag="prefill_done"):
+    """A prompt is prefilled and all of its KV written (ok), or it failed (reason); the first
+    token comes from the prefill server's logits."""
+
+    cp_key: int
+    ok: bool
+    token: int = -1
+    lp: list[float] | None = None
+    top: list[Any] | None = None
+    reason: dict[str, Any] | None = None
+    kv_bytes: int = 0
+    transfer_s: float = 0.0
+
+
+class PrefillLoad(Message, tag="prefill_load"):
+    """A prefill server's heartbeat to each decode server that said hello: its queued tokens."""
+
+    server: str  # the prefill server's id (a new one when it restarts)
+    name: str  # PrefillHello.name
+    queued_tokens: int
+    instances: int
+
+
+class KVLanded(Message, tag="kv_landed"):
+    """KV of [start, end) of request cp_key has landed on a decode instance (a transfer's notice)."""
+
+    instance: int
+    cp_key: int
+    start: int
+    end: int
+
+
+class KVReady(Message, tag="kv_ready"):
+    """To the home: every segment of the request landed; decode starts from the first token."""
+
+    rid: str
+    cp_key: int
+    token: int
+    lp: list[float] | None = None
+    top: list[Any] | None = None
+
+
+class KVFailed(Message, tag="kv_failed"):
+    """To the home: the prefill or a transfer failed; the request fails with `reason`."""
+
+    rid: str
+    cp_key: int
+    reason: dict[str, Any]
+
+
 # ------------------------------------------------------------ outputs (worker -> detokenizer -> tokenizer)
 class Output(msgspec.Struct, omit_defaults=True):
     """What a request produced since its last output; `finished` with its reason at the end."""
@@ -142,6 +247,7 @@ class Cluster(Message, tag="cluster"):
     cp_degrees: dict[str, int]
     cp_growth_segments: dict[str, int]
     router_queue: int = 0
+    disaggregation: dict[str, Any] | None = None  # a decode server's prefill side (nanocp_router.pd)
 
 
 # ------------------------------------------------------------ nodes (node r's launcher <-> node 0's)
@@ -197,8 +303,21 @@ class Shutdown(Message, tag="shutdown"):
 
 
 # ------------------------------------------------------------ inboxes
-ROUTER_INBOX = (Generate, Abort, FlushCache, Reserved, Grow, Load)
-WORKER_INBOX = (Generate, Abort, FlushCache, Wake, Reserve, Release, Grown)
+ROUTER_INBOX = (
+    Generate,
+    Abort,
+    FlushCache,
+    Reserved,
+    Grow,
+    Load,
+    KVAgent,
+    KVLanded,
+    PrefillDone,
+    PrefillLoad,
+)
+WORKER_INBOX = (Generate, Abort, FlushCache, Wake, Reserve, Release, Grown, KVReady, KVFailed)
+PREFILL_ROUTER_INBOX = (PrefillHello, PrefillRequest, PrefillAbort, Load, Generate, Abort, FlushCache)
+PREFILL_WORKER_INBOX = (PrefillHello, PrefillRequest, PrefillAbort, Wake)
 DETOKENIZER_INBOX = (Outputs,)
 TOKENIZER_INBOX = (Outputs, Cluster)
 HEAD_CONTROL_INBOX = (NodeHello, NodeStore, NodeReady, NodeAlive, NodeDown)

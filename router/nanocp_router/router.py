@@ -24,10 +24,15 @@ from nanocp_router.messages import (
     Generate,
     Grow,
     Grown,
+    KVAgent,
+    KVLanded,
+    KVReady,
     Load,
     Message,
     Output,
     Outputs,
+    PrefillDone,
+    PrefillLoad,
     Release,
     Reserve,
     Reserved,
@@ -35,7 +40,8 @@ from nanocp_router.messages import (
     decoder,
     encode,
 )
-from nanocp_router.planner import CPPolicy, Plan, apply_growth, apply_plan, cp_policy_from
+from nanocp_router.pd import DisaggDecode
+from nanocp_router.planner import CPPolicy, Plan, Segment, apply_growth, apply_plan, cp_policy_from
 from nanocp_router.policy import create_policy
 
 logger = logging.getLogger("nanocp.router")
@@ -71,6 +77,7 @@ class Router:
         load_balance_method: str,
         cp: dict | None = None,
         max_queued_requests: int | None = None,
+        disagg: dict | None = None,
     ) -> None:
         self.ctx = zmq.Context()
         self.inbox = pull(self.ctx, ports.router)
@@ -97,6 +104,12 @@ class Router:
         self._keys = itertools.count(1)
         self.degrees: dict[int, int] = {}  # cp degree -> requests placed with it
         self.growth_segments = {"home": 0, "moved": 0}  # growth quotas placed on the home / elsewhere
+        # --disaggregation-mode decode: prompts run on prefill servers (nanocp_router.pd), which
+        # answer on this inbox's TCP port too
+        self.pd: DisaggDecode | None = None
+        if disagg is not None and disagg.get("mode") == "decode":
+            self.inbox.bind(f"tcp://*:{disagg['reply_port']}")
+            self.pd = DisaggDecode(self, disagg)
 
     def send(self, inst: int, msg: Message) -> None:
         self.workers[inst].send(encode(msg))
@@ -120,7 +133,7 @@ class Router:
     def place(self) -> None:
         """Plan queued requests first-come first-served; a request that does not fit waits. An
         error planning one fails that request alone (500)."""
-        while self.queue:
+        while self.queue and not (self.pd is not None and self.pd.paused):
             msg = self.queue[0]
             try:
                 if not self.place_first():
@@ -134,8 +147,13 @@ class Router:
     def place_first(self) -> bool:
         """Plan the request at the head of the queue; False when it does not fit now."""
         msg = self.queue[0]
-        max_new = msg.sampling_params.get("max_new_tokens", 128)
-        plan = self.cp.plan(len(msg.input_ids) + self.cp.tail_quota(max_new), self.state)
+        if self.pd is not None:
+            why = self.pd.unavailable(time.monotonic())
+            if why is not None:
+                self.queue.pop(0)
+                self.abort_output(msg, {"type": "abort", "status_code": 503, "message": why})
+                return True
+        plan = self.plan(msg)
         if plan is None:
             return False
         if not plan.segments or plan.segments[-1].instance != plan.home:
@@ -143,6 +161,9 @@ class Router:
         self.queue.pop(0)
         apply_plan(self.state, plan)
         key = next(self._keys)
+        if self.pd is not None:
+            self.pd.start(msg, key, plan)
+            return True
         holders = [s for s in plan.segments if s.instance != plan.home]
         if not holders:
             self.start_on_home(msg, key, plan)
@@ -157,6 +178,18 @@ class Router:
             for s in holders:
                 self.reserve(s.instance, key, s.start, s.end)
         return True
+
+    def plan(self, msg: Generate) -> Plan | None:
+        """The request's placement (None: it does not fit now). Without context parallelism
+        (disaggregated decode only): all of it on the home the load balancer or the client picks."""
+        max_new = msg.sampling_params.get("max_new_tokens", 128)
+        if self.cp is not None and msg.data_parallel_rank is None:
+            return self.cp.plan(len(msg.input_ids) + self.cp.tail_quota(max_new), self.state)
+        total = len(msg.input_ids) + max_new
+        home = msg.data_parallel_rank
+        if home is None:
+            home = self.policy.select(self.state, total)
+        return Plan(home, [Segment(home, 0, total)])
 
     def reserve(self, inst: int, key: int, start: int, end: int) -> None:
         """Ask a holder to reserve positions [start, end) of request `key`; it acks "reserved"."""
@@ -190,8 +223,9 @@ class Router:
             return
         self.start_on_home(req, key, plan)
 
-    def start_on_home(self, req: Generate, key: int, plan: Plan) -> None:
-        """Send a placed request to its home (its holders have reserved their segments)."""
+    def start_on_home(self, req: Generate, key: int, plan: Plan, first: KVReady | None = None) -> None:
+        """Send a placed request to its home (its holders have reserved their segments); first:
+        disaggregated, the home holds it already and starts decoding from this first token."""
         self.degrees[plan.degree] = self.degrees.get(plan.degree, 0) + 1  # counted once it is placed
         req.placement = [[s.instance, s.start, s.end] for s in plan.segments]
         req.cp_key = key
@@ -205,7 +239,7 @@ class Router:
             [(s.instance, s.end - s.start) for s in plan.segments],
         )
         self.rid_to_instance[req.rid] = plan.home
-        self.send_work(plan.home, req)
+        self.send_work(plan.home, req if first is None else first)
 
     def on_grow(self, msg: Grow) -> None:
         """A home used up its request's plan: place the next tail quota (growth re-planning)."""
@@ -263,9 +297,9 @@ class Router:
             request_fault("router", msg.rid)  # tests only (envs.fault_inject)
             budget = len(msg.input_ids) + msg.sampling_params.get("max_new_tokens", 128)
             inst = msg.data_parallel_rank
-            if inst is not None:
+            if inst is not None and self.pd is None:
                 self.dispatch(inst, msg, budget)
-            elif self.cp is not None:
+            elif self.cp is not None or self.pd is not None:
                 limit = self.max_queued_requests
                 if limit is not None and len(self.queue) >= limit:
                     self.abort_output(msg, queue_full_reason("router", limit))
@@ -275,7 +309,9 @@ class Router:
             else:
                 self.dispatch(self.policy.select(self.state, budget), msg, budget)
         elif isinstance(msg, Reserved):
-            if msg.cp_key in self.pending:
+            if self.pd is not None and msg.cp_key in self.pd.transfers:
+                self.pd.on_reserved(msg, time.monotonic())
+            elif msg.cp_key in self.pending:
                 self.on_reserved(msg)
             else:
                 self.on_growth_reserved(msg)
@@ -286,8 +322,19 @@ class Router:
         elif isinstance(msg, FlushCache):
             for w in self.workers:
                 w.send(encode(msg))
+        elif isinstance(msg, (KVAgent, KVLanded, PrefillDone, PrefillLoad)) and self.pd is not None:
+            if isinstance(msg, KVAgent):
+                self.pd.on_agent(msg)
+            elif isinstance(msg, KVLanded):
+                self.pd.on_landed(msg)
+            elif isinstance(msg, PrefillDone):
+                self.pd.on_done(msg)
+            else:
+                self.pd.on_heartbeat(msg, time.monotonic())
         elif isinstance(msg, Load):
             self.state.on_report(msg)
+            if self.pd is not None:
+                self.pd.paused = False
             for rid, key in msg.finished:
                 if self.rid_to_instance.get(rid) == msg.instance:
                     del self.rid_to_instance[rid]
@@ -299,6 +346,8 @@ class Router:
 
     def on_abort(self, msg: Abort) -> None:
         rid = msg.rid
+        if self.pd is not None and self.pd.on_abort(rid):
+            return
         queued = next((m for m in self.queue if m.rid == rid), None)
         if queued is not None:
             self.queue.remove(queued)
@@ -320,6 +369,7 @@ class Router:
                 {str(k): v for k, v in sorted(self.degrees.items())},
                 dict(self.growth_segments),
                 len(self.queue),
+                self.pd.snapshot(now) if self.pd is not None else None,
             )
             self.to_tokenizer.send(encode(snapshot))
 
@@ -329,6 +379,8 @@ class Router:
         while True:
             for msg in drain(self.inbox, self.decode, timeout_ms=int(SNAPSHOT_INTERVAL_S * 1000)):
                 self.handle_safely(msg)
+            if self.pd is not None:
+                self.pd.tick(time.monotonic())
             if self.queue:
                 self.place()
             self.maybe_publish()
@@ -342,10 +394,16 @@ def run_router_process(
     log_level: str = "info",
     max_queued_requests: int | None = None,
     fault_inject: str = "",
+    disagg: dict | None = None,
 ) -> None:
     from nanocp_router import faults
     from nanocp_router.process import child_process_setup
 
     child_process_setup("router", log_level)
     faults.configure(fault_inject)  # tests only (nanocp.envs.fault_inject)
-    Router(PortArgs(**ports), dp_size, load_balance_method, cp, max_queued_requests).run_forever()
+    if disagg is not None and disagg["mode"] == "prefill":
+        from nanocp_router.prefill_router import PrefillRouter
+
+        PrefillRouter(PortArgs(**ports), dp_size, disagg).run_forever()
+        return
+    Router(PortArgs(**ports), dp_size, load_balance_method, cp, max_queued_requests, disagg).run_forever()

@@ -4,6 +4,7 @@ this instance's KV cache, the step's ForwardBatch, the forward, sampling and fai
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,13 @@ class Scheduler(SchedulerCore):
         self.step_kinds: dict[str, int] = {"eager": 0, "graph": 0, "graph_dcp": 0}
         self._step_reqs: list[Req] = []  # the requests of the step being run (fail_step)
         self.failed: list[ReqOutput] = []  # requests failed while scheduling, to be sent (take_failed)
+        # --disaggregation-mode decode: requests whose prompt KV a prefill server is writing into
+        # pages allocated here, by cp_key; they start running with their first token (start_landed)
+        self.landing: dict[int, Req] = {}
+        # --disaggregation-mode prefill: after each forward, before sampling (the step's K/V is
+        # complete, the pages still held), and before a request's pages are freed
+        self.after_forward: Callable[[list[tuple[Req, int]]], None] | None = None
+        self.before_release: Callable[[Req], None] | None = None
 
     # ------------------------------------------------------------------ hooks
     def on_admit(self, req: Req) -> None:
@@ -77,6 +85,48 @@ class Scheduler(SchedulerCore):
         )
         self.failed.append(self.fail(req, {"type": "abort", "status_code": 503, "message": message}))
 
+    def finish(self, req: Req) -> None:
+        if self.before_release is not None:
+            self.before_release(req)
+        super().finish(req)
+
+    def retract(self, victim: Req) -> None:
+        if self.before_release is not None:
+            self.before_release(victim)
+        super().retract(victim)
+
+    def committed_tokens(self) -> int:
+        landing = sum(r.total_len - r.kv_len for r in self.landing.values())
+        return super().committed_tokens() + landing
+
+    # ------------------------------------------------- disaggregated decode
+    def land(self, req: Req) -> bool:
+        """Allocate the pages of a request's prompt positions held here (a prefill server writes
+        them); False: no room now."""
+        if self.kv.extend(req, len(req.origin_input_ids)) is None:
+            return False
+        self.landing[req.cp_key] = req
+        return True
+
+    def start_landed(self, cp_key: int, token: int, lp: list[float] | None, top: list | None) -> ReqOutput:
+        """Every KV of the prompt landed: the request runs from the prefill server's first token."""
+        req = self.landing.pop(cp_key)
+        req.status = ReqStatus.RUNNING
+        out = self._record_token(req, token, (lp[0], top[0] if top else []) if lp else None, time.monotonic())
+        if req.finished:
+            self.finish(req)
+        else:
+            self.running.append(req)
+            self.on_admit(req)
+        return out
+
+    def drop_landing(self, cp_key: int) -> Req | None:
+        """A landing request taken back (its reservation elsewhere failed): free its pages."""
+        req = self.landing.pop(cp_key, None)
+        if req is not None:
+            self.kv.release(req)
+        return req
+
     def apply_growth(self, rid: str, cp_key: int, segment: Segment) -> None:
         """The router placed the next positions of a request (on this home or on a holder)."""
         req = self.find(rid)
@@ -94,7 +144,8 @@ class Scheduler(SchedulerCore):
         self.enqueue(req)
 
     def find(self, rid: str) -> Req | None:
-        return next((r for q in (self.waiting, self.running) for r in q if r.rid == rid), None)
+        queues = (self.waiting, self.running, self.landing.values())
+        return next((r for q in queues for r in q if r.rid == rid), None)
 
     def abort_request(self, rid: str) -> ReqOutput | None:
         req = self.find(rid)
@@ -162,6 +213,8 @@ class Scheduler(SchedulerCore):
         kind = ("graph_dcp" if batch.dcp is not None else "graph") if batch.cuda_graph else "eager"
         self.step_kinds[kind] += 1
         try:  # from here on nothing waits for peers
+            if self.after_forward is not None:
+                self.after_forward(self.work)
             return self._sample(logits, sampling)
         except Exception as e:
             return self.fail_step(e)
@@ -173,29 +226,34 @@ class Scheduler(SchedulerCore):
         outputs = []
         now = time.monotonic()
         for req, token, lp in zip(sampling, next_ids, logprobs):
-            req.append_token(token)
-            if req.first_token_s is None:
-                req.first_token_s = now
-            out = ReqOutput(
-                req.rid,
-                [token],
-                req.stream.take_delta(),
-                req.finished,
-                req.finished_reason,
-                len(req.origin_input_ids),
-                len(req.output_ids),
-            )
-            if lp is not None:
-                req.output_token_logprobs.append(lp[0])
-                out.token_logprobs = [lp[0]]
-                if req.top_logprobs_num:
-                    req.output_top_logprobs.append(lp[1])
-                    out.top_logprobs = [lp[1]]
-            outputs.append(out)
+            outputs.append(self._record_token(req, token, lp, now))
             if req.finished:
                 self.finish(req)
         self.new_token_ratio.step()
         return outputs
+
+    @staticmethod
+    def _record_token(req: Req, token: int, lp: tuple | None, now: float) -> ReqOutput:
+        """A sampled token (lp: its logprob and top logprobs) appended to the request."""
+        req.append_token(token)
+        if req.first_token_s is None:
+            req.first_token_s = now
+        out = ReqOutput(
+            req.rid,
+            [token],
+            req.stream.take_delta(),
+            req.finished,
+            req.finished_reason,
+            len(req.origin_input_ids),
+            len(req.output_ids),
+        )
+        if lp is not None:
+            req.output_token_logprobs.append(lp[0])
+            out.token_logprobs = [lp[0]]
+            if req.top_logprobs_num:
+                req.output_top_logprobs.append(lp[1])
+                out.top_logprobs = [lp[1]]
+        return out
 
     def fail_step(self, error: BaseException) -> list[ReqOutput]:
         """The step raised: its requests fail (HTTP 500 naming the instance), their KV is freed,
@@ -217,7 +275,9 @@ class Scheduler(SchedulerCore):
         return outs
 
     def fail(self, req: Req, reason: dict[str, Any]) -> ReqOutput:
-        """Finish a queued or running request with `reason` and free its KV."""
+        """Finish a queued, running or landing request with `reason` and free its KV."""
+        if req.cp_key is not None and self.landing.get(req.cp_key) is req:
+            del self.landing[req.cp_key]
         self.finish(req)
         req.finish(reason)
         return ReqOutput(

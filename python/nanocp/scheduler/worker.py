@@ -10,17 +10,22 @@ import logging
 import os
 import time
 import traceback
+import uuid
 from typing import Any
 
 import torch
 import zmq
 
 from nanocp import envs
+from nanocp.disaggregation.decode import KVReceiver
+from nanocp.disaggregation.prefill import KVSender
+from nanocp.disaggregation.transfer import pool_layout
 from nanocp.distributed.dcp import build_dcp_plan
 from nanocp.distributed.parallel_state import init_parallel_state, instance_device
 from nanocp.engine.step_trace import StepTracer
 from nanocp.errors import InvalidRequestError
 from nanocp.model_executor.model_runner import ModelRunner
+from nanocp.registries import KV_TRANSFER_BACKENDS
 from nanocp.sampling.sampling_params import SamplingParams
 from nanocp.scheduler.dcp import Placement
 from nanocp.scheduler.request import Req, RequestFactory
@@ -33,20 +38,27 @@ from nanocp_router.cluster_state import REPORT_INTERVAL_S
 from nanocp_router.faults import request_fault
 from nanocp_router.ipc import PortArgs, drain, pull, push
 from nanocp_router.messages import (
+    PREFILL_WORKER_INBOX,
     WORKER_INBOX,
     Abort,
     Generate,
     Grown,
+    KVFailed,
+    KVReady,
     Load,
     Message,
     Output,
     Outputs,
+    PrefillAbort,
+    PrefillHello,
+    PrefillRequest,
     Release,
     Reserve,
     Reserved,
     decoder,
     encode,
 )
+from nanocp_router.prefill_router import prefill_rid
 from nanocp_router.process import child_process_setup
 from nanocp_router.router import queue_full_reason
 
@@ -101,9 +113,27 @@ class Worker:
         self.make_req = RequestFactory(tokenizer, eos, self.runner.device, server_args.random_seed + instance)
         self.ctx = zmq.Context()
         self.inbox = pull(self.ctx, ports.workers[instance], bind=not ports.router_binds_workers)
-        self.decode = decoder(WORKER_INBOX)
         self.to_router = push(self.ctx, ports.router)
         self.to_detok = push(self.ctx, ports.detokenizer)
+        # --disaggregation-mode: a prefill instance sends its requests' KV to decode instances
+        # (it never decodes); a decode instance's pool receives it (nanocp.disaggregation)
+        mode = server_args.disaggregation_mode
+        self.sender: KVSender | None = None
+        self.receiver: KVReceiver | None = None
+        if mode != "null":
+            backend = KV_TRANSFER_BACKENDS.get(server_args.disaggregation_transfer_backend)
+            transfer = backend(f"{mode}-{uuid.uuid4().hex[:12]}-{instance}", self.runner.kv_pool)
+        if mode == "prefill":
+            r = self.runner
+            self.sender = KVSender(
+                transfer, r.kv_pool, r.req_to_token_pool.req_to_token, r.page_allocator, self.ctx, instance
+            )
+            self.scheduler.after_forward = self.sender.after_forward
+            self.scheduler.before_release = self.sender.before_release
+        elif mode == "decode":
+            self.receiver = KVReceiver(transfer, instance)
+            self.to_router.send(encode(self.receiver.agent()))
+        self.decode = decoder(PREFILL_WORKER_INBOX if mode == "prefill" else WORKER_INBOX)
         self._announced: dict[str, dict] = {}  # rid -> detok params not yet sent
         # [rid, cp_key] of requests finished since the last report: the router frees their
         # segments (the key tells a finished request from a newer one reusing its rid)
@@ -123,6 +153,7 @@ class Worker:
             "dtype": str(r.dtype),
             "device": str(r.device),
             "pid": os.getpid(),
+            "kv_layout": pool_layout(r.kv_pool),  # what a prefill and a decode server must share
         }
 
     def join_cluster(self, instance_tokens: list[int]) -> None:
@@ -145,10 +176,16 @@ class Worker:
             )  # fmt: skip
             if isinstance(msg, Reserve):  # the router waits for every holder's answer
                 self.to_router.send(encode(Reserved(msg.cp_key, msg.start, False, self.instance)))
-            if not isinstance(msg, Generate):
-                return []
             status = 400 if isinstance(e, InvalidRequestError) else 500
             message = str(e) if status == 400 else f"instance {self.instance}: {type(e).__name__}: {e}"
+            if isinstance(msg, PrefillRequest) and self.sender is not None:  # its decode server is told
+                reason = {"type": "abort", "status_code": status, "message": message}
+                self.sender.fail(prefill_rid(msg.decode_id, msg.cp_key), msg, reason)
+                return []
+            if not isinstance(msg, Generate):
+                return []
+            if msg.kv_from_prefill:  # the router waits for the home's answer too
+                self.to_router.send(encode(Reserved(msg.cp_key, 0, False, self.instance, refused=True)))
             req = self.scheduler.find(msg.rid)
             reason = {"type": "abort", "status_code": status, "message": message}
             if req is not None:  # queued before the error: take it out again
@@ -174,7 +211,7 @@ class Worker:
                 placed=bool(msg.placement),
             )
             limit = self.max_queued_requests
-            if limit is not None and len(self.scheduler.waiting) >= limit:
+            if limit is not None and len(self.scheduler.waiting) >= limit and not msg.kv_from_prefill:
                 return [self._refused(msg, queue_full_reason(f"instance {self.instance}", limit))]
             req = self.make_req(
                 msg.rid,
@@ -189,14 +226,39 @@ class Worker:
                 req.set_placement(Placement([tuple(seg) for seg in msg.placement], self.instance))
                 req.cp_key = msg.cp_key
                 self._placed[req.rid] = req
+            if msg.kv_from_prefill:
+                return self._land(msg, req)
             self.scheduler.add_request(req)
         elif isinstance(msg, Reserve):
             ok = self.scheduler.reserve_foreign(msg.cp_key, msg.start, msg.end)
-            self.to_router.send(encode(Reserved(msg.cp_key, msg.start, ok, self.instance)))
+            dest = None
+            if ok and msg.want_dest and self.receiver is not None:
+                dest = self.receiver.holder_dests(self.scheduler.foreign, msg.cp_key, msg.start)
+            self.to_router.send(encode(Reserved(msg.cp_key, msg.start, ok, self.instance, dest)))
         elif isinstance(msg, Grown):
             self.scheduler.apply_growth(msg.rid, msg.cp_key, tuple(msg.segment))
         elif isinstance(msg, Release):
             self.scheduler.release_foreign(msg.cp_key)
+            landing = self.scheduler.drop_landing(msg.cp_key)
+            if landing is not None:  # planned again later: forget it here
+                self._placed.pop(landing.rid, None)
+                self._announced.pop(landing.rid, None)
+        elif isinstance(msg, KVReady):
+            return [self._encode(self.scheduler.start_landed(msg.cp_key, msg.token, msg.lp, msg.top))]
+        elif isinstance(msg, KVFailed):
+            req = self.scheduler.landing.get(msg.cp_key)
+            if req is not None and req.rid == msg.rid:
+                return [self._encode(self.scheduler.fail(req, msg.reason))]
+        elif isinstance(msg, PrefillHello):
+            self.sender.on_hello(msg)
+        elif isinstance(msg, PrefillRequest):
+            self._prefill(msg)
+        elif isinstance(msg, PrefillAbort):
+            req = self.scheduler.find(prefill_rid(msg.decode_id, msg.cp_key))
+            if req is not None:
+                return [
+                    self._encode(self.scheduler.fail(req, {"type": "abort", "message": "aborted by request"}))
+                ]
         elif isinstance(msg, Abort):
             out = self.scheduler.abort_request(msg.rid)
             if out is not None:
@@ -204,6 +266,30 @@ class Worker:
         # FlushCache: no prefix cache yet, nothing is kept beyond running requests.
         # Wake: a request arrived somewhere; its step starts without waiting for the idle poll.
         return []
+
+    def _land(self, msg: Generate, req: Req) -> list[Output]:
+        """Disaggregated decode: allocate the prompt's KV here and tell the router where it is."""
+        ok = self.scheduler.land(req)
+        dest = self.receiver.home_dests(req) if ok else None
+        if not ok:
+            self._placed.pop(req.rid, None)
+            self._announced.pop(req.rid, None)
+        self.to_router.send(encode(Reserved(msg.cp_key, 0, ok, self.instance, dest)))
+        return []
+
+    def _prefill(self, msg: PrefillRequest) -> None:
+        """A prefill server's request: its prompt, then one token (sampled by its own params)."""
+        sp = dict(msg.sampling_params)
+        sp["max_new_tokens"] = 1
+        sp["min_new_tokens"] = min(sp.get("min_new_tokens") or 0, 1)
+        params = check_generate(msg.input_ids, sp, self.limits, msg.return_logprob, msg.top_logprobs_num)
+        rid = prefill_rid(msg.decode_id, msg.cp_key)
+        self.sender.track(rid, msg)
+        req = self.make_req(
+            rid, msg.input_ids, params, return_logprob=msg.return_logprob,
+            top_logprobs_num=msg.top_logprobs_num, need_text=False,
+        )  # fmt: skip
+        self.scheduler.add_request(req)
 
     def _encode(self, out: ReqOutput, cp_key: int | None = None) -> Output:
         """The detokenizer's record of an output; cp_key: of a finished request not queued here."""
@@ -293,6 +379,8 @@ class Worker:
             if busy:
                 self._idle_since = now
             idle_ms = IDLE_POLL_MS if now - self._idle_since < IDLE_BACKOFF_S else IDLE_MAX_POLL_MS
+            if (self.sender is not None and self.sender.out) or self.scheduler.landing:
+                idle_ms = 1  # transfers in flight: their progress and notices are polled here
             outs: list[Output] = []
             for msg in drain(self.inbox, self.decode, timeout_ms=0 if busy else idle_ms):
                 outs += self.handle_safely(msg)
@@ -305,6 +393,13 @@ class Worker:
             for ask in self.scheduler.growth_requests:
                 self.to_router.send(encode(ask))
             self.scheduler.growth_requests.clear()
+            if self.receiver is not None:
+                for landed in self.receiver.landed():
+                    self.to_router.send(encode(landed))
+            if self.sender is not None:  # a prefill server's outputs are its PrefillDone answers
+                self.sender.on_outputs(outs)
+                self.sender.poll()
+                outs = []
             if outs:
                 self.to_detok.send(encode(Outputs(outs, self.instance)))
             self.report(force=bool(self._finished) and not self.scheduler.has_work())

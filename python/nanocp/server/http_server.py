@@ -229,6 +229,7 @@ def create_app(manager: TokenizerManager) -> FastAPI:
             "cluster": manager.cluster,
             "cp_degrees": manager.cp_degrees,
             "cp_growth_segments": manager.cp_growth_segments,
+            "disaggregation": manager.disaggregation,
             "internal_states": [{**i, **_load_of(manager, i["instance"])} for i in manager.worker_infos],
         }
 

@@ -52,6 +52,7 @@ class EngineProcesses:
         ctx = mp.get_context("spawn")
         self._ports = ports = self.ports.to_dict()  # the processes' copy (start() may set dist_init)
         self.procs: dict[str, mp.Process] = {}
+        self.disagg = server_args.disagg_config()  # the router's copy (start() adds the prefill servers)
         self.head: HeadControl | None = None
         self.node: NodeControl | None = None
         self._store = None
@@ -72,6 +73,7 @@ class EngineProcesses:
                     server_args.log_level,
                     server_args.max_queued_requests,
                     envs.fault_inject(),
+                    self.disagg,
                 ),
                 name="nanocp-router",
                 daemon=True,
@@ -113,6 +115,8 @@ class EngineProcesses:
                 self._ports["dist_init"] = f"tcp://{address}"
             elif layout.router_only:
                 self._ports["dist_init"] = f"tcp://{self.node.wait_store(deadline)}"
+        if layout.is_head and self.disagg is not None and self.disagg["mode"] == "decode":
+            self.disagg.update(find_prefill_servers(self.server_args, deadline))
         for p in self.procs.values():
             p.start()
         infos = self._wait_local(deadline, timeout)
@@ -126,6 +130,8 @@ class EngineProcesses:
             tokens = [infos[i]["max_total_num_tokens"] for i in range(layout.dp_size)]
             if self.head is not None:
                 self.head.start_cluster(tokens)
+        if layout.is_head and self.disagg is not None and self.disagg["mode"] == "decode":
+            check_prefill_layout(self.disagg["servers"], [infos[i] for i in sorted(infos)])
         for conn in self.ready_conns.values():  # what every worker waits for before it serves
             conn.send({"instance_tokens": tokens})
         return [infos[i] for i in sorted(infos)]
@@ -224,6 +230,72 @@ def _address_towards(host: str, port: int) -> str:
     with socket.socket(family, socket.SOCK_DGRAM) as s:
         s.connect((host, port))  # no packet is sent: this only picks the route
         return s.getsockname()[0]
+
+
+def find_prefill_servers(server_args: ServerArgs, deadline: float) -> dict:
+    """A decode server's prefill servers (--disaggregation-prefill-url), each waited for until it
+    serves /server_info: where its router takes prompts, and where they answer this server."""
+    import json
+    import urllib.request
+    import uuid
+    from urllib.parse import urlsplit
+
+    from nanocp_router.ipc import free_tcp_port
+
+    servers = []
+    for url in server_args.prefill_urls:
+        waited = 0.0
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/server_info", timeout=5) as r:
+                    info = json.loads(r.read())
+                break
+            except OSError as e:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"--disaggregation-prefill-url {url}: no prefill server there ({e})"
+                    ) from None
+                if waited % 10 == 0:
+                    logger.info("waiting for the prefill server at %s (%s)", url, e)
+                time.sleep(1)
+                waited += 1
+        mode = info.get("disaggregation_mode")
+        if mode != "prefill":
+            raise RuntimeError(
+                f"--disaggregation-prefill-url {url} runs --disaggregation-mode {mode}, not a prefill server"
+            )
+        backend = info.get("disaggregation_transfer_backend")
+        if backend != server_args.disaggregation_transfer_backend:
+            raise RuntimeError(
+                f"--disaggregation-prefill-url {url} uses --disaggregation-transfer-backend {backend}; this "
+                f"server uses {server_args.disaggregation_transfer_backend}"
+            )
+        host = urlsplit(url).hostname
+        servers.append({
+            "url": url,
+            "inbox": f"tcp://{host}:{info['disaggregation_bootstrap_port']}",
+            "kv_layout": info["instances"][0].get("kv_layout"),
+        })  # fmt: skip
+        logger.info("prefill server %s: %d instances", url, len(info["instances"]))
+    port = free_tcp_port()
+    host = _address_towards(urlsplit(server_args.prefill_urls[0]).hostname, 80)
+    return {
+        "decode_id": uuid.uuid4().hex,
+        "reply_port": port,
+        "reply_to": f"tcp://{host}:{port}",
+        "servers": servers,
+    }
+
+
+def check_prefill_layout(servers: list[dict], infos: list[dict]) -> None:
+    """The prefill servers' KV must fit this server's pools row for row."""
+    ours = infos[0].get("kv_layout")
+    for s in servers:
+        if s["kv_layout"] != ours:
+            raise RuntimeError(
+                f"--disaggregation-prefill-url {s['url']}: its KV layout {s['kv_layout']} differs from this "
+                f"server's {ours} (run the same model with the same --dtype on both)"
+            )
 
 
 def serve_instances(server_args: ServerArgs) -> None:

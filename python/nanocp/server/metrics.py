@@ -100,6 +100,16 @@ class Metrics:
             ["instance"],
             registry=r,
         )
+        # --disaggregation-mode decode (cumulative, from the router): KV from prefill servers
+        disagg = {
+            "requests": ("kv_transfer_requests_total", "Requests whose prompt KV came from a prefill server"),
+            "failed": ("kv_transfer_failed_total", "Requests failed before decoding (prefill or transfer)"),
+            "kv_bytes": ("kv_transfer_bytes_total", "KV bytes written by prefill servers"),
+            "transfer_s": ("kv_transfer_seconds_total", "Prefill + transfer time on the prefill servers"),
+            "kv_wait_s": ("kv_wait_seconds_total", "Time requests waited from planning until all KV landed"),
+            "in_flight": ("kv_transfer_in_flight", "Requests between planning and their first decode step"),
+        }
+        self.disagg = {k: Gauge(f"nanocp:{name}", doc, registry=r) for k, (name, doc) in disagg.items()}
 
     def on_finish(
         self, outcome: str, prompt_tokens: int, completion_tokens: int, ttft: float | None, e2e: float
@@ -119,8 +129,12 @@ class Metrics:
         cp_degrees: dict[str, int] | None = None,
         growth: dict[str, int] | None = None,
         router_queue: int = 0,
+        disaggregation: dict | None = None,
     ) -> None:
         self.queue.set(sum(i["waiting"] for i in instances) + router_queue)
+        if disaggregation:
+            for key, gauge in self.disagg.items():
+                gauge.set(disaggregation.get(key, 0))
         self.router_queue.set(router_queue)
         for degree, count in (cp_degrees or {}).items():
             self.cp_degree.labels(degree).set(count)

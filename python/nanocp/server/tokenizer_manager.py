@@ -126,6 +126,7 @@ class TokenizerManager:
         self.cluster: list[dict] = []
         self.cp_degrees: dict[str, int] = {}  # context-parallel degree -> requests placed (router)
         self.cp_growth_segments: dict[str, int] = {}  # tail quotas placed on the home / moved (router)
+        self.disaggregation: dict | None = None  # a decode server's prefill side (router)
 
         self.dead: str | None = None
         self.states: dict[str, ReqState] = {}
@@ -197,6 +198,11 @@ class TokenizerManager:
         request to one instance (as in SGLang) instead of letting the router choose."""
         if self.dead:
             raise EngineError(503, self.dead)
+        if self.server_args.disaggregation_mode == "prefill":
+            raise EngineError(
+                400,
+                "this is a prefill server (--disaggregation-mode prefill): send requests to its decode server",
+            )
         rid = rid or uuid.uuid4().hex
         self.check_rids([rid])
         state = ReqState(rid, len(input_ids))
@@ -252,8 +258,13 @@ class TokenizerManager:
                     self.cluster = msg.instances
                     self.cp_degrees = msg.cp_degrees
                     self.cp_growth_segments = msg.cp_growth_segments
+                    self.disaggregation = msg.disaggregation
                     self.metrics.on_cluster(
-                        self.cluster, self.cp_degrees, self.cp_growth_segments, msg.router_queue
+                        self.cluster,
+                        self.cp_degrees,
+                        self.cp_growth_segments,
+                        msg.router_queue,
+                        msg.disaggregation,
                     )
                 except Exception:
                     logger.exception("cluster snapshot not applied")
