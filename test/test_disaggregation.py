@@ -4,6 +4,10 @@ has the prefill server write the prompt's KV straight into it (NIXL, DRAM), then
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+
 import httpx
 import pytest
 from test_dcp import dcp_server_args
@@ -59,3 +63,69 @@ def test_disaggregated_tokens_equal_hf(moe_model, hf_oracle, tmp_path, dp, backe
                 assert inst["free_pages"] == inst["total_pages"], inst
             r = httpx.post(pre.url + "/generate", json={"input_ids": [1, 2], "sampling_params": greedy_params(2)})
             assert r.status_code == 400 and "prefill server" in r.text
+
+
+def wait_in_flight(url: str, n: int, timeout: float = 30.0) -> None:
+    """Until n requests are between planning and decoding on the decode server."""
+    deadline = time.monotonic() + timeout
+    while (httpx.get(url + "/server_info").json().get("disaggregation") or {}).get("in_flight", 0) < n:
+        assert time.monotonic() < deadline, "no request reached the prefill server"
+        time.sleep(0.05)
+
+
+SLOW_PREFILL = ("--chunked-prefill-size", "8")  # a 2,000-token prompt prefills in ~250 steps
+
+
+def test_abort_during_prefill_frees_every_reserved_segment(moe_model, hf_oracle, tmp_path):
+    """A request aborted while its prompt is prefilled and its KV written: it ends as aborted,
+    every page the decode instances reserved for it is free again, and the prefill instance's
+    too (after its transfers ended); the next request is served as before."""
+    boot = free_port_range(1)
+    with ServerProcess(prefill_args(moe_model, 1, boot, *SLOW_PREFILL), log_path=str(tmp_path / "p.log")) as pre:
+        with ServerProcess(decode_args(moe_model, 2, [pre.url], *CP), log_path=str(tmp_path / "d.log")) as dec:
+            long = random_prompts([2000], vocab=500, seed=5)[0]
+            req = BackgroundRequest(dec.url, {"rid": "long", "input_ids": long, "sampling_params": greedy_params(4)})
+            wait_in_flight(dec.url, 1)
+            assert httpx.post(dec.url + "/abort_request", json={"rid": "long"}).status_code == 200
+            res = req.result().json()
+            assert res["meta_info"]["finish_reason"]["type"] == "abort", res
+            with httpx.Client(base_url=dec.url, timeout=30) as c:
+                wait_idle(c)
+            with httpx.Client(base_url=pre.url, timeout=30) as c:
+                wait_idle(c)
+            short = random_prompts([30], vocab=500, seed=6)
+            assert generate_all(dec.url, short, 4) == [hf_oracle(moe_model).greedy(short[0], 4)]
+            assert httpx.get(dec.url + "/server_info").json()["disaggregation"]["failed"] == 1
+
+
+def test_prefill_server_lost_mid_request_fails_fast_and_decode_keeps_serving(moe_model, hf_oracle, tmp_path):
+    """The prefill server killed outright mid-prefill: the request fails with 5xx within
+    seconds, the decode server stays healthy (its pages free again; new requests get 503 naming
+    the prefill server) and serves again once a prefill server is back on that address."""
+    boot = free_port_range(1)
+    args = prefill_args(moe_model, 1, boot, *SLOW_PREFILL)
+    pre = ServerProcess(args, log_path=str(tmp_path / "p1.log")).wait_ready()
+    try:
+        with ServerProcess(decode_args(moe_model, 2, [pre.url], *CP), log_path=str(tmp_path / "d.log")) as dec:
+            long = random_prompts([2000], vocab=500, seed=7)[0]
+            req = BackgroundRequest(dec.url, {"input_ids": long, "sampling_params": greedy_params(4)})
+            wait_in_flight(dec.url, 1)
+            os.killpg(pre.proc.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            res = req.result(timeout=30)
+            assert res.status_code >= 500 and "prefill server" in res.text, res.text
+            assert time.monotonic() - t0 < 10
+            assert httpx.get(dec.url + "/health").status_code == 200
+            with httpx.Client(base_url=dec.url, timeout=30) as c:
+                wait_idle(c)
+                r = c.post("/generate", json={"input_ids": [1, 2, 3], "sampling_params": greedy_params(2)})
+                assert r.status_code == 503 and "prefill server" in r.text, r.text
+            with ServerProcess(args, log_path=str(tmp_path / "p2.log")):
+                short = random_prompts([40, 3], vocab=500, seed=8)
+                deadline = time.monotonic() + 30
+                while httpx.get(dec.url + "/server_info").json()["disaggregation"]["prefill_servers"][0]["up"] is False:
+                    assert time.monotonic() < deadline, "the decode server did not find the new prefill server"
+                    time.sleep(0.2)
+                assert generate_all(dec.url, short, 5) == [hf_oracle(moe_model).greedy(p, 5) for p in short]
+    finally:
+        pre.stop()

@@ -12,10 +12,12 @@ import uuid
 
 import zmq
 
+from nanocp_router.cluster_state import ClusterState
 from nanocp_router.ipc import PortArgs, drain, pull, push
 from nanocp_router.messages import (
     PREFILL_ROUTER_INBOX,
     Abort,
+    Cluster,
     FlushCache,
     Generate,
     Load,
@@ -54,6 +56,7 @@ class PrefillRouter:
         self.sent = [0] * dp_size  # tokens sent to it since
         self.where: dict[str, int] = {}  # prefill_rid(...) of a request -> its instance
         self._last_beat = 0.0
+        self.state = ClusterState.create(dp_size)  # for the HTTP process (/server_info, /metrics)
 
     def queued(self, inst: int) -> int:
         return self.reported[inst] + self.sent[inst]
@@ -81,6 +84,7 @@ class PrefillRouter:
             for i in range(len(self.workers)) if inst is None else [inst]:
                 self.workers[i].send(encode(msg))
         elif isinstance(msg, Load):
+            self.state.on_report(msg)
             self.reported[msg.instance] = msg.committed_tokens
             self.sent[msg.instance] = 0
             for rid, _ in msg.finished:
@@ -116,3 +120,4 @@ class PrefillRouter:
             if now - self._last_beat >= HEARTBEAT_S:
                 self._beat()
                 self._last_beat = now
+                self.to_tokenizer.send(encode(Cluster(self.state.snapshot(), {}, {})))
