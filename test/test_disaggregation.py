@@ -18,6 +18,7 @@ from nanocp.registries import KV_TRANSFER_BACKENDS
 from nanocp.testing.server import ServerProcess, free_port_range
 
 BACKENDS = [n for n, c in KV_TRANSFER_BACKENDS.classes().items() if c.available()]
+assert "nixl" in BACKENDS, "nixl is missing: it comes with the test extra (pip install -e '.[test]')"
 CP = ("--cp-policy", "dynamic", "--cp-min-shard-tokens", "32")
 
 
@@ -53,7 +54,9 @@ def test_disaggregated_tokens_equal_hf(moe_model, hf_oracle, tmp_path, dp, backe
     boot = free_port_range(1)
     t = ("--disaggregation-transfer-backend", backend)
     with ServerProcess(prefill_args(moe_model, 1, boot, *t), log_path=str(tmp_path / "prefill.log")) as pre:
-        with ServerProcess(decode_args(moe_model, dp, [pre.url], *CP, *t), log_path=str(tmp_path / "decode.log")) as dec:
+        with ServerProcess(
+            decode_args(moe_model, dp, [pre.url], *CP, *t), log_path=str(tmp_path / "decode.log")
+        ) as dec:
             assert generate_all(dec.url, prompts, new) == expected
             info = httpx.get(dec.url + "/server_info").json()
             assert sum(v for k, v in info["cp_degrees"].items() if k != "1") >= 1, info["cp_degrees"]
@@ -61,7 +64,9 @@ def test_disaggregated_tokens_equal_hf(moe_model, hf_oracle, tmp_path, dp, backe
             assert d["requests"] == len(prompts) and d["failed"] == 0 and d["kv_bytes"] > 0, d
             for inst in info["internal_states"]:
                 assert inst["free_pages"] == inst["total_pages"], inst
-            r = httpx.post(pre.url + "/generate", json={"input_ids": [1, 2], "sampling_params": greedy_params(2)})
+            r = httpx.post(
+                pre.url + "/generate", json={"input_ids": [1, 2], "sampling_params": greedy_params(2)}
+            )
             assert r.status_code == 400 and "prefill server" in r.text
 
 
@@ -76,26 +81,36 @@ def wait_in_flight(url: str, n: int, timeout: float = 30.0) -> None:
 SLOW_PREFILL = ("--chunked-prefill-size", "8")  # a 2,000-token prompt prefills in ~250 steps
 
 
-def test_abort_during_prefill_frees_every_reserved_segment(moe_model, hf_oracle, tmp_path):
-    """A request aborted while its prompt is prefilled and its KV written: it ends as aborted,
-    every page the decode instances reserved for it is free again, and the prefill instance's
-    too (after its transfers ended); the next request is served as before."""
+def test_abort_and_transfer_errors_free_every_reserved_segment(moe_model, hf_oracle, tmp_path):
+    """A request aborted while its prompt is prefilled and its KV written ends as aborted; one
+    whose transfer fails ends with a 500 naming it. Every page the decode instances reserved
+    for them is free again, and the prefill instance's too (after its transfers ended); the
+    next request is served as before."""
     boot = free_port_range(1)
-    with ServerProcess(prefill_args(moe_model, 1, boot, *SLOW_PREFILL), log_path=str(tmp_path / "p.log")) as pre:
-        with ServerProcess(decode_args(moe_model, 2, [pre.url], *CP), log_path=str(tmp_path / "d.log")) as dec:
+    fault = {"NANOCP_FAULT_INJECT": "transfer:bad-transfer"}
+    pargs = prefill_args(moe_model, 1, boot, *SLOW_PREFILL)
+    with ServerProcess(pargs, env=fault, log_path=str(tmp_path / "p.log")) as pre:
+        with ServerProcess(
+            decode_args(moe_model, 2, [pre.url], *CP), log_path=str(tmp_path / "d.log")
+        ) as dec:
             long = random_prompts([2000], vocab=500, seed=5)[0]
-            req = BackgroundRequest(dec.url, {"rid": "long", "input_ids": long, "sampling_params": greedy_params(4)})
+            req = BackgroundRequest(
+                dec.url, {"rid": "long", "input_ids": long, "sampling_params": greedy_params(4)}
+            )
             wait_in_flight(dec.url, 1)
             assert httpx.post(dec.url + "/abort_request", json={"rid": "long"}).status_code == 200
             res = req.result().json()
             assert res["meta_info"]["finish_reason"]["type"] == "abort", res
+            bad = {"rid": "bad-transfer", "input_ids": long[:500], "sampling_params": greedy_params(4)}
+            r = httpx.post(dec.url + "/generate", json=bad, timeout=60)
+            assert r.status_code == 500 and "KV transfer failed" in r.text, r.text
             with httpx.Client(base_url=dec.url, timeout=30) as c:
                 wait_idle(c)
             with httpx.Client(base_url=pre.url, timeout=30) as c:
                 wait_idle(c)
             short = random_prompts([30], vocab=500, seed=6)
             assert generate_all(dec.url, short, 4) == [hf_oracle(moe_model).greedy(short[0], 4)]
-            assert httpx.get(dec.url + "/server_info").json()["disaggregation"]["failed"] == 1
+            assert httpx.get(dec.url + "/server_info").json()["disaggregation"]["failed"] == 2
 
 
 def test_prefill_server_lost_mid_request_fails_fast_and_decode_keeps_serving(moe_model, hf_oracle, tmp_path):
@@ -106,7 +121,9 @@ def test_prefill_server_lost_mid_request_fails_fast_and_decode_keeps_serving(moe
     args = prefill_args(moe_model, 1, boot, *SLOW_PREFILL)
     pre = ServerProcess(args, log_path=str(tmp_path / "p1.log")).wait_ready()
     try:
-        with ServerProcess(decode_args(moe_model, 2, [pre.url], *CP), log_path=str(tmp_path / "d.log")) as dec:
+        with ServerProcess(
+            decode_args(moe_model, 2, [pre.url], *CP), log_path=str(tmp_path / "d.log")
+        ) as dec:
             long = random_prompts([2000], vocab=500, seed=7)[0]
             req = BackgroundRequest(dec.url, {"input_ids": long, "sampling_params": greedy_params(4)})
             wait_in_flight(dec.url, 1)
@@ -123,8 +140,13 @@ def test_prefill_server_lost_mid_request_fails_fast_and_decode_keeps_serving(moe
             with ServerProcess(args, log_path=str(tmp_path / "p2.log")):
                 short = random_prompts([40, 3], vocab=500, seed=8)
                 deadline = time.monotonic() + 30
-                while httpx.get(dec.url + "/server_info").json()["disaggregation"]["prefill_servers"][0]["up"] is False:
-                    assert time.monotonic() < deadline, "the decode server did not find the new prefill server"
+                while (
+                    httpx.get(dec.url + "/server_info").json()["disaggregation"]["prefill_servers"][0]["up"]
+                    is False
+                ):
+                    assert time.monotonic() < deadline, (
+                        "the decode server did not find the new prefill server"
+                    )
                     time.sleep(0.2)
                 assert generate_all(dec.url, short, 5) == [hf_oracle(moe_model).greedy(p, 5) for p in short]
     finally:

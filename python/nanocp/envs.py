@@ -82,7 +82,8 @@ def fault_inject() -> str:
     """Test-only fault injection (nanocp_router.faults): comma-separated faults, each
     "forward:INSTANCE:STEP" / "sample:INSTANCE:STEP" (raise in that instance's STEP-th non-idle
     forward, at its start / in sampling) or "LOOP:RID" with LOOP one of worker, router, tokenizer,
-    detokenizer (raise while that process handles request RID). Unset: no faults."""
+    detokenizer (raise while that process handles request RID) or transfer (a prefill instance
+    writing the KV of the decode server's request RID). Unset: no faults."""
     return _get("NANOCP_FAULT_INJECT", "")
 
 

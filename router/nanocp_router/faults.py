@@ -7,7 +7,8 @@ the router gets the spec from the launcher: it does not import nanocp). Unconfig
 from __future__ import annotations
 
 STEP_POINTS = ("forward", "sample")  # inside an instance's step, keyed by (instance, step)
-LOOP_POINTS = ("worker", "router", "tokenizer", "detokenizer")  # a process handling a request
+# a process handling a request; transfer: a prefill instance writing a request's KV
+LOOP_POINTS = ("worker", "router", "tokenizer", "detokenizer", "transfer")
 
 _FAULTS: frozenset[tuple[str, str]] = frozenset()
 

@@ -21,7 +21,9 @@ class NixlTransfer(KVTransfer):
         super().__init__(agent_name, pool)
         from nixl._api import nixl_agent, nixl_agent_config
 
-        self.agent = nixl_agent(agent_name, nixl_agent_config(backends=["UCX"]))
+        # no progress thread (it would spin a core per instance): UCX progresses in poll() and
+        # notices(), which the worker's loop calls every turn
+        self.agent = nixl_agent(agent_name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
         self.buffers = [b for pair in zip(pool.k_buffer, pool.v_buffer) for b in pair]  # k0 v0 k1 v1 ...
         self.agent.register_memory(self.buffers)
         first = self.buffers[0]

@@ -19,6 +19,7 @@ import zmq
 from nanocp.disaggregation.transfer import KVTransfer, dest_slots, slot_runs
 from nanocp.kvcache.pool import KVCachePool, PageAllocator
 from nanocp.scheduler.request import Req
+from nanocp_router.faults import request_fault
 from nanocp_router.ipc import push
 from nanocp_router.messages import Output, PrefillDone, PrefillHello, PrefillRequest, encode
 
@@ -93,6 +94,7 @@ class KVSender:
                 o.error = {"type": "abort", "status_code": 500, "message": f"KV transfer failed: {e}"}
 
     def _send(self, req: Req, o: Outgoing, lo: int, hi: int) -> None:
+        request_fault("transfer", o.msg.rid)  # tests only (envs.fault_inject)
         src = self.table[req.req_pool_idx, lo:hi].tolist()
         ps = self.allocator.page_size
         for d in o.msg.dest:

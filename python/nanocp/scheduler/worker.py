@@ -379,8 +379,10 @@ class Worker:
             if busy:
                 self._idle_since = now
             idle_ms = IDLE_POLL_MS if now - self._idle_since < IDLE_BACKOFF_S else IDLE_MAX_POLL_MS
-            if (self.sender is not None and self.sender.out) or self.scheduler.landing:
-                idle_ms = 1  # transfers in flight: their progress and notices are polled here
+            if self.sender is not None and self.sender.out:
+                idle_ms = 1  # transfers in flight: they progress when polled (KVSender.poll)
+            elif self.scheduler.landing:  # KV landing: its notices are read every turn
+                idle_ms = IDLE_POLL_MS
             outs: list[Output] = []
             for msg in drain(self.inbox, self.decode, timeout_ms=0 if busy else idle_ms):
                 outs += self.handle_safely(msg)
