@@ -136,3 +136,33 @@ def test_engine_with_the_slo_order_matches_hf(moe_model, hf_oracle):
         outs = engine.generate(input_ids=prompts, sampling_params={"max_new_tokens": 6, "temperature": 0.0})
         assert engine.scheduler.prefill_s_per_token > 0
     assert [o["output_ids"] for o in outs] == expected
+
+
+def test_long_prefill_threshold_interleaves_chunks_behind_a_long_prompt():
+    """--long-prefill-token-threshold: a 4,000-token prompt admitted first, then 4 short ones.
+    Off, the short ones wait for its whole prefill (chunk 512: 8 steps); on (128), they run in
+    the long prompt's steps and are prefilled within 2 steps, and it still takes the whole
+    budget once alone."""
+    from benchmark.simulator.instance import SimInstance, SimRequest
+
+    def run(threshold: int) -> tuple[dict[int, int], list[list[tuple[int, int]]]]:
+        inst = SimInstance(0, total_pages=10_000, page_size=16, chunk=512, max_running=8,
+                           long_prefill_tokens=threshold)  # fmt: skip
+        reqs = [SimRequest(Request(0.0, n, 1), rid=i) for i, n in enumerate([4000, 100, 100, 100, 100])]
+        for r in reqs:
+            inst.enqueue(r)
+        done, steps = {}, []
+        for step in range(40):
+            work = inst.step_work(step * 0.01)
+            steps.append([(r.rid, n) for r, n in work])
+            for r, _ in work:
+                if r.num_pending == 0 and r.rid not in done:
+                    done[r.rid] = step
+        return done, steps
+
+    done, _ = run(0)
+    assert min(done[i] for i in range(1, 5)) >= 7, done
+    done, steps = run(128)
+    assert max(done[i] for i in range(1, 5)) <= 1, done
+    assert steps[0][0] == (0, 128) and sum(n for _, n in steps[0]) == 512, steps[0]
+    assert (0, 512) in steps[3], steps[:4]  # alone: the whole chunk again

@@ -124,11 +124,13 @@ class SimInstance(SchedulerCore):
         policy: str = "fcfs",
         ttft_slo_s: float = float("inf"),
         tpot_slo_s: float = float("inf"),
+        long_prefill_tokens: int = 0,
     ) -> None:
         pages = SimPages(total_pages, page_size)
         super().__init__(
-            pages, pages, chunk, max_running, conservativeness, index, policy, ttft_slo_s, tpot_slo_s
-        )
+            pages, pages, chunk, max_running, conservativeness, index, policy, ttft_slo_s, tpot_slo_s,
+            long_prefill_tokens,
+        )  # fmt: skip
         self.index, self.total_pages, self.page_size = index, total_pages, page_size
         self.now = 0.0
         self.last_report_s = float("-inf")

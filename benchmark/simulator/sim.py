@@ -68,6 +68,7 @@ class Simulator:
         schedule_policy: str = "fcfs",
         slo_ttft_s: float = float("inf"),
         slo_tpot_s: float = float("inf"),
+        long_prefill_tokens: int = 0,
     ) -> None:
         """disaggregated: prompts are prefilled elsewhere (PD disaggregation) and arrive with their
         KV; only decode runs here, so TPOT reflects decode balance alone (the case DCP targets).
@@ -83,7 +84,7 @@ class Simulator:
         self.disaggregated = disaggregated
         self.load_balance_method = load_balance_method
         self.conservativeness = schedule_conservativeness
-        self.schedule = (schedule_policy, slo_ttft_s, slo_tpot_s)
+        self.schedule = (schedule_policy, slo_ttft_s, slo_tpot_s, long_prefill_tokens)
         # per step (start time, [(rid, home, tokens)]), kept when set to a list: joins with the
         # real server's step traces (their "work" field) request by request
         self.step_log: list[tuple[float, list[tuple[int, int, int]]]] | None = None

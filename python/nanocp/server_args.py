@@ -60,6 +60,9 @@ class ServerArgs:
     schedule_policy: str = "fcfs"
     slo_ttft_ms: float = 5000.0
     slo_tpot_ms: float = 100.0
+    # one request's prompt tokens per step while others want prefill (scheduler/core.py); None:
+    # --chunked-prefill-size / 4 on a prefill server, else 0 (off)
+    long_prefill_token_threshold: int | None = None
     random_seed: int = 0
     # Kernels
     attention_backend: str = "auto"  # cuda: flashinfer (installed, no CP) or triton; cpu: torch
@@ -136,6 +139,7 @@ class ServerArgs:
                 raise ServerArgsError(f"{_flag(name)} must be a number > 0, got {value!r}")
         for name in ("page_size", "chunked_prefill_size", "max_running_requests", "cuda_graph_max_bs"):
             self._check_int(name, minimum=1)
+        self._check_int("long_prefill_token_threshold", minimum=0, optional=True)
         for name in ("max_queued_requests", "max_total_tokens", "context_length"):
             self._check_int(name, minimum=1, optional=True)
         self._check_int("random_seed", minimum=0)
@@ -195,6 +199,9 @@ class ServerArgs:
             self.served_model_name = self.model_path
         if self.moe_runner_backend == "auto":
             self.moe_runner_backend = "triton" if self.device == "cuda" else "torch"
+        if self.long_prefill_token_threshold is None:
+            prefill = self.disaggregation_mode == "prefill"
+            self.long_prefill_token_threshold = max(1, self.chunked_prefill_size // 4) if prefill else 0
         if self.cp_policy is None:  # a prefill server's instances never decode: no placements
             dynamic = self.dp_size > 1 and self.disaggregation_mode != "prefill"
             self.cp_policy = "dynamic" if dynamic else "none"
@@ -452,6 +459,13 @@ class ServerArgs:
             type=float,
             default=ServerArgs.slo_tpot_ms,
             help="TPOT target of --schedule-policy slo.",
+        )
+        a(
+            "--long-prefill-token-threshold",
+            type=int,
+            help="While other prompts wait or prefill, one request runs at most this many prompt tokens per "
+            "step (chunks of several requests interleave: no head-of-line blocking behind a long prompt); "
+            "0: off. Default: --chunked-prefill-size / 4 on a prefill server, else 0.",
         )
         a("--random-seed", type=int, default=ServerArgs.random_seed)
         a(

@@ -15,6 +15,11 @@ TPOT SLO per token since, for a retracted one) - now - the time its pending toke
 (prefill_s_per_token, measured by the owner). Requests that can no longer meet their deadline
 (negative slack) go after every one that still can, oldest first: an overloaded instance keeps
 serving the requests it can still serve in time instead of all of them late.
+
+Head-of-line blocking (--long-prefill-token-threshold N, on by default on prefill servers):
+while other prompts wait or prefill, no request runs more than N prompt tokens in a step, so
+chunks of different requests interleave and a 128k prompt does not hold short ones back for
+its whole prefill; a prompt prefilling alone takes the whole --chunked-prefill-size.
 """
 
 from __future__ import annotations
@@ -79,10 +84,12 @@ class SchedulerCore:
         policy: str = "fcfs",
         ttft_slo_s: float = float("inf"),
         tpot_slo_s: float = float("inf"),
+        long_prefill_tokens: int = 0,
     ) -> None:
         """kv: the own requests' KV; pages: where segments held for other homes are allocated
         (the same pages); chunk: --chunked-prefill-size; max_running: --max-running-requests;
-        policy, *_slo_s: --schedule-policy and the SLOs the `slo` order works against."""
+        policy, *_slo_s: --schedule-policy and the SLOs the `slo` order works against;
+        long_prefill_tokens: --long-prefill-token-threshold (0: off)."""
         self.kv = kv
         self.foreign = ForeignKV(pages)
         self.chunk = chunk
@@ -98,6 +105,7 @@ class SchedulerCore:
         if policy not in ("fcfs", "slo"):
             raise ValueError(f"--schedule-policy must be fcfs or slo, got {policy!r}")
         self.policy, self.ttft_slo_s, self.tpot_slo_s = policy, ttft_slo_s, tpot_slo_s
+        self.long_prefill_tokens = long_prefill_tokens
         self.now = 0.0  # the owner's clock at this step (engine: time.monotonic(); simulator: its time)
         self.prefill_s_per_token = 0.0  # the owner's estimate, for the slack of pending tokens
 
@@ -162,6 +170,13 @@ class SchedulerCore:
         budget = self.chunk
         work: list[tuple[CoreReq, int]] = []
         self.num_paused = 0
+        # while other prompts want the budget, one request's chunk is capped (head-of-line: a
+        # long prompt shares each step with the short ones instead of running alone for its whole
+        # prefill); alone, it takes the whole budget
+        prefilling = sum(1 for r in self.running if r.num_pending > 1)
+        cap = self.long_prefill_tokens
+        if not cap or (prefilling <= 1 and not self.waiting):
+            cap = budget
         # 1. running requests: every decode, and continued prefill chunks within the budget
         for req in self.running:
             ask = growth_ask(req)
@@ -174,7 +189,7 @@ class SchedulerCore:
             if req.num_pending == 1:
                 work.append((req, 1))
             elif budget > 0:
-                n = min(runnable, budget)
+                n = min(runnable, budget, cap)
                 budget -= n
                 work.append((req, n))
         work = self._fit_or_retract(work)
@@ -185,7 +200,7 @@ class SchedulerCore:
         # 2. admit waiting requests in order (first-come first-served, or by slack)
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
-            n = min(req.num_runnable, budget)
+            n = min(req.num_runnable, budget, cap if len(self.waiting) > 1 else budget)
             if n <= 0:  # a retracted request at the end of its plan: it waits for its growth
                 break
             if not self._can_admit(req, n) or self.kv.extend(req, n) is None:

@@ -51,6 +51,7 @@ class Scheduler(SchedulerCore):
             args.schedule_policy,
             args.slo_ttft_ms / 1e3,
             args.slo_tpot_ms / 1e3,
+            args.long_prefill_token_threshold,
         )
         self.runner = runner
         self.tracer = tracer
