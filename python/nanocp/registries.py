@@ -59,5 +59,8 @@ MOE_A2A_BACKENDS = Registry(
 )
 KV_TRANSFER_BACKENDS = Registry(
     "--disaggregation-transfer-backend",
-    {"nixl": "nanocp.disaggregation.nixl:NixlTransfer"},
+    {
+        "nixl": "nanocp.disaggregation.nixl:NixlTransfer",
+        "torch": "nanocp.disaggregation.torch_store:TorchStoreTransfer",
+    },
 )

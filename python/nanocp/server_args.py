@@ -619,7 +619,8 @@ class ServerArgs:
             type=str,
             default=ServerArgs.disaggregation_transfer_backend,
             choices=KV_TRANSFER_BACKENDS.names(),
-            help="How KV moves from prefill to decode instances: nixl (UCX; DRAM on CPU, GPU memory on GPU).",
+            help="How KV moves from prefill to decode instances: nixl (UCX; DRAM on CPU, GPU memory on GPU), "
+            "torch (torch.distributed's TCPStore, through the hosts: the portable fallback).",
         )
         a(
             "--disaggregation-bootstrap-port",
