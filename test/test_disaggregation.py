@@ -151,3 +151,45 @@ def test_prefill_server_lost_mid_request_fails_fast_and_decode_keeps_serving(moe
                 assert generate_all(dec.url, short, 5) == [hf_oracle(moe_model).greedy(p, 5) for p in short]
     finally:
         pre.stop()
+
+
+def client_view(url: str) -> dict:
+    """What clients get: a streamed /generate, OpenAI completions with logprobs (the first one
+    comes from the prefill server), a streamed chat completion."""
+    import json
+
+    import openai
+
+    out = {}
+    body = {"input_ids": [5, 6, 7, 8], "sampling_params": greedy_params(6), "stream": True}
+    with httpx.Client(base_url=url, timeout=60) as c, c.stream("POST", "/generate", json=body) as r:
+        assert r.status_code == 200
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]"
+    out["stream"] = [json.loads(ln[len("data: ") :])["output_ids"] for ln in lines[:-1]][-1]
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="none")
+    model = oai.models.list().data[0].id
+    comp = oai.completions.create(model=model, prompt=[9, 10, 11], max_tokens=4, temperature=0, logprobs=2)
+    out["text"] = comp.choices[0].text
+    out["logprobs"] = comp.choices[0].logprobs.token_logprobs
+    messages = [{"role": "user", "content": "hello"}]
+    chunks = list(oai.chat.completions.create(model=model, messages=messages, max_tokens=6, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    out["chat"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    out["chat_tokens"] = chunks[-1].usage.completion_tokens
+    return out
+
+
+def test_clients_see_no_difference(moe_model, tmp_path):
+    """Streaming, the OpenAI API with logprobs and chat give what the colocated server gives;
+    /metrics counts the transfers."""
+    boot = free_port_range(1)
+    with ServerProcess(dcp_server_args(moe_model, 2, 16, *CP), log_path=str(tmp_path / "colocated.log")) as col:
+        colocated = client_view(col.url)
+    with ServerProcess(prefill_args(moe_model, 1, boot), log_path=str(tmp_path / "p.log")) as pre:
+        with ServerProcess(decode_args(moe_model, 2, [pre.url], *CP), log_path=str(tmp_path / "d.log")) as dec:
+            disaggregated = client_view(dec.url)
+            text = httpx.get(dec.url + "/metrics").text
+    assert disaggregated.pop("logprobs") == pytest.approx(colocated.pop("logprobs"), abs=1e-4)
+    assert disaggregated == colocated
+    assert "nanocp:kv_transfer_requests_total 3.0" in text and "nanocp:kv_transfer_failed_total 0.0" in text
