@@ -184,10 +184,14 @@ def test_clients_see_no_difference(moe_model, tmp_path):
     """Streaming, the OpenAI API with logprobs and chat give what the colocated server gives;
     /metrics counts the transfers."""
     boot = free_port_range(1)
-    with ServerProcess(dcp_server_args(moe_model, 2, 16, *CP), log_path=str(tmp_path / "colocated.log")) as col:
+    with ServerProcess(
+        dcp_server_args(moe_model, 2, 16, *CP), log_path=str(tmp_path / "colocated.log")
+    ) as col:
         colocated = client_view(col.url)
     with ServerProcess(prefill_args(moe_model, 1, boot), log_path=str(tmp_path / "p.log")) as pre:
-        with ServerProcess(decode_args(moe_model, 2, [pre.url], *CP), log_path=str(tmp_path / "d.log")) as dec:
+        with ServerProcess(
+            decode_args(moe_model, 2, [pre.url], *CP), log_path=str(tmp_path / "d.log")
+        ) as dec:
             disaggregated = client_view(dec.url)
             text = httpx.get(dec.url + "/metrics").text
     assert disaggregated.pop("logprobs") == pytest.approx(colocated.pop("logprobs"), abs=1e-4)

@@ -56,7 +56,7 @@ class KVSender:
         self.peers: dict[tuple[str, int], str] = {}  # (decode_id, decode instance) -> peer name
         self.replies: dict[str, tuple[str, zmq.Socket]] = {}  # decode_id -> (address, socket)
         self.out: dict[str, Outgoing] = {}  # by the request's rid here (prefill_rid)
-        self.stats = {"requests": 0, "transfers": 0, "kv_bytes": 0, "failed": 0}
+        self.stats = {"requests": 0, "transfers": 0, "sent_bytes": 0, "kv_bytes": 0, "failed": 0}
 
     # ---------------------------------------------------------------- setup
     def on_hello(self, msg: PrefillHello) -> None:
@@ -77,10 +77,13 @@ class KVSender:
         self.out[rid] = Outgoing(msg, time.monotonic())
 
     # ------------------------------------------------------------- per step
-    def after_forward(self, work: list[tuple[Req, int]]) -> None:
-        """Write the K/V of this step's tokens (positions [kv_len - n, kv_len) of each request)."""
+    def after_forward(self, work: list[tuple[Req, int]]) -> dict[str, Any]:
+        """Write the K/V of this step's tokens (positions [kv_len - n, kv_len) of each request);
+        returns what was sent, for the step trace."""
+        before = (self.stats["transfers"], self.stats["sent_bytes"])
+        t0 = time.monotonic()
         if not work:
-            return
+            return {}
         if self.table.is_cuda:  # the step's K/V writes must be complete before the NIC reads them
             torch.cuda.current_stream().synchronize()
         for req, n in work:
@@ -92,6 +95,11 @@ class KVSender:
             except Exception as e:  # this request fails alone
                 logger.exception("instance %d: KV transfer of %s failed to start", self.instance, req.rid)
                 o.error = {"type": "abort", "status_code": 500, "message": f"KV transfer failed: {e}"}
+        return {
+            "kv_transfers": self.stats["transfers"] - before[0],
+            "kv_sent_bytes": self.stats["sent_bytes"] - before[1],
+            "kv_post_s": time.monotonic() - t0,  # starting them (NIXL: posting; torch: the whole copy)
+        }
 
     def _send(self, req: Req, o: Outgoing, lo: int, hi: int) -> None:
         request_fault("transfer", o.msg.rid)  # tests only (envs.fault_inject)
@@ -107,6 +115,7 @@ class KVSender:
             o.in_flight.append(self.transfer.write(peer, slot_runs(src[a - lo : b - lo], dst), notice))
             o.kv_bytes += (b - a) * self.bytes_per_token
             self.stats["transfers"] += 1
+            self.stats["sent_bytes"] += (b - a) * self.bytes_per_token
 
     def before_release(self, req: Req) -> None:
         """The scheduler frees a request's pages: keep them while its transfers read them."""

@@ -37,7 +37,9 @@ class TorchStoreTransfer(KVTransfer):
         import torch.distributed as dist
 
         if self._store is None:
-            self._store = dist.TCPStore("0.0.0.0", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False)
+            self._store = dist.TCPStore(
+                "0.0.0.0", 0, None, True, timeout=timedelta(seconds=30), wait_for_workers=False
+            )
             self._host = socket.gethostbyname(socket.gethostname())
         return {
             "backend": self.name,

@@ -65,7 +65,8 @@ class Scheduler(SchedulerCore):
         self.landing: dict[int, Req] = {}
         # --disaggregation-mode prefill: after each forward, before sampling (the step's K/V is
         # complete, the pages still held), and before a request's pages are freed
-        self.after_forward: Callable[[list[tuple[Req, int]]], None] | None = None
+        # (it returns what it sent, for the step trace)
+        self.after_forward: Callable[[list[tuple[Req, int]]], dict[str, Any]] | None = None
         self.before_release: Callable[[Req], None] | None = None
 
     # ------------------------------------------------------------------ hooks
@@ -196,12 +197,20 @@ class Scheduler(SchedulerCore):
                 )
                 self.runner.forward(batch)  # a second fault leaves the loop: the instance exits
             return self.fail_step(e)
+        sent: dict[str, Any] = {}
+        if self.after_forward is not None:  # a prefill server's KV transfers of this step
+            try:
+                sent = self.after_forward(self.work)
+            except Exception as e:
+                return self.fail_step(e)
         if self.tracer is not None:
             self.tracer.end_step(
                 {
                     **self._trace_info(batch),
+                    **sent,
                     "paused": self.num_paused,
                     "waiting": len(self.waiting),
+                    "landing": len(self.landing),  # disaggregated decode: requests waiting for KV
                     "work": [[req.rid, n] for req, n in self.work],  # run by this instance's own requests
                 }
             )
@@ -214,8 +223,6 @@ class Scheduler(SchedulerCore):
         kind = ("graph_dcp" if batch.dcp is not None else "graph") if batch.cuda_graph else "eager"
         self.step_kinds[kind] += 1
         try:  # from here on nothing waits for peers
-            if self.after_forward is not None:
-                self.after_forward(self.work)
             return self._sample(logits, sampling)
         except Exception as e:
             return self.fail_step(e)
