@@ -10,12 +10,14 @@ Step traces (--step-trace-file) are kept under --trace-dir for simulator calibra
 
     python -m benchmark.compare                       # CPU, benchmark MoE, dp=ep=4
     python -m benchmark.compare --rates 0.5 1 2       # fixed rates instead of the search
+    python -m benchmark.compare --disaggregation-prefill-dp 1   # decode servers fed by a prefill server
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -30,7 +32,7 @@ from benchmark.serve_bench import run_workload, server_vocab, summarize
 from benchmark.server_runs import ClusterSampler, modes, plot_timelines, server_flags, wait_idle, warm_up
 from benchmark.workloads import Request, nested_workload, summary
 from nanocp import envs
-from nanocp.testing.server import ServerProcess
+from nanocp.testing.server import ServerProcess, free_port_range
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,6 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="",
         help="extra launch_server flags for every mode, e.g. '--load-format dummy --skip-tokenizer-init'",
     )
+    p.add_argument(
+        "--disaggregation-prefill-dp",
+        type=int,
+        default=0,
+        help="P > 0: each mode's server is a decode server (--disaggregation-mode decode) fed by a "
+        "prefill server of P instances started beside it; 0: prefill and decode colocated",
+    )
     p.add_argument("--trace-dir", type=Path, default=Path("/tmp/nanocp-compare-traces"))
     p.add_argument("--tag", default=None)
     p.add_argument(
@@ -82,7 +91,7 @@ def slug(mode: str) -> str:
 def run_mode(args, model: str, mode: str, flags: list[str]) -> dict:
     args.trace_dir.mkdir(parents=True, exist_ok=True)
     trace = args.trace_dir / f"{slug(mode)}.jsonl"
-    for old in args.trace_dir.glob(f"{trace.name}*"):
+    for old in args.trace_dir.glob(f"{slug(mode)}*.jsonl*"):
         old.unlink()
     cmd = server_flags(
         model,
@@ -94,11 +103,17 @@ def run_mode(args, model: str, mode: str, flags: list[str]) -> dict:
         chunked_prefill=args.chunked_prefill_size,
     )
     runs: dict[float, dict] = {}
-    with ServerProcess(
-        [*cmd, "--step-trace-file", str(trace)],
-        log_path=f"/tmp/nanocp-compare-{slug(mode)}.log",
-        ready_timeout=envs.startup_timeout_s(),
-    ) as s:
+    with contextlib.ExitStack() as stack:
+        if args.disaggregation_prefill_dp:
+            pre = stack.enter_context(prefill_server(args, model, mode))
+            cmd += ["--disaggregation-mode", "decode", "--disaggregation-prefill-url", pre.url]
+        s = stack.enter_context(
+            ServerProcess(
+                [*cmd, "--step-trace-file", str(trace)],
+                log_path=f"/tmp/nanocp-compare-{slug(mode)}.log",
+                ready_timeout=envs.startup_timeout_s(),
+            )
+        )
         vocab = server_vocab(s.url)
         warm_up(s.url, args.dp_size, args.chunked_prefill_size)
 
@@ -150,6 +165,21 @@ def run_mode(args, model: str, mode: str, flags: list[str]) -> dict:
         "trace": str(trace),
         "runs": [runs[r] for r in sorted(runs)],
     }
+
+
+def prefill_server(args, model: str, mode: str) -> ServerProcess:
+    """The prefill server a disaggregated mode's decode server sends its prompts to."""
+    p = args.disaggregation_prefill_dp
+    cmd = server_flags(
+        model, p, args.device, args.max_total_tokens, *shlex.split(args.server_args),
+        chunked_prefill=args.chunked_prefill_size,
+    )  # fmt: skip
+    boot = free_port_range(1)
+    trace = args.trace_dir / f"{slug(mode)}_prefill.jsonl"
+    cmd += ["--disaggregation-mode", "prefill", "--disaggregation-bootstrap-port", str(boot),
+            "--step-trace-file", str(trace)]  # fmt: skip
+    log = f"/tmp/nanocp-compare-{slug(mode)}-prefill.log"
+    return ServerProcess(cmd, log_path=log, ready_timeout=envs.startup_timeout_s())
 
 
 def ttft_slo(args) -> float | None:
@@ -246,7 +276,9 @@ def main(argv=None) -> dict:
         "settings": {k: str(v) for k, v in vars(args).items()},
         "modes": {},
     }
-    tag = args.tag or f"{args.device}_dp{args.dp_size}"
+    pd = args.disaggregation_prefill_dp
+    result["disaggregation"] = {"prefill_dp": pd} if pd else None
+    tag = args.tag or f"{args.device}_dp{args.dp_size}" + (f"_pd{pd}" if pd else "")
     if args.only and (RESULTS / f"compare_{tag}.json").exists():  # keep the other modes' runs
         old = json.loads((RESULTS / f"compare_{tag}.json").read_text())
         result["modes"] = old["modes"]
