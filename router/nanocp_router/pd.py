@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from nanocp_router.ipc import push
 from nanocp_router.messages import (
@@ -44,13 +44,23 @@ from nanocp_router.messages import (
 )
 from nanocp_router.planner import Plan
 
-if TYPE_CHECKING:
-    from nanocp_router.router import Router
-
 logger = logging.getLogger("nanocp.router")
 HEARTBEAT_S = 0.5  # a prefill server's PrefillLoad to every decode server that said hello
 SERVER_TIMEOUT_S = 5.0  # no heartbeat for this long: the prefill server is down
 HELLO_RETRY_S = 1.0  # hello again to a server that is not (or no longer) sending heartbeats
+
+
+class RouterSide(Protocol):
+    """What DisaggDecode uses of the decode server's router (nanocp_router.router.Router)."""
+
+    ctx: Any
+    workers: list[Any]
+    queue: list[Generate]
+
+    def send(self, inst: int, msg: Any) -> None: ...
+    def send_work(self, inst: int, msg: Any) -> None: ...
+    def abort_output(self, req: Generate, reason: dict | None = None) -> None: ...
+    def start_on_home(self, req: Generate, key: int, plan: Plan, first: KVReady | None = None) -> None: ...
 
 
 @dataclass
@@ -107,7 +117,7 @@ class Transfer:
 class DisaggDecode:
     """The decode router's prefill servers and the requests between them and the instances."""
 
-    def __init__(self, router: Router, config: dict[str, Any]) -> None:
+    def __init__(self, router: RouterSide, config: dict[str, Any]) -> None:
         self.router = router
         self.decode_id: str = config["decode_id"]
         self.reply_to: str = config["reply_to"]

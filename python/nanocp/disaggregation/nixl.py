@@ -5,6 +5,8 @@ receives after the data. DRAM pools on CPU, VRAM on GPU."""
 from __future__ import annotations
 
 import base64
+import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,8 @@ class NixlTransfer(KVTransfer):
         super().__init__(agent_name, pool)
         from nixl._api import nixl_agent, nixl_agent_config
 
+        if not os.environ.get("NIXL_LOG_LEVEL"):  # its INFO lines per agent: warnings only, unless asked
+            logging.getLogger("nixl").setLevel(logging.WARNING)
         # no progress thread (it would spin a core per instance): UCX progresses in poll() and
         # notices(), which the worker's loop calls every turn
         self.agent = nixl_agent(agent_name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
