@@ -188,6 +188,7 @@ def simulate(
         max_running=a.max_running_requests,
         load_balance_method=a.load_balance_method,
         schedule_conservativeness=a.schedule_conservativeness,
+        disaggregated=bool(compare.get("disaggregation")),  # compare --disaggregation-prefill-dp
     )
     return sim.run(work).metrics
 
