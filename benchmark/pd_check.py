@@ -109,6 +109,7 @@ def main(argv=None) -> dict:
                 dec_args, log_path=f"/tmp/nanocp-pd-decode-{name}.log", ready_timeout=900
             ) as dec:
                 outs, ttft = generate(dec.url, ps, args.new_tokens)
+                time.sleep(0.5)  # the router's snapshot (at most every 100 ms) of the last request
                 d = httpx.get(dec.url + "/server_info").json()["disaggregation"]
         same = [o == e for o, e in zip(outs, expected)]
         result["runs"][name] = {"tokens_equal": same, "ttft_s": ttft, "disaggregation": d}
