@@ -193,7 +193,10 @@ def test_clients_see_no_difference(moe_model, tmp_path):
             decode_args(moe_model, 2, [pre.url], *CP), log_path=str(tmp_path / "d.log")
         ) as dec:
             disaggregated = client_view(dec.url)
-            text = httpx.get(dec.url + "/metrics").text
+            deadline = time.monotonic() + 10
+            while "nanocp:kv_transfer_requests_total 3.0" not in (text := httpx.get(dec.url + "/metrics").text):
+                assert time.monotonic() < deadline, text  # the router's snapshots come every 100 ms
+                time.sleep(0.1)
     assert disaggregated.pop("logprobs") == pytest.approx(colocated.pop("logprobs"), abs=1e-4)
     assert disaggregated == colocated
-    assert "nanocp:kv_transfer_requests_total 3.0" in text and "nanocp:kv_transfer_failed_total 0.0" in text
+    assert "nanocp:kv_transfer_failed_total 0.0" in text and "nanocp:kv_transfer_bytes_total 0.0" not in text
