@@ -194,9 +194,31 @@ def test_clients_see_no_difference(moe_model, tmp_path):
         ) as dec:
             disaggregated = client_view(dec.url)
             deadline = time.monotonic() + 10
-            while "nanocp:kv_transfer_requests_total 3.0" not in (text := httpx.get(dec.url + "/metrics").text):
+            while "nanocp:kv_transfer_requests_total 3.0" not in (
+                text := httpx.get(dec.url + "/metrics").text
+            ):
                 assert time.monotonic() < deadline, text  # the router's snapshots come every 100 ms
                 time.sleep(0.1)
     assert disaggregated.pop("logprobs") == pytest.approx(colocated.pop("logprobs"), abs=1e-4)
     assert disaggregated == colocated
     assert "nanocp:kv_transfer_failed_total 0.0" in text and "nanocp:kv_transfer_bytes_total 0.0" not in text
+
+
+def test_a_request_starts_only_when_every_destination_is_covered():
+    """The decode router's landing check (nanocp_router.pd.Transfer.covered): notices in any
+    order, overlapping (a prefill retracted and recomputed) or split by chunks."""
+    from nanocp_router.messages import Generate, KVDest
+    from nanocp_router.pd import Transfer
+    from nanocp_router.planner import Plan, Segment
+
+    t = Transfer(
+        Generate("r", [1] * 100, {}), 1, Plan(0, [Segment(1, 0, 60), Segment(0, 60, 120)]), set(), 0.0
+    )
+    t.dests = [KVDest(1, 0, 60, 0, [0]), KVDest(0, 60, 100, 0, [0])]
+    for inst, s, e in [(0, 80, 100), (1, 0, 30), (0, 60, 80), (1, 20, 50)]:
+        t.landed.setdefault(inst, []).append((s, e))
+        assert not t.covered()
+    t.landed[1].append((50, 60))
+    assert t.covered()
+    t.landed[0] = [(60, 79), (80, 100)]  # a gap of one position
+    assert not t.covered()
