@@ -15,6 +15,7 @@ import msgspec
 import zmq
 
 from nanocp_router.layout import NodeLayout
+from nanocp_router.messages import Message, Wake, encode
 
 logger = logging.getLogger("nanocp.ipc")
 
@@ -85,6 +86,17 @@ def push(ctx: zmq.Context, endpoint: str, bind: bool = False) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(bind_address(endpoint)) if bind else sock.connect(endpoint)
     return sock
+
+
+def send_work(workers: list[zmq.Socket], inst: int, msg: Message) -> None:
+    """Work for one instance; the others get a Wake so that a lockstep cluster idling in its
+    slow poll starts the step at once (every instance takes part in every step)."""
+    workers[inst].send(encode(msg))
+    if len(workers) > 1:
+        wake = encode(Wake())
+        for i, w in enumerate(workers):
+            if i != inst:
+                w.send(wake)
 
 
 def drain(sock: zmq.Socket, decode: msgspec.json.Decoder, timeout_ms: int = 0) -> list[Any]:

@@ -13,7 +13,7 @@ import uuid
 import zmq
 
 from nanocp_router.cluster_state import ClusterState
-from nanocp_router.ipc import PortArgs, drain, pull, push
+from nanocp_router.ipc import PortArgs, drain, pull, push, send_work
 from nanocp_router.messages import (
     PREFILL_ROUTER_INBOX,
     Abort,
@@ -28,7 +28,6 @@ from nanocp_router.messages import (
     PrefillHello,
     PrefillLoad,
     PrefillRequest,
-    Wake,
     decoder,
     encode,
 )
@@ -78,7 +77,7 @@ class PrefillRouter:
             inst = min(range(len(self.workers)), key=lambda i: (self.queued(i), i))
             self.sent[inst] += len(msg.input_ids)
             self.where[prefill_rid(msg.decode_id, msg.cp_key)] = inst
-            self.send_work(inst, msg)
+            send_work(self.workers, inst, msg)
         elif isinstance(msg, PrefillAbort):
             inst = self.where.get(prefill_rid(msg.decode_id, msg.cp_key))
             for i in range(len(self.workers)) if inst is None else [inst]:
@@ -95,13 +94,6 @@ class PrefillRouter:
             self.to_tokenizer.send(encode(Outputs([Output.failed(msg.rid, reason, len(msg.input_ids))])))
         elif isinstance(msg, (Abort, FlushCache)):
             pass
-
-    def send_work(self, inst: int, msg: Message) -> None:
-        self.workers[inst].send(encode(msg))
-        if len(self.workers) > 1:  # lockstep (expert-parallel) prefill instances step together
-            for i, w in enumerate(self.workers):
-                if i != inst:
-                    w.send(encode(Wake()))
 
     def _beat(self, decode_id: str | None = None) -> None:
         total = sum(self.queued(i) for i in range(len(self.workers)))

@@ -15,7 +15,7 @@ import zmq
 
 from nanocp_router.cluster_state import ClusterState
 from nanocp_router.faults import request_fault
-from nanocp_router.ipc import PortArgs, drain, pull, push
+from nanocp_router.ipc import PortArgs, drain, pull, push, send_work
 from nanocp_router.messages import (
     ROUTER_INBOX,
     Abort,
@@ -36,7 +36,6 @@ from nanocp_router.messages import (
     Release,
     Reserve,
     Reserved,
-    Wake,
     decoder,
     encode,
 )
@@ -115,14 +114,7 @@ class Router:
         self.workers[inst].send(encode(msg))
 
     def send_work(self, inst: int, msg: Message) -> None:
-        """Work for one instance; the others get a Wake so that a lockstep cluster idling in its
-        slow poll starts the step at once (every instance takes part in every step)."""
-        self.send(inst, msg)
-        if len(self.workers) > 1:
-            wake = encode(Wake())
-            for i, w in enumerate(self.workers):
-                if i != inst:
-                    w.send(wake)
+        send_work(self.workers, inst, msg)
 
     def dispatch(self, inst: int, msg: Generate, budget: int) -> None:
         logger.debug("request %s (%d tokens) -> instance %d", msg.rid, len(msg.input_ids), inst)

@@ -137,12 +137,16 @@ class SchedulerCore:
                 queue.remove(req)
         self.kv.release(req)
 
+    def owned(self) -> list[CoreReq]:
+        """The requests whose KV this instance allocates (committed_tokens counts their rest)."""
+        return [*self.running, *self.waiting]
+
     def committed_tokens(self) -> int:
         """KV tokens this instance's requests may still allocate here without a new plan: the
         placed positions it holds that are not allocated yet (a request without a placement: the
         rest of its prompt + max_new_tokens). The router's planner counts them as taken."""
         total = 0
-        for req in (*self.running, *self.waiting):
+        for req in self.owned():
             if req.placement is None:
                 total += req.total_len - req.kv_len
             else:

@@ -88,6 +88,8 @@ class Scheduler(SchedulerCore):
         self.failed.append(self.fail(req, {"type": "abort", "status_code": 503, "message": message}))
 
     def finish(self, req: Req) -> None:
+        if req.cp_key is not None and self.landing.get(req.cp_key) is req:
+            del self.landing[req.cp_key]
         if self.before_release is not None:
             self.before_release(req)
         super().finish(req)
@@ -97,9 +99,8 @@ class Scheduler(SchedulerCore):
             self.before_release(victim)
         super().retract(victim)
 
-    def committed_tokens(self) -> int:
-        landing = sum(r.total_len - r.kv_len for r in self.landing.values())
-        return super().committed_tokens() + landing
+    def owned(self) -> list[Req]:
+        return [*super().owned(), *self.landing.values()]
 
     # ------------------------------------------------- disaggregated decode
     def land(self, req: Req) -> bool:
@@ -124,9 +125,9 @@ class Scheduler(SchedulerCore):
 
     def drop_landing(self, cp_key: int) -> Req | None:
         """A landing request taken back (its reservation elsewhere failed): free its pages."""
-        req = self.landing.pop(cp_key, None)
+        req = self.landing.get(cp_key)
         if req is not None:
-            self.kv.release(req)
+            self.finish(req)
         return req
 
     def apply_growth(self, rid: str, cp_key: int, segment: Segment) -> None:
@@ -284,8 +285,6 @@ class Scheduler(SchedulerCore):
 
     def fail(self, req: Req, reason: dict[str, Any]) -> ReqOutput:
         """Finish a queued, running or landing request with `reason` and free its KV."""
-        if req.cp_key is not None and self.landing.get(req.cp_key) is req:
-            del self.landing[req.cp_key]
         self.finish(req)
         req.finish(reason)
         return ReqOutput(

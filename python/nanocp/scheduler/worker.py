@@ -178,8 +178,8 @@ class Worker:
                 self.to_router.send(encode(Reserved(msg.cp_key, msg.start, False, self.instance)))
             status = 400 if isinstance(e, InvalidRequestError) else 500
             message = str(e) if status == 400 else f"instance {self.instance}: {type(e).__name__}: {e}"
+            reason = {"type": "abort", "status_code": status, "message": message}
             if isinstance(msg, PrefillRequest) and self.sender is not None:  # its decode server is told
-                reason = {"type": "abort", "status_code": status, "message": message}
                 self.sender.fail(prefill_rid(msg.decode_id, msg.cp_key), msg, reason)
                 return []
             if not isinstance(msg, Generate):
@@ -187,17 +187,20 @@ class Worker:
             if msg.kv_from_prefill:  # the router waits for the home's answer too
                 self.to_router.send(encode(Reserved(msg.cp_key, 0, False, self.instance, refused=True)))
             req = self.scheduler.find(msg.rid)
-            reason = {"type": "abort", "status_code": status, "message": message}
             if req is not None:  # queued before the error: take it out again
                 return [self._encode(self.scheduler.fail(req, reason))]
             return [self._refused(msg, reason)]
 
     def _refused(self, msg: Generate, reason: dict) -> Output:
         """The output of a request this instance refuses before queueing it."""
-        self._placed.pop(msg.rid, None)
-        self._announced.pop(msg.rid, None)
+        self._forget(msg.rid)
         out = ReqOutput(msg.rid, [], "", True, reason, len(msg.input_ids), 0)
         return self._encode(out, msg.cp_key)
+
+    def _forget(self, rid: str) -> None:
+        """Drop what this worker keeps of a request that will not run here (no output follows)."""
+        self._placed.pop(rid, None)
+        self._announced.pop(rid, None)
 
     def handle(self, msg: Message) -> list[Output]:
         if isinstance(msg, Generate):
@@ -241,8 +244,7 @@ class Worker:
             self.scheduler.release_foreign(msg.cp_key)
             landing = self.scheduler.drop_landing(msg.cp_key)
             if landing is not None:  # planned again later: forget it here
-                self._placed.pop(landing.rid, None)
-                self._announced.pop(landing.rid, None)
+                self._forget(landing.rid)
         elif isinstance(msg, KVReady):
             return [self._encode(self.scheduler.start_landed(msg.cp_key, msg.token, msg.lp, msg.top))]
         elif isinstance(msg, KVFailed):
@@ -272,8 +274,7 @@ class Worker:
         ok = self.scheduler.land(req)
         dest = self.receiver.home_dests(req) if ok else None
         if not ok:
-            self._placed.pop(req.rid, None)
-            self._announced.pop(req.rid, None)
+            self._forget(req.rid)
         self.to_router.send(encode(Reserved(msg.cp_key, 0, ok, self.instance, dest)))
         return []
 

@@ -53,6 +53,8 @@ class EngineProcesses:
         self._ports = ports = self.ports.to_dict()  # the processes' copy (start() may set dist_init)
         self.procs: dict[str, mp.Process] = {}
         self.disagg = server_args.disagg_config()  # the router's copy (start() adds the prefill servers)
+        # node 0 of a decode server: finds its prefill servers and checks their KV layout
+        self._finds_prefill = layout.is_head and server_args.disaggregation_mode == "decode"
         self.head: HeadControl | None = None
         self.node: NodeControl | None = None
         self._store = None
@@ -115,7 +117,7 @@ class EngineProcesses:
                 self._ports["dist_init"] = f"tcp://{address}"
             elif layout.router_only:
                 self._ports["dist_init"] = f"tcp://{self.node.wait_store(deadline)}"
-        if layout.is_head and self.disagg is not None and self.disagg["mode"] == "decode":
+        if self._finds_prefill:
             self.disagg.update(find_prefill_servers(self.server_args, deadline))
         for p in self.procs.values():
             p.start()
@@ -130,7 +132,7 @@ class EngineProcesses:
             tokens = [infos[i]["max_total_num_tokens"] for i in range(layout.dp_size)]
             if self.head is not None:
                 self.head.start_cluster(tokens)
-        if layout.is_head and self.disagg is not None and self.disagg["mode"] == "decode":
+        if self._finds_prefill:
             check_prefill_layout(self.disagg["servers"], [infos[i] for i in sorted(infos)])
         for conn in self.ready_conns.values():  # what every worker waits for before it serves
             conn.send({"instance_tokens": tokens})
