@@ -95,10 +95,14 @@ def hf_oracle():
 
 
 def assert_pool_free(engine) -> None:
-    """Every KV page and request row is back in the free lists."""
+    """Every KV page is back in the free list or in the prefix cache, unlocked (evictable), and
+    every request row is free."""
     sched = engine.scheduler
     assert not sched.running and not sched.waiting
-    assert sched.kv.allocator.num_free_pages == sched.kv.allocator.num_pages
+    kv = sched.kv
+    cached = kv.cache.cached_pages if kv.cache is not None else 0
+    assert kv.allocator.num_free_pages + cached == kv.allocator.num_pages
+    assert kv.cache is None or kv.cache.locked_pages == 0
     assert sched.kv.req_to_token_pool.num_free == sched.kv.req_to_token_pool.max_reqs
 
 

@@ -107,9 +107,16 @@ class SimPages:
         sr.kv_len += n
         return True
 
-    def release(self, sr: SimRequest) -> None:
+    def release(self, sr: SimRequest, cache: bool = True) -> None:
         self.num_free_pages += sr.pages
         sr.pages = sr.kv_len = 0
+
+    # no prefix cache is modelled: the simulated workloads share no prefixes
+    def match_prefix(self, sr: SimRequest) -> int:
+        return 0
+
+    def unmatch(self, sr: SimRequest) -> None:
+        pass
 
 
 class SimInstance(SchedulerCore):

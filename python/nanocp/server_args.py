@@ -64,6 +64,8 @@ class ServerArgs:
     # --chunked-prefill-size / 4 on a prefill server, else 0 (off)
     long_prefill_token_threshold: int | None = None
     random_seed: int = 0
+    # the per-instance radix prefix cache (kvcache/radix_cache.py); prefill servers run without it
+    disable_radix_cache: bool = False
     # Kernels
     attention_backend: str = "auto"  # cuda: flashinfer (installed, no CP) or triton; cpu: torch
     disable_cuda_graph: bool = False
@@ -207,6 +209,12 @@ class ServerArgs:
             self.cp_policy = "dynamic" if dynamic else "none"
         if self.attention_backend == "auto" and runs_instances:
             self.attention_backend = self._auto_attention_backend()
+
+    @property
+    def radix_cache(self) -> bool:
+        """Whether instances keep a prefix cache: on by default; a prefill server's instances run
+        without one (its transfers send each step's positions, not a cached prefix)."""
+        return not self.disable_radix_cache and self.disaggregation_mode != "prefill"
 
     def _auto_attention_backend(self) -> str:
         """cpu: torch; cuda: flashinfer where it is installed and can run the configuration (its
@@ -368,6 +376,7 @@ class ServerArgs:
         """The context-parallel settings, as the router's planner takes them (planner.cp_policy_from)."""
         return {
             "policy": self.cp_policy,
+            "prefix_cache": self.radix_cache,  # the router's homes are cache-aware
             "cp_size": self.cp_size,
             "cp_max_degree": self.cp_max_degree,
             "cp_min_shard_tokens": self.cp_min_shard_tokens,
@@ -475,6 +484,7 @@ class ServerArgs:
             choices=("auto", *ATTENTION_BACKENDS.names()),
         )
         a("--disable-cuda-graph", action="store_true")
+        a("--disable-radix-cache", action="store_true", help="Recompute every prompt (no prefix cache).")
         a("--cuda-graph-max-bs", type=int, default=ServerArgs.cuda_graph_max_bs)
         a("--host", type=str, default=ServerArgs.host)
         a("--port", type=int, default=ServerArgs.port)

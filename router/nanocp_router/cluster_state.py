@@ -30,6 +30,9 @@ class InstanceLoad:
     # requests waiting at their homes could be starved by segments reserved after them
     committed_tokens: int = 0
     retractions: int = 0  # requests retracted so far (KV freed, recomputed later)
+    cached_pages: int = 0  # the prefix cache's pages (the evictable ones count in free_pages)
+    cache_hit_tokens: int = 0  # admitted prompt tokens found cached / all admitted, since start
+    cache_query_tokens: int = 0
     step_kinds: dict | None = None  # forward steps so far: eager / graph / graph_dcp
     trace: dict | None = None  # cumulative step timings (--step-trace-file)
     # Requests dispatched since the last report, so back-to-back dispatches see each other.
@@ -76,6 +79,7 @@ class ClusterState:
         self._by_used: list[tuple[int, int]] = []  # (used_tokens, instance), ascending
         self._keys: dict[int, tuple[tuple[int, int, int], tuple[int, int]]] = {}
         self._total_used = 0
+        self._total_requests = 0
         for inst in self.instances:
             object.__setattr__(inst, "_owner", self)
             self._reindex(inst)
@@ -92,17 +96,29 @@ class ClusterState:
             del self._by_home[bisect.bisect_left(self._by_home, home_key)]
             del self._by_used[bisect.bisect_left(self._by_used, used_key)]
             self._total_used -= used_key[0]
+            self._total_requests -= home_key[0]
         home_key = home_load(inst)
         used_key = (home_key[1], inst.instance)
         bisect.insort(self._by_home, home_key)
         bisect.insort(self._by_used, used_key)
         self._keys[inst.instance] = (home_key, used_key)
         self._total_used += used_key[0]
+        self._total_requests += home_key[0]
 
     @property
     def total_used(self) -> int:
         """The cluster's used KV tokens (used_tokens summed over the instances)."""
         return self._total_used
+
+    @property
+    def total_requests(self) -> int:
+        """Requests homed on the instances (home_load's first key, summed)."""
+        return self._total_requests
+
+    @property
+    def max_used(self) -> int:
+        """The most used KV tokens of any instance."""
+        return self._by_used[-1][0] if self._by_used else 0
 
     def by_home(self) -> Iterator[InstanceLoad]:
         """Instances by home_load, the least loaded first."""
@@ -121,6 +137,8 @@ class ClusterState:
         inst.committed_tokens = report.committed_tokens
         inst.trace = report.trace
         inst.retractions = report.retractions
+        inst.cached_pages = report.cached_pages
+        inst.cache_hit_tokens, inst.cache_query_tokens = report.cache_hit_tokens, report.cache_query_tokens
         inst.step_kinds = report.step_kinds
         inst.pending_requests = inst.pending_tokens = 0
         object.__setattr__(inst, "_owner", self)
@@ -145,6 +163,14 @@ class ScannedClusterState(ClusterState):
     @property
     def total_used(self) -> int:
         return sum(used_tokens(i) for i in self.instances)
+
+    @property
+    def total_requests(self) -> int:
+        return sum(home_load(i)[0] for i in self.instances)
+
+    @property
+    def max_used(self) -> int:
+        return max((used_tokens(i) for i in self.instances), default=0)
 
     def by_home(self) -> Iterator[InstanceLoad]:
         return iter(sorted(self.instances, key=home_load))

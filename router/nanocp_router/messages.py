@@ -104,6 +104,11 @@ class Load(Message, tag="load"):
     kv_tokens: int
     committed_tokens: int = 0
     retractions: int = 0
+    # the prefix cache: pages it holds (free_pages counts the evictable ones as free) and, since
+    # start, the prompt tokens admitted and those of them found cached
+    cached_pages: int = 0
+    cache_hit_tokens: int = 0
+    cache_query_tokens: int = 0
     step_kinds: dict[str, int] | None = None
     # [rid, cp_key] of requests finished since the last report: the router frees their
     # segments (the key tells a finished request from a newer one reusing its rid)
@@ -224,6 +229,7 @@ class Output(msgspec.Struct, omit_defaults=True):
     top: list[Any] | None = None  # per new token: [[logprob, token id], ...]
     detok: dict[str, Any] | None = None  # the detokenizer's parameters, with a request's first output
     placement: list[list[int]] | None = None  # finished: [instance, tokens] per segment
+    cached_tokens: int = 0  # prompt tokens found in the home's prefix cache
     text: str = ""  # set by the detokenizer
     upstream_running: bool = False  # failed in the detokenizer while its worker still runs it
 

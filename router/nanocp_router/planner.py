@@ -23,6 +23,19 @@ while the home is not above the cluster's water level, otherwise on the least-lo
 (a new segment there; the home's tail is sealed where it is). A request growing to many times
 its prompt thus keeps spreading its KV, and memory is reserved only for outputs that come.
 
+Prefix caches (cache-aware home). Each instance caches the KV of prompts it held from position
+0 (kvcache/radix_cache.py); the router estimates who holds which prefix (prefix_index.py). A
+request whose prefix is cached somewhere goes home there when that keeps dual balance:
+    maximise  saved prefill = the cached prefix length on h
+    subject to  B_h <= min_i B_i + max(1, eps * mean_i B_i)                 (batch, requests)
+                KV_h + new_h <= max(max_i KV_i, (1 + eps) * level + page)    (KV, tokens)
+where new_h = length - saved is what it adds there, level the cluster's mean KV after placing it,
+eps = CACHE_BALANCE_TOLERANCE. The lockstep step costs about the max over instances, so a home
+inside this envelope saves its prefill at no (or an eps-bounded) cost to every step; outside
+it, the request would make its home the straggler for its whole life, and the plan is the one
+without caches. A cached home gets the whole request (degree 1): its prefix is only reused where
+it is held from position 0.
+
 Cost: a plan reads the cluster state's index (instances by home load and by used KV, the total
 used KV) and fills a few candidate groups in closed form: O(degree log N), flat in N
 (benchmark.planner_latency).
@@ -33,7 +46,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
-from nanocp_router.cluster_state import ClusterState, InstanceLoad, free_tokens, used_tokens
+from nanocp_router.cluster_state import ClusterState, InstanceLoad, free_tokens, home_load, used_tokens
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,37 @@ class PlannerConfig:
     cp_size: int = 2  # uniform policy: instances per request
     cp_max_degree: int = 8  # dynamic policy: most instances one request may span
     cp_min_shard_tokens: int = 4096  # dynamic: never split off less than this (nor split shorter requests)
+
+
+CACHE_BALANCE_TOLERANCE = 0.1  # eps of the cache-aware home's envelope (module docstring)
+
+
+def cache_home(state: ClusterState, cached: dict[int, int] | None, length: int) -> InstanceLoad | None:
+    """The instance with the longest cached prefix of a request needing `length` KV tokens whose
+    home it can be inside the dual-balance envelope (module docstring); None: no such instance
+    (plan without caches). cached: instance -> tokens of its cached prefix. O(len(cached))."""
+    if not cached:
+        return None
+    n, eps = len(state.instances), CACHE_BALANCE_TOLERANCE
+    least = next(state.by_home())
+    batch_cap = home_load(least)[0] + max(1.0, eps * state.total_requests / n)
+    best, best_key = None, None
+    for i, tokens in cached.items():
+        inst = state.instances[i]
+        saved = min(tokens, length - 1)
+        new = length - saved
+        level = (state.total_used + new) / n
+        if (
+            saved <= 0
+            or home_load(inst)[0] > batch_cap
+            or used_tokens(inst) + new > max(state.max_used, (1 + eps) * level + inst.page_size)
+            or free_tokens(inst) < length
+        ):
+            continue
+        key = (saved, -home_load(inst)[0], -i)
+        if best_key is None or key > best_key:
+            best, best_key = inst, key
+    return best
 
 
 def causal_pairs(q0: int, q1: int, s: int, e: int) -> int:
@@ -110,9 +154,14 @@ class CPPolicy(ABC):
         self.config = config or PlannerConfig()
 
     @abstractmethod
-    def plan(self, length: int, state: ClusterState) -> Plan | None:
+    def plan(self, length: int, state: ClusterState, cached: dict[int, int] | None = None) -> Plan | None:
         """Placement of a request needing `length` KV tokens; None when it cannot fit now (it then
-        waits in the router queue; nothing is ever placed beyond an instance's free pages)."""
+        waits in the router queue; nothing is ever placed beyond an instance's free pages).
+        cached: instance -> tokens of the request's prefix it caches (cache_home)."""
+
+    @staticmethod
+    def whole_on(home: InstanceLoad, length: int) -> Plan:
+        return Plan(home.instance, [Segment(home.instance, 0, length)])
 
     @staticmethod
     def pick_home(state: ClusterState, tail: int | None = None) -> InstanceLoad | None:
@@ -158,11 +207,11 @@ class NoCP(CPPolicy):
     def capacity(self, instance_tokens: list[int], page: int) -> int:
         return min(instance_tokens)
 
-    def plan(self, length: int, state: ClusterState) -> Plan | None:
-        home = self.pick_home(state)
+    def plan(self, length: int, state: ClusterState, cached: dict[int, int] | None = None) -> Plan | None:
+        home = cache_home(state, cached, length) or self.pick_home(state)
         if free_tokens(home) < length:
             return None
-        return Plan(home.instance, [Segment(home.instance, 0, length)])
+        return self.whole_on(home, length)
 
 
 class UniformCP(CPPolicy):
@@ -177,7 +226,8 @@ class UniformCP(CPPolicy):
     def capacity_note(self) -> str:
         return f"--cp-size {self.config.cp_size} instances' KV caches, split evenly"
 
-    def plan(self, length: int, state: ClusterState) -> Plan | None:
+    def plan(self, length: int, state: ClusterState, cached: dict[int, int] | None = None) -> Plan | None:
+        # no cache-aware home: every request is split (its home holds the tail, not the prefix)
         home = self.pick_home(state)
         page = home.page_size
         # whole pages per instance: a request shorter than cp_size pages spans fewer instances
@@ -226,7 +276,10 @@ class DynamicCP(CPPolicy):
                 lo = mid + 1
         return lo
 
-    def plan(self, length: int, state: ClusterState) -> Plan | None:
+    def plan(self, length: int, state: ClusterState, cached: dict[int, int] | None = None) -> Plan | None:
+        cached_home = cache_home(state, cached, length)
+        if cached_home is not None:
+            return self.whole_on(cached_home, length)
         cfg = self.config
         insts = state.instances
         page = insts[0].page_size
@@ -237,7 +290,7 @@ class DynamicCP(CPPolicy):
         level = (state.total_used + length) / len(insts)  # mean load after placing
         fits_home = free_tokens(home) >= length
         if fits_home and (length <= cfg.cp_min_shard_tokens or used_tokens(home) + length <= level + page):
-            return Plan(home.instance, [Segment(home.instance, 0, length)])
+            return self.whole_on(home, length)
         max_degree = min(cfg.cp_max_degree, len(insts))
         others = self.least_used(state, max_degree - 1, home)
         natural_max = max(1, length // max(1, cfg.cp_min_shard_tokens))

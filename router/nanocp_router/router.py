@@ -42,6 +42,7 @@ from nanocp_router.messages import (
 from nanocp_router.pd import DisaggDecode
 from nanocp_router.planner import CPPolicy, Plan, Segment, apply_growth, apply_plan, cp_policy_from
 from nanocp_router.policy import create_policy
+from nanocp_router.prefix_index import PrefixIndex, block_hashes
 
 logger = logging.getLogger("nanocp.router")
 SNAPSHOT_INTERVAL_S = 0.1
@@ -109,6 +110,12 @@ class Router:
         if disagg is not None and disagg.get("mode") == "decode":
             self.inbox.bind(f"tcp://*:{disagg['reply_port']}")
             self.pd = DisaggDecode(self, disagg)
+        # what each instance's prefix cache holds, estimated (cache-aware homes); not for a decode
+        # server, whose prompts' KV is written by prefill servers, never matched
+        self.prefixes: PrefixIndex | None = None
+        if cp and cp.get("prefix_cache") and self.pd is None:
+            self.prefixes = PrefixIndex(dp_size)
+        self._hashed: tuple[Generate, list[int]] | None = None  # the queue head's block hashes
 
     def send(self, inst: int, msg: Message) -> None:
         self.workers[inst].send(encode(msg))
@@ -145,13 +152,17 @@ class Router:
                 self.queue.pop(0)
                 self.abort_output(msg, {"type": "abort", "status_code": 503, "message": why})
                 return True
-        plan = self.plan(msg)
+        hashes = self.block_hashes(msg)
+        plan = self.plan(msg, hashes)
         if plan is None:
             return False
         if not plan.segments or plan.segments[-1].instance != plan.home:
             raise RuntimeError(f"planner bug: the home {plan.home} does not hold the tail of {plan}")
         self.queue.pop(0)
         apply_plan(self.state, plan)
+        if hashes and plan.degree == 1:  # its home will cache the prompt (held from position 0)
+            home = self.state.instances[plan.home]
+            self.prefixes.record(plan.home, hashes, home.total_pages * home.page_size)
         key = next(self._keys)
         if self.pd is not None:
             self.pd.start(msg, key, plan)
@@ -171,16 +182,26 @@ class Router:
                 self.reserve(s.instance, key, s.start, s.end)
         return True
 
-    def plan(self, msg: Generate) -> Plan | None:
-        """The request's placement (None: it does not fit now). Without context parallelism
-        (disaggregated decode only): all of it on the home the load balancer or the client picks."""
+    def block_hashes(self, msg: Generate) -> list[int]:
+        """The prompt's prefix block hashes (none without caches), kept while it heads the queue."""
+        if self.prefixes is None:
+            return []
+        if self._hashed is None or self._hashed[0] is not msg:
+            self._hashed = (msg, block_hashes(msg.input_ids, self.prefixes.block))
+        return self._hashed[1]
+
+    def plan(self, msg: Generate, hashes: list[int] | None = None) -> Plan | None:
+        """The request's placement (None: it does not fit now); hashes: its prompt's blocks, to
+        find instances caching its prefix. Without context parallelism (static DP, disaggregated
+        decode): all of it on the home the load balancer or the client picks."""
         max_new = msg.sampling_params.get("max_new_tokens", 128)
+        cached = self.prefixes.match(hashes) if hashes else None
         if self.cp is not None and msg.data_parallel_rank is None:
-            return self.cp.plan(len(msg.input_ids) + self.cp.tail_quota(max_new), self.state)
+            return self.cp.plan(len(msg.input_ids) + self.cp.tail_quota(max_new), self.state, cached)
         total = len(msg.input_ids) + max_new
         home = msg.data_parallel_rank
         if home is None:
-            home = self.policy.select(self.state, total)
+            home = self.policy.select(self.state, total, cached)
         return Plan(home, [Segment(home, 0, total)])
 
     def reserve(self, inst: int, key: int, start: int, end: int) -> None:
@@ -312,6 +333,8 @@ class Router:
         elif isinstance(msg, Abort):
             self.on_abort(msg)
         elif isinstance(msg, FlushCache):
+            if self.prefixes is not None:
+                self.prefixes.clear()
             for w in self.workers:
                 w.send(encode(msg))
         elif isinstance(msg, (KVAgent, KVLanded, PrefillDone, PrefillLoad)) and self.pd is not None:

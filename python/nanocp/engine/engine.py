@@ -79,6 +79,12 @@ class Engine:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------ requests
+    def flush_cache(self) -> bool:
+        """Empty the prefix cache (False: refused or deferred, requests still read cached pages)."""
+        if self._cluster is not None:
+            return self._cluster.manager.flush_cache() is None
+        return self.scheduler.flush_cache()
+
     def _inputs(self, prompt, input_ids, sampling_params) -> tuple[list, list, bool]:
         """(input ids per prompt, sampling params per prompt, whether one prompt was given)."""
         if (prompt is None) == (input_ids is None):
@@ -187,6 +193,7 @@ class Engine:
             "id": req.rid,
             "prompt_tokens": len(req.origin_input_ids),
             "completion_tokens": len(req.output_ids),
+            "cached_tokens": req.cached_tokens,
             "finish_reason": req.finished_reason,
         }
         if req.return_logprob:

@@ -69,7 +69,9 @@ class KVPages(Protocol):
     def num_free_pages(self) -> int: ...
     def pages_needed(self, req: Any, new_len: int) -> int: ...
     def extend(self, req: Any, num_tokens: int) -> object | None: ...  # None: no room, nothing changed
-    def release(self, req: Any) -> None: ...
+    def release(self, req: Any, cache: bool = True) -> None: ...  # cache: its KV may stay cached
+    def match_prefix(self, req: Any) -> int: ...  # adopt a cached prefix (positions; 0: none)
+    def unmatch(self, req: Any) -> None: ...  # undo match_prefix (not admitted after all)
 
 
 class SchedulerCore:
@@ -130,12 +132,13 @@ class SchedulerCore:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, req: CoreReq) -> None:
-        """Take a finished (or failed) request out and free its KV here."""
+    def finish(self, req: CoreReq, cache: bool = True) -> None:
+        """Take a finished (or failed) request out and free its KV here (cache=False: none of
+        it goes to the prefix cache, e.g. after a failed step)."""
         for queue in (self.waiting, self.running):
             if req in queue:
                 queue.remove(req)
-        self.kv.release(req)
+        self.kv.release(req, cache)
 
     def owned(self) -> list[CoreReq]:
         """The requests whose KV this instance allocates (committed_tokens counts their rest)."""
@@ -201,13 +204,15 @@ class SchedulerCore:
             self.kv.extend(req, n)
         if self.policy == "slo":
             self.waiting.sort(key=self._slack_order)
-        # 2. admit waiting requests in order (first-come first-served, or by slack)
+        # 2. admit waiting requests in order (first-come first-served, or by slack); a cached
+        # prefix is adopted first, so the chunk starts after it
         while self.waiting and budget > 0 and len(self.running) < self.max_running:
             req = self.waiting[0]
+            self.kv.match_prefix(req)
             n = min(req.num_runnable, budget, cap if len(self.waiting) > 1 else budget)
-            if n <= 0:  # a retracted request at the end of its plan: it waits for its growth
-                break
-            if not self._can_admit(req, n) or self.kv.extend(req, n) is None:
+            # n <= 0: a retracted request at the end of its plan: it waits for its growth
+            if n <= 0 or not self._can_admit(req, n) or self.kv.extend(req, n) is None:
+                self.kv.unmatch(req)
                 break
             self.waiting.pop(0)
             self.running.append(req)

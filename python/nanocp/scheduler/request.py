@@ -46,6 +46,13 @@ class Req:
     kv_pages: list[int] = field(default_factory=list)
     kv_len: int = 0
     num_retractions: int = 0
+    # prefix cache (kvcache.manager): the tree node its cached prefix ends at, the positions that
+    # are the tree's pages, the most positions it computed before (retracted) and the prompt
+    # tokens it found cached (usage's cached_tokens)
+    cache_node: Any = None
+    cached_len: int = 0
+    computed_len: int = 0
+    cached_tokens: int = 0
     # Context parallelism (scheduler/dcp.py): where the router placed the request's positions
     # (None: all KV here, unbounded); cp_key names the request to its holders.
     placement: Placement | None = None

@@ -36,14 +36,16 @@ class ReqOutput:
     completion_tokens: int
     token_logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[float, int]]] | None = None
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
 
 class Scheduler(SchedulerCore):
     def __init__(self, runner: ModelRunner, tracer: StepTracer | None = None) -> None:
         args = runner.server_args
+        kv = KVManager(runner.page_allocator, runner.req_to_token_pool, args.radix_cache)
         super().__init__(
-            KVManager(runner.page_allocator, runner.req_to_token_pool),
-            runner.page_allocator,
+            kv,
+            kv.pages,
             args.chunked_prefill_size,
             args.max_running_requests,
             args.schedule_conservativeness,
@@ -60,6 +62,7 @@ class Scheduler(SchedulerCore):
         self.step_kinds: dict[str, int] = {"eager": 0, "graph": 0, "graph_dcp": 0}
         self._step_reqs: list[Req] = []  # the requests of the step being run (fail_step)
         self.failed: list[ReqOutput] = []  # requests failed while scheduling, to be sent (take_failed)
+        self.flush_pending = False  # a /flush_cache waits for cached pages to be unlocked
         # --disaggregation-mode decode: requests whose prompt KV a prefill server is writing into
         # pages allocated here, by cp_key; they start running with their first token (start_landed)
         self.landing: dict[int, Req] = {}
@@ -75,6 +78,7 @@ class Scheduler(SchedulerCore):
             "admitted %s (%d tokens pending, %d running)", req.rid, req.num_pending, len(self.running)
         )
         req.status = ReqStatus.RUNNING
+        self.kv.count_admitted(req)
 
     def on_retract(self, req: Req) -> None:
         logger.debug("retracted %s (%d tokens to recompute)", req.rid, len(req.fill_ids))
@@ -87,12 +91,12 @@ class Scheduler(SchedulerCore):
         )
         self.failed.append(self.fail(req, {"type": "abort", "status_code": 503, "message": message}))
 
-    def finish(self, req: Req) -> None:
+    def finish(self, req: Req, cache: bool = True) -> None:
         if req.cp_key is not None and self.landing.get(req.cp_key) is req:
             del self.landing[req.cp_key]
         if self.before_release is not None:
             self.before_release(req)
-        super().finish(req)
+        super().finish(req, cache)
 
     def retract(self, victim: Req) -> None:
         if self.before_release is not None:
@@ -153,6 +157,14 @@ class Scheduler(SchedulerCore):
     def abort_request(self, rid: str) -> ReqOutput | None:
         req = self.find(rid)
         return None if req is None else self.fail(req, {"type": "abort", "message": "aborted by request"})
+
+    def flush_cache(self) -> bool:
+        """/flush_cache: empty the prefix cache. While requests read cached pages it is deferred
+        (flush_pending; the worker tries again after each step); True once done."""
+        self.flush_pending = self.kv.cache is not None and not self.kv.cache.flush()
+        if self.flush_pending:
+            logger.info("instance %d: cache flush deferred until running requests finish", self.instance)
+        return not self.flush_pending
 
     def take_failed(self) -> list[ReqOutput]:
         out, self.failed = self.failed, []
@@ -224,6 +236,9 @@ class Scheduler(SchedulerCore):
         kind = ("graph_dcp" if batch.dcp is not None else "graph") if batch.cuda_graph else "eager"
         self.step_kinds[kind] += 1
         try:  # from here on nothing waits for peers
+            for req, n in self.work:  # prefill chunks' KV is complete: requests arriving now find it
+                if n > 1:
+                    self.kv.cache_unfinished(req)
             return self._sample(logits, sampling)
         except Exception as e:
             return self.fail_step(e)
@@ -255,6 +270,7 @@ class Scheduler(SchedulerCore):
             req.finished_reason,
             len(req.origin_input_ids),
             len(req.output_ids),
+            cached_tokens=req.cached_tokens,
         )
         if lp is not None:
             req.output_token_logprobs.append(lp[0])
@@ -284,8 +300,9 @@ class Scheduler(SchedulerCore):
         return outs
 
     def fail(self, req: Req, reason: dict[str, Any]) -> ReqOutput:
-        """Finish a queued, running or landing request with `reason` and free its KV."""
-        self.finish(req)
+        """Finish a queued, running or landing request with `reason` and free its KV (none of its
+        own goes to the prefix cache: a failed step may have left it incomplete)."""
+        self.finish(req, cache=False)
         req.finish(reason)
         return ReqOutput(
             req.rid, [], "", True, req.finished_reason, len(req.origin_input_ids), len(req.output_ids)

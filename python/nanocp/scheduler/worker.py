@@ -41,6 +41,7 @@ from nanocp_router.messages import (
     PREFILL_WORKER_INBOX,
     WORKER_INBOX,
     Abort,
+    FlushCache,
     Generate,
     Grown,
     KVFailed,
@@ -265,7 +266,8 @@ class Worker:
             out = self.scheduler.abort_request(msg.rid)
             if out is not None:
                 return [self._encode(out)]
-        # FlushCache: no prefix cache yet, nothing is kept beyond running requests.
+        elif isinstance(msg, FlushCache):
+            self.scheduler.flush_cache()
         # Wake: a request arrived somewhere; its step starts without waiting for the idle poll.
         return []
 
@@ -302,6 +304,7 @@ class Worker:
             out.prompt_tokens,
             out.completion_tokens,
         )
+        d.cached_tokens = out.cached_tokens
         if out.token_logprobs is not None:
             d.lp = out.token_logprobs
             d.top = out.top_logprobs
@@ -326,17 +329,20 @@ class Worker:
         if not force and now - self._last_report < REPORT_INTERVAL_S:
             return
         s = self.scheduler
-        alloc = s.kv.allocator
+        alloc, cache = s.kv.allocator, s.kv.cache
         load = Load(
             instance=self.instance,
             total_pages=alloc.num_pages,
-            free_pages=alloc.num_free_pages,
+            free_pages=s.kv.num_free_pages,  # evictable cached pages count as free
             page_size=alloc.page_size,
             running=len(s.running),
             waiting=len(s.waiting),
             kv_tokens=sum(r.kv_len for r in s.running),
             committed_tokens=s.committed_tokens(),
             retractions=s.num_retractions,
+            cached_pages=cache.cached_pages if cache is not None else 0,
+            cache_hit_tokens=cache.hit_tokens if cache is not None else 0,
+            cache_query_tokens=cache.query_tokens if cache is not None else 0,
             step_kinds=s.step_kinds,
             finished=self._finished,
             trace=s.tracer.summary() if s.tracer is not None else None,
@@ -405,6 +411,8 @@ class Worker:
                 outs = []
             if outs:
                 self.to_detok.send(encode(Outputs(outs, self.instance)))
+            if self.scheduler.flush_pending:
+                self.scheduler.flush_cache()
             self.report(force=bool(self._finished) and not self.scheduler.has_work())
 
 

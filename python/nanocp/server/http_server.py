@@ -238,7 +238,9 @@ def create_app(manager: TokenizerManager) -> FastAPI:
 
     @app.post("/flush_cache")
     async def flush_cache():
-        manager.flush_cache()
+        refused = manager.flush_cache()
+        if refused is not None:
+            return PlainTextResponse(refused + "\n", status_code=400)
         return PlainTextResponse("Cache flushed.\n")
 
     @app.post("/abort_request")

@@ -69,7 +69,25 @@ class Metrics:
         )
         self.running = Gauge("nanocp:num_running_reqs", "Running batch size", ["instance"], registry=r)
         self.kv_usage = Gauge(
-            "nanocp:kv_usage", "Fraction of KV cache pages in use", ["instance"], registry=r
+            "nanocp:kv_usage",
+            "Fraction of KV cache pages in use by requests (evictable cached pages count as free)",
+            ["instance"],
+            registry=r,
+        )
+        self.cached_pages = Gauge(
+            "nanocp:cached_pages", "KV pages held by the prefix cache", ["instance"], registry=r
+        )
+        self.cache_hit_rate = Gauge(
+            "nanocp:cache_hit_rate",
+            "Admitted prompt tokens found in the prefix cache / all admitted prompt tokens, since start",
+            ["instance"],
+            registry=r,
+        )
+        self.cached_tokens = Gauge(
+            "nanocp:cached_tokens_total",
+            "Admitted prompt tokens found in the prefix cache",
+            ["instance"],
+            registry=r,
         )
         self.kv_tokens = Gauge("nanocp:kv_tokens", "Tokens held in the KV cache", ["instance"], registry=r)
         self.step_time = Gauge(
@@ -146,6 +164,10 @@ class Metrics:
             self.kv_usage.labels(label).set(i["kv_usage"])
             self.kv_tokens.labels(label).set(i["kv_tokens"])
             self.retractions.labels(label).set(i.get("retractions", 0))
+            self.cached_pages.labels(label).set(i.get("cached_pages", 0))
+            hits, queries = i.get("cache_hit_tokens", 0), i.get("cache_query_tokens", 0)
+            self.cached_tokens.labels(label).set(hits)
+            self.cache_hit_rate.labels(label).set(hits / queries if queries else 0.0)
             for kind, n in (i.get("step_kinds") or {}).items():
                 self.forward_steps.labels(label, kind).set(n)
             trace = i.get("trace")

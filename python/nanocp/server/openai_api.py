@@ -121,12 +121,13 @@ def _finish_reason(reason: dict | None) -> str | None:
     return {"stop": "stop", "length": "length"}.get(reason.get("type"), "abort")
 
 
-def _usage(state: ReqState) -> dict[str, int]:
+def _usage(state: ReqState) -> dict[str, Any]:
     n = len(state.output_ids)
     return {
         "prompt_tokens": state.prompt_tokens,
         "completion_tokens": n,
         "total_tokens": state.prompt_tokens + n,
+        "prompt_tokens_details": {"cached_tokens": state.cached_tokens},
     }
 
 
@@ -301,6 +302,7 @@ def add_openai_routes(app: FastAPI, manager: TokenizerManager) -> None:
             k: sum(_usage(s)[k] for s in states)
             for k in ("prompt_tokens", "completion_tokens", "total_tokens")
         }
+        usage["prompt_tokens_details"] = {"cached_tokens": sum(s.cached_tokens for s in states)}
         return json_response(
             {
                 "id": cid,

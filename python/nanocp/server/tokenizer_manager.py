@@ -67,6 +67,7 @@ class ReqState:
     finish_reason: dict[str, Any] | None = None
     first_token_time: float | None = None
     placement: list[list[int]] | None = None  # [instance, tokens] per KV segment (when finished)
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
     error: EngineError | None = None
     event: asyncio.Event = field(default_factory=asyncio.Event)
     # what the latest event added (for OpenAI-style delta streaming)
@@ -86,7 +87,7 @@ class ReqState:
             "id": self.rid,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": len(self.output_ids),
-            "cached_tokens": 0,
+            "cached_tokens": self.cached_tokens,
             "finish_reason": self.finish_reason,
             "e2e_latency": round(time.perf_counter() - self.created, 6),
         }
@@ -241,8 +242,13 @@ class TokenizerManager:
         for rid in list(self.states):
             self.abort(rid)
 
-    def flush_cache(self) -> None:
+    def flush_cache(self) -> str | None:
+        """Empty every instance's prefix cache; refused (the reason) while requests are in
+        flight, as SGLang: their cached prefixes are in use."""
+        if self.states:
+            return f"cache not flushed: {len(self.states)} requests in flight (retry when they finish)"
         self.to_router.send(encode(FlushCache()))
+        return None
 
     # ---------------------------------------------------------------- inbound
     async def _handle_loop(self) -> None:
@@ -295,6 +301,7 @@ class TokenizerManager:
         state.delta_ids += out.ids
         state.token_logprobs += out.lp or []
         state.top_logprobs += out.top or []
+        state.cached_tokens = max(state.cached_tokens, out.cached_tokens)
         if out.finished:
             reason = out.reason or {}
             outcome = reason.get("type", "unknown")
