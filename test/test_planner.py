@@ -327,3 +327,42 @@ def test_closed_form_fill_equals_the_bisection(loads, caps, length, page):
     assert exact[1] == pytest.approx(old[1], rel=1e-12, abs=1e-9)
     if exact[0] != old[0]:
         assert old[1] < exact[1] and any(float(exact[1] - load).is_integer() for load in loads), (exact, old)
+
+
+# ------------------------------------------------------------------ cache-aware homes
+def test_cache_home_keeps_dual_balance():
+    from nanocp_router.planner import cache_home
+
+    page = 16
+    # instance 2 caches 900 tokens of the request; it is as loaded as the others: it is home
+    s = make_state([4000, 4000, 4000, 4000], [3, 3, 3, 3], page, 1 << 16)
+    assert cache_home(s, {2: 900}, 1000).instance == 2
+    for name in POLICIES[::2]:  # none, dynamic (uniform splits every request: no cached home)
+        assert create_cp_policy(name).plan(1000, s, {2: 900}).segments == [Segment(2, 0, 1000)]
+    # one request more than the most loaded would have after the cache-blind plan: refused
+    s = make_state([4000, 4000, 4000, 4000], [3, 3, 4, 3], page, 1 << 16)
+    assert cache_home(s, {2: 900}, 1000) is None
+    assert create_cp_policy("dynamic").plan(1000, s, {2: 900}).home != 2
+    # far more KV than the others: refused although the batch is even
+    s = make_state([4000, 4000, 20000, 4000], [3, 3, 3, 3], page, 1 << 16)
+    assert cache_home(s, {2: 900}, 1000) is None
+    # the longest cached prefix among those inside the envelope; nothing cached: no choice
+    s = make_state([4000, 4000, 4000, 4000], [3, 3, 3, 3], page, 1 << 16)
+    assert cache_home(s, {1: 300, 3: 600}, 1000).instance == 3 and cache_home(s, {}, 1000) is None
+
+
+def test_prefix_index_matches_records_and_forgets():
+    from nanocp_router.prefix_index import PrefixIndex, block_hashes
+
+    idx = PrefixIndex(3, block=4)
+    doc = list(range(100, 120))
+    h = block_hashes(doc + [1, 2, 3, 4, 5], 4)
+    assert len(h) == 6 and block_hashes(doc, 4) == h[:5]  # chained: equal prefixes, equal hashes
+    idx.record(0, block_hashes(doc, 4), capacity_tokens=1000)
+    idx.record(2, block_hashes(doc[:8], 4), capacity_tokens=1000)
+    assert idx.match(h) == {0: 20, 2: 8}
+    assert idx.match(block_hashes([7] + doc, 4)) == {}  # a different first token: nothing in common
+    idx.record(2, block_hashes(list(range(50)), 4), capacity_tokens=16)  # LRU: 4 blocks fit
+    assert idx.match(h) == {0: 20} and len(idx.lru[2]) == 4
+    idx.clear()
+    assert idx.match(h) == {} and not idx.where

@@ -120,6 +120,11 @@ class ClusterState:
         """The most used KV tokens of any instance."""
         return self._by_used[-1][0] if self._by_used else 0
 
+    @property
+    def max_requests(self) -> int:
+        """The most requests homed on any instance."""
+        return self._by_home[-1][0] if self._by_home else 0
+
     def by_home(self) -> Iterator[InstanceLoad]:
         """Instances by home_load, the least loaded first."""
         return (self.instances[key[-1]] for key in self._by_home)
@@ -171,6 +176,10 @@ class ScannedClusterState(ClusterState):
     @property
     def max_used(self) -> int:
         return max((used_tokens(i) for i in self.instances), default=0)
+
+    @property
+    def max_requests(self) -> int:
+        return max((home_load(i)[0] for i in self.instances), default=0)
 
     def by_home(self) -> Iterator[InstanceLoad]:
         return iter(sorted(self.instances, key=home_load))

@@ -26,14 +26,17 @@ its prompt thus keeps spreading its KV, and memory is reserved only for outputs 
 Prefix caches (cache-aware home). Each instance caches the KV of prompts it held from position
 0 (kvcache/radix_cache.py); the router estimates who holds which prefix (prefix_index.py). A
 request whose prefix is cached somewhere goes home there when that keeps dual balance:
-    maximise  saved prefill = the cached prefix length on h
-    subject to  B_h <= min_i B_i + max(1, eps * mean_i B_i)                 (batch, requests)
-                KV_h + new_h <= max(max_i KV_i, (1 + eps) * level + page)    (KV, tokens)
-where new_h = length - saved is what it adds there, level the cluster's mean KV after placing it,
-eps = CACHE_BALANCE_TOLERANCE. The lockstep step costs about the max over instances, so a home
-inside this envelope saves its prefill at no (or an eps-bounded) cost to every step; outside
-it, the request would make its home the straggler for its whole life, and the plan is the one
-without caches. A cached home gets the whole request (degree 1): its prefix is only reused where
+    maximise    saved prefill = the cached prefix length on h
+    subject to  B_h + 1 <= max(max_i B_i, B_b + 1, (1 + eps) * mean B')                  (batch)
+                KV_h + new_h <= max(max_i KV_i, KV_b', (1 + eps) * mean KV' + page)     (KV)
+where b is the home the plan without caches picks, KV_b' the most KV that plan leaves on an
+instance (KV_b + length, or the water level when it would shard), new_h = length - saved what
+the request adds on h, mean B' and mean KV' the means after placing it, eps =
+CACHE_BALANCE_TOLERANCE. The lockstep step costs about the max over instances of batch and KV,
+so a home inside this envelope saves its prefill while raising neither max above what the
+cache-blind plan gives, or above (1 + eps) times the mean (so affinity cannot creep an instance
+up step by step); outside it, the request would make its home the straggler for its whole life,
+and the plan is the cache-blind one. A cached home gets the whole request (degree 1): its prefix is only reused where
 it is held from position 0.
 
 Cost: a plan reads the cluster state's index (instances by home load and by used KV, the total
@@ -87,25 +90,37 @@ class PlannerConfig:
 CACHE_BALANCE_TOLERANCE = 0.1  # eps of the cache-aware home's envelope (module docstring)
 
 
-def cache_home(state: ClusterState, cached: dict[int, int] | None, length: int) -> InstanceLoad | None:
-    """The instance with the longest cached prefix of a request needing `length` KV tokens whose
-    home it can be inside the dual-balance envelope (module docstring); None: no such instance
-    (plan without caches). cached: instance -> tokens of its cached prefix. O(len(cached))."""
+def cache_home(
+    state: ClusterState,
+    cached: dict[int, int] | None,
+    length: int,
+    base: InstanceLoad | None = None,
+    shard_level: float | None = None,
+) -> InstanceLoad | None:
+    """The instance with the longest cached prefix of a request needing `length` KV tokens that
+    can be its home inside the dual-balance envelope (module docstring), against the plan without
+    caches: `base` its home (default: pick_home's), shard_level the most KV it leaves on any
+    instance when it would be sharded (None: whole on base). None: no such instance. Costs
+    O(len(cached)) besides the index."""
     if not cached:
         return None
     n, eps = len(state.instances), CACHE_BALANCE_TOLERANCE
-    least = next(state.by_home())
-    batch_cap = home_load(least)[0] + max(1.0, eps * state.total_requests / n)
+    base = base or next(state.by_home())
+    batch_cap = max(state.max_requests, home_load(base)[0] + 1, (1 + eps) * (state.total_requests + 1) / n)
+    base_kv = used_tokens(base) + length
+    if shard_level is not None:
+        base_kv = min(base_kv, shard_level)
+    kv_cap = max(state.max_used, base_kv)
     best, best_key = None, None
     for i, tokens in cached.items():
         inst = state.instances[i]
         saved = min(tokens, length - 1)
         new = length - saved
-        level = (state.total_used + new) / n
         if (
             saved <= 0
-            or home_load(inst)[0] > batch_cap
-            or used_tokens(inst) + new > max(state.max_used, (1 + eps) * level + inst.page_size)
+            or home_load(inst)[0] + 1 > batch_cap
+            or used_tokens(inst) + new
+            > max(kv_cap, (1 + eps) * (state.total_used + new) / n + inst.page_size)
             or free_tokens(inst) < length
         ):
             continue
@@ -277,9 +292,6 @@ class DynamicCP(CPPolicy):
         return lo
 
     def plan(self, length: int, state: ClusterState, cached: dict[int, int] | None = None) -> Plan | None:
-        cached_home = cache_home(state, cached, length)
-        if cached_home is not None:
-            return self.whole_on(cached_home, length)
         cfg = self.config
         insts = state.instances
         page = insts[0].page_size
@@ -288,6 +300,10 @@ class DynamicCP(CPPolicy):
         if home is None:
             return None
         level = (state.total_used + length) / len(insts)  # mean load after placing
+        shard_level = level + page if length > cfg.cp_min_shard_tokens else None
+        cached_home = cache_home(state, cached, length, home, shard_level)
+        if cached_home is not None:
+            return self.whole_on(cached_home, length)
         fits_home = free_tokens(home) >= length
         if fits_home and (length <= cfg.cp_min_shard_tokens or used_tokens(home) + length <= level + page):
             return self.whole_on(home, length)
