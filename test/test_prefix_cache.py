@@ -161,3 +161,35 @@ def test_dp2_routing_finds_the_cached_prefix(moe_model, hf_oracle, tmp_path, rou
             "/generate", json={"input_ids": prompts[2], "sampling_params": greedy_params(NEW)}
         ).json()
         assert again["meta_info"]["cached_tokens"] == 0
+
+
+def test_dcp_prefix_sharded_over_two_instances_is_reused_in_place(moe_model, hf_oracle, tmp_path):
+    """A 600-token document is sharded over both instances (DCP degree 2); requests over the
+    same document reuse those segments where they are: placement = the cached segments + their
+    own tail, the document is not computed again, and tokens equal transformers'."""
+    import httpx
+    from test_dcp import dcp_server_args
+
+    from nanocp.testing.server import ServerProcess
+
+    doc, *questions = random_prompts([600, 11, 7, 15], vocab=500, seed=31)
+    prompts = [doc + q for q in questions]
+    args = dcp_server_args(moe_model, 2, 16, "--cp-min-shard-tokens", "64")
+    with (
+        ServerProcess(args, log_path=str(tmp_path / "log")) as s,
+        httpx.Client(base_url=s.url, timeout=60) as c,
+    ):
+        got = []
+        for p in prompts:
+            got.append(
+                c.post("/generate", json={"input_ids": p, "sampling_params": greedy_params(NEW)}).json()
+            )
+            wait_reported(c)
+        metas = [r["meta_info"] for r in got]
+        assert metas[0]["cp_degree"] == 2 and metas[0]["cached_tokens"] == 0, metas[0]
+        for m in metas[1:]:  # the document's whole blocks (592 of 600) are reused in place
+            assert m["cached_tokens"] == 592 and m["cp_degree"] == 2, m
+        assert [r["output_ids"] for r in got] == [hf_oracle(moe_model).greedy(p, NEW) for p in prompts]
+        cluster = c.get("/server_info").json()["cluster"]
+        assert all(i["free_pages"] == i["total_pages"] for i in cluster)  # cached pages are evictable
+        assert all(i["cached_pages"] >= 18 for i in cluster)  # each holds its part of the document

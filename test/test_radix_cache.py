@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pytest
-import torch
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -32,6 +31,9 @@ class FakeReq:
     cached_len: int = 0
     computed_len: int = 0
     cached_tokens: int = 0
+    skipped_len: int = 0
+    cached_prefix: int = 0
+    cache_root: object = None
 
 
 class World:
@@ -175,16 +177,28 @@ def test_match_insert_split_and_lru_eviction() -> None:
     assert cache.flush() and alloc.num_free_pages == 10
 
 
-def test_context_parallel_positions_are_cached_only_from_zero() -> None:
+def test_context_parallel_segments_are_cached_under_their_own_root() -> None:
+    """A home holding positions [8, 16) caches them under (8, hash of tokens[:8]); a request
+    with the same tokens and placement reuses them once its holders confirmed [0, 8) cached."""
     kv = KVManager(PageAllocator(16, 2), ReqToTokenPool(4, 32, "cpu"), prefix_cache=True)
-    home_tail = FakeReq(list(range(12)), held_ranges=[(8, 16)])  # a home holding a later segment
-    kv.extend(home_tail, 12)
+    ids = list(range(14))
+    home_tail = FakeReq(ids, held_ranges=[(8, 16)])
+    kv.extend(home_tail, 14)
     kv.release(home_tail)
-    assert kv.cache.cached_pages == 0
-    head = FakeReq(list(range(12)), held_ranges=[(0, 6), (10, 16)])  # holds [0, 6) from 0
+    assert kv.cache.cached_pages == 3 and (0, 0) in kv.cache.roots and len(kv.cache.roots) == 2
+    blind = FakeReq(ids, held_ranges=[(8, 16)])  # holders did not confirm anything: nothing skipped
+    assert kv.match_prefix(blind) == 0
+    again = FakeReq(ids, held_ranges=[(8, 16)], cached_prefix=8)
+    assert kv.match_prefix(again) == 12 and again.cached_len == 4  # its last token is computed
+    table = kv.req_to_token_pool.req_to_token[again.req_pool_idx]
+    assert table[:8].tolist() == [-1] * 8 and kv.cache.locked_pages == 2
+    other = FakeReq([99] + ids[1:], held_ranges=[(8, 16)], cached_prefix=8)  # other tokens before 8
+    assert kv.match_prefix(other) == 8 and other.cached_len == 0
+    kv.unmatch(other)
+    kv.extend(again, 1)
+    kv.release(again)
+    head = FakeReq(ids, held_ranges=[(0, 6), (10, 16)])  # holds [0, 6) from 0: the ordinary root
     kv.extend(head, 12)
     kv.release(head)
-    assert kv.cache.cached_pages == 3
-    again = FakeReq(list(range(12)), held_ranges=[(0, 6), (10, 16)])
-    assert kv.match_prefix(again) == 6 and kv.extend(again, 6) is not None
-    assert torch.equal(kv.req_to_token_pool.req_to_token[again.req_pool_idx, 6:10], torch.full((4,), -1))
+    assert kv.match_prefix(FakeReq(ids, held_ranges=[(0, 6), (10, 16)])) == 6
+    assert kv.match_prefix(FakeReq(ids, held_ranges=[(0, 6), (10, 16)], cached_prefix=10)) == 10

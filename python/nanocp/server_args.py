@@ -377,6 +377,7 @@ class ServerArgs:
         return {
             "policy": self.cp_policy,
             "prefix_cache": self.radix_cache,  # the router's homes are cache-aware
+            "page_size": self.page_size,
             "cp_size": self.cp_size,
             "cp_max_degree": self.cp_max_degree,
             "cp_min_shard_tokens": self.cp_min_shard_tokens,

@@ -36,6 +36,9 @@ class Generate(Message, tag="generate"):
     # --disaggregation-mode decode: the home allocates the prompt's KV at once and answers
     # Reserved with where it lies; a prefill server writes it there (nanocp_router.pd)
     kv_from_prefill: bool = False
+    # reusing cached DCP segments in place: positions [0, cached_prefix) are cached on the
+    # instances holding them (confirmed by their Reserved), so the home does not compute them
+    cached_prefix: int = 0
 
 
 class Abort(Message, tag="abort"):
@@ -58,6 +61,11 @@ class Reserve(Message, tag="reserve"):
     start: int
     end: int
     want_dest: bool = False  # answer with the pages (a prefill server writes the KV there)
+    # prefix cache: the prompt tokens of [start, end), cached under (start, context) when the
+    # request is released; reuse: positions from start whose cached KV the router expects there
+    context: int = 0
+    tokens: list[int] | None = None
+    reuse: int = 0
 
 
 class Reserved(Message, tag="reserved"):
@@ -67,12 +75,15 @@ class Reserved(Message, tag="reserved"):
     instance: int
     dest: list[KVDest] | None = None  # asked for (want_dest, kv_from_prefill): where the KV goes
     refused: bool = False  # the home refused the request (and answered the client): no retry
+    cached: int = 0  # of the positions asked to be reused, those found cached (from start)
 
 
 class Release(Message, tag="release"):
-    """The request is done: a holder frees every segment it holds of it."""
+    """The request is done: a holder frees every segment it holds of it (cache: its prompt KV
+    is complete, keep it in the prefix cache)."""
 
     cp_key: int
+    cache: bool = False
 
 
 class Grow(Message, tag="grow"):
@@ -113,6 +124,7 @@ class Load(Message, tag="load"):
     # [rid, cp_key] of requests finished since the last report: the router frees their
     # segments (the key tells a finished request from a newer one reusing its rid)
     finished: list[tuple[str, int | None]] = []
+    cacheable: list[int] = []  # of those, cp_keys whose prompt was prefilled (holders may cache it)
     trace: dict[str, Any] | None = None
 
 

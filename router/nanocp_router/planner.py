@@ -51,6 +51,9 @@ from dataclasses import dataclass, field
 
 from nanocp_router.cluster_state import ClusterState, InstanceLoad, free_tokens, home_load, used_tokens
 
+Cached = dict[int, int] | None  # instance -> tokens of a request's prefix it caches from 0
+Chain = list[tuple[int, int, int]]  # a request's prefix as cached segments (instance, start, end)
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -67,6 +70,7 @@ class Segment:
 class Plan:
     home: int
     segments: list[Segment] = field(default_factory=list)
+    reused: int = 0  # positions [0, reused) reuse cached segments in place (no new KV there)
 
     @property
     def degree(self) -> int:
@@ -169,10 +173,17 @@ class CPPolicy(ABC):
         self.config = config or PlannerConfig()
 
     @abstractmethod
-    def plan(self, length: int, state: ClusterState, cached: dict[int, int] | None = None) -> Plan | None:
+    def plan(
+        self,
+        length: int,
+        state: ClusterState,
+        cached: Cached = None,
+        chain: Chain | None = None,
+    ) -> Plan | None:
         """Placement of a request needing `length` KV tokens; None when it cannot fit now (it then
         waits in the router queue; nothing is ever placed beyond an instance's free pages).
-        cached: instance -> tokens of the request's prefix it caches (cache_home)."""
+        cached: instance -> tokens of the request's prefix it caches from 0 (cache_home); chain:
+        its prefix as cached segments (instance, start, end), reusable in place (dynamic only)."""
 
     @staticmethod
     def whole_on(home: InstanceLoad, length: int) -> Plan:
@@ -222,7 +233,9 @@ class NoCP(CPPolicy):
     def capacity(self, instance_tokens: list[int], page: int) -> int:
         return min(instance_tokens)
 
-    def plan(self, length: int, state: ClusterState, cached: dict[int, int] | None = None) -> Plan | None:
+    def plan(
+        self, length: int, state: ClusterState, cached: Cached = None, chain: Chain | None = None
+    ) -> Plan | None:
         home = cache_home(state, cached, length) or self.pick_home(state)
         if free_tokens(home) < length:
             return None
@@ -241,7 +254,9 @@ class UniformCP(CPPolicy):
     def capacity_note(self) -> str:
         return f"--cp-size {self.config.cp_size} instances' KV caches, split evenly"
 
-    def plan(self, length: int, state: ClusterState, cached: dict[int, int] | None = None) -> Plan | None:
+    def plan(
+        self, length: int, state: ClusterState, cached: Cached = None, chain: Chain | None = None
+    ) -> Plan | None:
         # no cache-aware home: every request is split (its home holds the tail, not the prefix)
         home = self.pick_home(state)
         page = home.page_size
@@ -291,7 +306,24 @@ class DynamicCP(CPPolicy):
                 lo = mid + 1
         return lo
 
-    def plan(self, length: int, state: ClusterState, cached: dict[int, int] | None = None) -> Plan | None:
+    def plan(
+        self, length: int, state: ClusterState, cached: Cached = None, chain: Chain | None = None
+    ) -> Plan | None:
+        """A long cached prefix held as segments (chain) stays where it is: the plan is those
+        segments + the remainder's own plan, when the chain covers at least cp_min_shard_tokens
+        and more than any one instance caches from 0 (else a cached home, else a fresh plan)."""
+        if chain:
+            reused = chain[-1][2]
+            single = max(cached.values()) if cached else 0
+            if self.config.cp_min_shard_tokens <= reused < length and reused > single:
+                rest = self._plan(length - reused, state, None)
+                if rest is not None:
+                    shifted = [Segment(s.instance, s.start + reused, s.end + reused) for s in rest.segments]
+                    segments = [Segment(*seg) for seg in chain] + shifted
+                    return Plan(rest.home, segments, reused)
+        return self._plan(length, state, cached)
+
+    def _plan(self, length: int, state: ClusterState, cached: dict[int, int] | None) -> Plan | None:
         cfg = self.config
         insts = state.instances
         page = insts[0].page_size
@@ -514,6 +546,6 @@ def apply_growth(state: ClusterState, instance: int, tokens: int) -> None:
 
 def apply_plan(state: ClusterState, plan: Plan) -> None:
     """Account a placed request in the cluster state (until the instances' next load reports)."""
-    for seg in plan.segments:
-        state.instances[seg.instance].pending_tokens += seg.tokens
+    for seg in plan.segments:  # reused positions are cached pages: nothing new there
+        state.instances[seg.instance].pending_tokens += seg.end - max(seg.start, min(seg.end, plan.reused))
     state.instances[plan.home].pending_requests += 1

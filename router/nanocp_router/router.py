@@ -42,7 +42,7 @@ from nanocp_router.messages import (
 from nanocp_router.pd import DisaggDecode
 from nanocp_router.planner import CPPolicy, Plan, Segment, apply_growth, apply_plan, cp_policy_from
 from nanocp_router.policy import create_policy
-from nanocp_router.prefix_index import PrefixIndex, block_hashes
+from nanocp_router.prefix_index import BLOCK_TOKENS, PrefixIndex, block_hashes, context_hash
 
 logger = logging.getLogger("nanocp.router")
 SNAPSHOT_INTERVAL_S = 0.1
@@ -114,7 +114,8 @@ class Router:
         # server, whose prompts' KV is written by prefill servers, never matched
         self.prefixes: PrefixIndex | None = None
         if cp and cp.get("prefix_cache") and self.pd is None:
-            self.prefixes = PrefixIndex(dp_size)
+            page = cp.get("page_size", 1)  # blocks are whole pages: cached segments end on pages
+            self.prefixes = PrefixIndex(dp_size, page * -(-BLOCK_TOKENS // page))
         self._hashed: tuple[Generate, list[int]] | None = None  # the queue head's block hashes
 
     def send(self, inst: int, msg: Message) -> None:
@@ -162,8 +163,7 @@ class Router:
             raise RuntimeError(f"planner bug: the home {plan.home} does not hold the tail of {plan}")
         self.queue.pop(0)
         apply_plan(self.state, plan)
-        if plan.degree == 1:  # its home will cache the prompt (held from position 0)
-            self.note_prefix(plan.home, hashes)
+        self.note_segments(msg, plan, hashes)
         key = next(self._keys)
         if self.pd is not None:
             self.pd.start(msg, key, plan)
@@ -175,13 +175,43 @@ class Router:
             self.pending[key] = {
                 "msg": msg,
                 "plan": plan,
-                "waiting": {s.instance for s in holders},
+                "waiting": {(s.instance, s.start) for s in holders},
                 "ok": True,
+                "reused": plan.reused,  # lowered where a holder finds less cached than expected
                 "since": time.monotonic(),
             }
             for s in holders:
-                self.reserve(s.instance, key, s.start, s.end)
+                self.reserve(s.instance, key, s.start, s.end, self.segment_cache(msg, s, plan.reused, hashes))
         return True
+
+    def segment_cache(self, msg: Generate, seg: Segment, reused: int, hashes: list[int]) -> dict:
+        """Reserve's prefix-cache fields for a holder's segment: its prompt tokens and root (the
+        holder caches them when the request is released after its prefill) and the positions it
+        should find cached (reused in place)."""
+        if self.prefixes is None or seg.start >= len(msg.input_ids):
+            return {}
+        ids = msg.input_ids
+        known = hashes if self.prefixes.block == BLOCK_TOKENS else None
+        return {
+            "context": context_hash(ids, seg.start, hashes=known),
+            "tokens": ids[seg.start : seg.end],
+            "reuse": max(0, min(seg.end, reused) - seg.start),
+        }
+
+    def note_segments(self, msg: Generate, plan: Plan, hashes: list[int]) -> None:
+        """Record the prompt blocks each instance will cache: every holder its segments', the
+        home those of its first held range (kvcache.manager caches only that range there)."""
+        if not hashes:
+            return
+        block, plen = self.prefixes.block, len(msg.input_ids)
+        home_first = next(s for s in plan.segments if s.instance == plan.home)
+        for s in plan.segments:
+            if s.instance == plan.home and s is not home_first:
+                continue
+            first, last = -(-s.start // block), min(s.end, plen) // block
+            if first < last:
+                i = self.state.instances[s.instance]
+                self.prefixes.record(s.instance, hashes[first:last], i.total_pages * i.page_size, s.start)
 
     def block_hashes(self, msg: Generate) -> list[int]:
         """The prompt's prefix block hashes (none without caches), kept while it heads the queue."""
@@ -204,23 +234,30 @@ class Router:
         max_new = msg.sampling_params.get("max_new_tokens", 128)
         cached = self.prefixes.match(hashes) if hashes else None
         if self.cp is not None and msg.data_parallel_rank is None:
-            return self.cp.plan(len(msg.input_ids) + self.cp.tail_quota(max_new), self.state, cached)
+            # the last prompt token is always computed (its logits are sampled)
+            last = (len(msg.input_ids) - 1) // self.prefixes.block if hashes else 0
+            chain = self.prefixes.segments(hashes[:last]) if hashes else None
+            return self.cp.plan(len(msg.input_ids) + self.cp.tail_quota(max_new), self.state, cached, chain)
         total = len(msg.input_ids) + max_new
         home = msg.data_parallel_rank
         if home is None:
             home = self.policy.select(self.state, total, cached)
         return Plan(home, [Segment(home, 0, total)])
 
-    def reserve(self, inst: int, key: int, start: int, end: int) -> None:
-        """Ask a holder to reserve positions [start, end) of request `key`; it acks "reserved"."""
-        self.send(inst, Reserve(key, start, end))
+    def reserve(self, inst: int, key: int, start: int, end: int, cache: dict | None = None) -> None:
+        """Ask a holder to reserve positions [start, end) of request `key`; it acks "reserved".
+        cache: segment_cache's fields."""
+        self.send(inst, Reserve(key, start, end, **(cache or {})))
 
     def on_reserved(self, msg: Reserved) -> None:
         p = self.pending.get(msg.cp_key)
         if p is None:
             return
-        p["waiting"].discard(msg.instance)
+        p["waiting"].discard((msg.instance, msg.start))
         p["ok"] &= msg.ok
+        seg = next(s for s in p["plan"].segments if s.instance == msg.instance and s.start == msg.start)
+        if msg.cached < min(seg.end, p["reused"]) - seg.start:  # evicted meanwhile: recompute from there
+            p["reused"] = max(0, seg.start + msg.cached)
         if p["waiting"]:
             return
         key, req, plan = msg.cp_key, p["msg"], p["plan"]
@@ -232,7 +269,7 @@ class Router:
             "done" if p["ok"] else "FAILED",
             1e3 * (time.monotonic() - p["since"]),
         )
-        holders = [s.instance for s in plan.segments if s.instance != plan.home]
+        holders = {s.instance for s in plan.segments if s.instance != plan.home}
         if p.get("aborted") or not p["ok"]:
             for inst in holders:
                 self.send(inst, Release(key))
@@ -241,6 +278,7 @@ class Router:
             else:
                 self.queue.insert(0, req)  # a holder had no room after all: plan again later
             return
+        req.cached_prefix = p["reused"]
         self.start_on_home(req, key, plan)
 
     def start_on_home(self, req: Generate, key: int, plan: Plan, first: KVReady | None = None) -> None:
@@ -359,13 +397,14 @@ class Router:
             self.state.on_report(msg)
             if self.pd is not None:
                 self.pd.paused = False
+            cacheable = set(msg.cacheable)
             for rid, key in msg.finished:
                 if self.rid_to_instance.get(rid) == msg.instance:
                     del self.rid_to_instance[rid]
                 r = self.placed.pop(key, None) if key is not None else None
                 if r is not None:  # the home is done with it: free its segments
                     for inst in r.holders:
-                        self.send(inst, Release(r.key))
+                        self.send(inst, Release(r.key, cache=key in cacheable))
         self._dirty = True
 
     def on_abort(self, msg: Abort) -> None:

@@ -7,19 +7,23 @@ Its KV goes to the tree page by page, whole pages only, when a prefill chunk end
 (cache_unfinished) and when it leaves (release: finished, failed or retracted), so a request
 arriving meanwhile finds the prefix, and a retracted one finds its own KV again.
 
-Only the positions a request holds from 0 on are cached: those of a context-parallel request
-held by other instances are not here, and a home holding a later segment has no prefix.
+A request's positions cached here are those of its first held range: from 0 when it holds all or
+the first segment, else under that segment's own root (start, hash of the tokens before it), so
+a context-parallel home's segment is found again by a request reusing the same segments in
+place. Segments this instance holds for other homes are cached by ForeignKV (scheduler/dcp.py).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import math
+from typing import Any, Protocol
 
 import torch
 
 from nanocp.kvcache.pool import PageAllocator, ReqToTokenPool
-from nanocp.kvcache.radix_cache import CachedPages, RadixCache, TreeNode
+from nanocp.kvcache.radix_cache import ROOT, CachedPages, RadixCache, RootKey, TreeNode
 from nanocp.scheduler.dcp import held_spans, held_tokens
+from nanocp_router.prefix_index import context_hash
 
 
 class KVOwner(Protocol):
@@ -35,9 +39,12 @@ class KVOwner(Protocol):
     # tree's pages, the most positions it computed before (retracted) and the prompt tokens it
     # found cached
     cache_node: TreeNode | None
-    cached_len: int
+    cached_len: int  # local positions (from the first held range's start) that are tree pages
     computed_len: int
     cached_tokens: int
+    skipped_len: int  # positions match_prefix skipped (until the request is admitted)
+    cached_prefix: int  # DCP reuse: positions [0, cached_prefix) cached on its holders
+    cache_root: Any  # the root its first held range is cached under (when it starts past 0)
 
 
 class KVManager:
@@ -61,76 +68,116 @@ class KVManager:
         return max(0, -(-held_tokens(req.held_ranges, new_len) // self.page_size) - len(req.kv_pages))
 
     # ---------------------------------------------------------- prefix cache
-    def _prefix_limit(self, req: KVOwner, upto: int) -> int:
-        """Positions below `upto` held here contiguously from 0, whole pages (what can be cached)."""
+    def _span(self, req: KVOwner) -> tuple[RootKey, int, float] | None:
+        """(root, start, end) of the positions of a request this instance can cache: its first
+        held range (all of them when it holds all), under the root of that range's start."""
         held = req.held_ranges
-        end = upto if held is None else (min(upto, held[0][1]) if held and held[0][0] == 0 else 0)
-        return end // self.page_size * self.page_size
+        if held is None:
+            return ROOT, 0, math.inf
+        if not held:
+            return None
+        s0, e0 = held[0]
+        if s0 == 0:
+            return ROOT, 0, e0
+        if req.cache_root is None:
+            req.cache_root = (s0, context_hash(req.fill_ids, s0))
+        return req.cache_root, s0, e0
+
+    def _cacheable(self, req: KVOwner, upto: int) -> int:
+        """Local positions (from the span's start) below `upto` that can be cached: whole pages."""
+        span = self._span(req)
+        if span is None:
+            return 0
+        _, s0, e0 = span
+        return max(0, int(min(upto, e0)) - s0) // self.page_size * self.page_size
 
     def match_prefix(self, req: KVOwner) -> int:
-        """Adopt the cached prefix of a request that holds nothing yet (admission); at least its
-        last token is left to compute (its logits are sampled). Returns the cached positions."""
+        """Admission of a request that holds nothing yet: skip the positions whose KV is cached,
+        here (the tree) or, for a context-parallel request reusing cached segments in place, on
+        its holders (req.cached_prefix, confirmed by them). At least the last token is left to
+        compute (its logits are sampled). Returns the positions skipped."""
         if self.cache is None or req.kv_len or req.kv_pages or req.req_pool_idx is not None:
             return 0
-        ids = req.fill_ids
-        limit = self._prefix_limit(req, len(ids) - 1)
-        if limit <= 0:
+        span = self._span(req)
+        if span is None:
             return 0
-        pages, node = self.cache.match_prefix(ids[:limit])
-        if not pages:
+        root, s0, e0 = span
+        last = len(req.fill_ids) - 1
+        held_elsewhere = req.cached_prefix  # positions [0, cached_prefix) cached on the holders
+        pages, node = [], None
+        if s0 > held_elsewhere:
+            skip = min(held_elsewhere, last)
+        else:
+            end = int(min(e0, last))
+            n = (end - s0) // self.page_size * self.page_size
+            if n > 0:
+                pages, node = self.cache.match_prefix(req.fill_ids[s0 : s0 + n], root)
+            skip = s0 + len(pages) * self.page_size
+            if skip >= e0:  # the whole first range: on to the holders' cached positions after it
+                held = req.held_ranges or []
+                after = held[1][0] if len(held) > 1 else math.inf
+                skip = max(skip, int(min(held_elsewhere, after, last)))
+        if skip <= 0:
             return 0
         row = self.req_to_token_pool.alloc()
         if row is None:
             return 0
-        self.cache.lock(node)
-        n = len(pages) * self.page_size
-        req.req_pool_idx, req.kv_pages, req.kv_len = row, list(pages), n
-        req.cache_node, req.cached_len = node, n
-        self._write_slots(req, 0, n)
-        return n
+        if pages:
+            self.cache.lock(node)
+        req.req_pool_idx, req.kv_pages, req.kv_len = row, list(pages), skip
+        req.cache_node, req.cached_len, req.skipped_len = (
+            node if pages else None,
+            len(pages) * self.page_size,
+            skip,
+        )
+        self._write_slots(req, 0, skip)
+        return skip
 
     def unmatch(self, req: KVOwner) -> None:
         """Undo match_prefix of a request that was not admitted after all."""
-        if req.cache_node is not None and req.kv_len == req.cached_len:
-            self.cache.unlock(req.cache_node)
+        if req.skipped_len and req.kv_len == req.skipped_len:
+            if req.cache_node is not None:
+                self.cache.unlock(req.cache_node)
             self.req_to_token_pool.free(req.req_pool_idx)
             req.req_pool_idx, req.kv_pages, req.kv_len = None, [], 0
-            req.cache_node, req.cached_len = None, 0
+            req.cache_node, req.cached_len, req.skipped_len = None, 0, 0
 
     def count_admitted(self, req: KVOwner) -> None:
         """A request starts (after match_prefix): its prompt tokens found cached that it did not
         compute before (a retracted request's own KV is not a hit), for usage and /metrics."""
         if self.cache is None:
             return
-        hit = max(0, req.cached_len - req.computed_len)
+        hit = max(0, req.skipped_len - req.computed_len)
         req.cached_tokens += hit
         self.cache.hit_tokens += hit
         self.cache.query_tokens += max(0, len(req.fill_ids) - req.computed_len)
+        req.skipped_len = 0
 
     def cache_unfinished(self, req: KVOwner) -> None:
         """Put a running request's computed whole pages into the tree (after a prefill chunk):
         where the tree has them already, the request reads the tree's pages and frees its copies."""
         if self.cache is None:
             return
-        limit = self._prefix_limit(req, req.kv_len)
-        if limit <= req.cached_len:
+        n = self._cacheable(req, req.kv_len)
+        if n <= req.cached_len:
             return
-        node = self._insert(req, limit)
+        node = self._insert(req, n)
         self.cache.lock(node)
         if req.cache_node is not None:
             self.cache.unlock(req.cache_node)
-        req.cache_node, req.cached_len = node, limit
+        req.cache_node, req.cached_len = node, n
 
-    def _insert(self, req: KVOwner, limit: int) -> TreeNode:
-        """Insert the request's first `limit` positions; its pages of them become the tree's."""
-        n = limit // self.page_size
-        present, node = self.cache.insert(req.fill_ids[:limit], req.kv_pages[:n])
-        first_own = req.cached_len // self.page_size
-        if present > first_own:  # cached meanwhile by another request: use the tree's pages
-            tree_pages, _ = self.cache.match_prefix(req.fill_ids[: present * self.page_size])
-            self.allocator.free(req.kv_pages[first_own:present])
-            req.kv_pages[first_own:present] = tree_pages[first_own:present]
-            self._write_slots(req, first_own * self.page_size, present * self.page_size)
+    def _insert(self, req: KVOwner, n: int) -> TreeNode:
+        """Insert the request's first n local positions of its span; its pages of them become
+        the tree's."""
+        root, s0, _ = self._span(req)
+        ps = self.page_size
+        k, first_own = n // ps, req.cached_len // ps
+        pages = req.kv_pages[:k]
+        node = self.cache.adopt(req.fill_ids[s0 : s0 + n], pages, first_own, root)
+        if pages != req.kv_pages[:k]:  # cached meanwhile by another request: read the tree's pages
+            req.kv_pages[:k] = pages
+            self._write_slots(req, s0 + first_own * ps, s0 + n)
         return node
 
     # ------------------------------------------------------------------ pages
@@ -177,15 +224,15 @@ class KVManager:
         the tree had already, e.g. after a failed step whose KV is not trusted)."""
         pages = req.kv_pages
         if self.cache is not None and req.req_pool_idx is not None:
-            limit = self._prefix_limit(req, req.kv_len) if cache else 0
-            if limit > req.cached_len:
-                self._insert(req, limit)
+            n = self._cacheable(req, req.kv_len) if cache else 0
+            if n > req.cached_len:
+                self._insert(req, n)
             else:
-                limit = req.cached_len
-            pages = req.kv_pages[limit // self.page_size :]
+                n = req.cached_len
+            pages = req.kv_pages[n // self.page_size :]
             if req.cache_node is not None:
                 self.cache.unlock(req.cache_node)
-            req.cache_node, req.cached_len = None, 0
+            req.cache_node, req.cached_len, req.skipped_len = None, 0, 0
             req.computed_len = max(req.computed_len, req.kv_len)
         if pages:
             self.allocator.free(pages)

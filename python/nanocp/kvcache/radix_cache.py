@@ -1,7 +1,11 @@
 """Per-instance prefix cache over KV pages (SGLang's RadixAttention, page granular).
 
 A radix tree whose edges are token sequences of whole pages and whose nodes own the KV pages of
-their edge: a path from the root spells a prompt prefix and holds its KV. Invariants:
+their edge: a path from the root spells a prompt prefix and holds its KV. A context-parallel
+request's positions [s, e) held here (a DCP segment) are cached under their own root, named
+(s, hash of the tokens before s) (nanocp_router.prefix_index.context_hash): the KV of a
+position depends on every token before it, so a segment is found again only by a request with
+the same tokens before s. ROOT = (0, 0) is the ordinary prefix root. Invariants:
   - every node's key has len(pages) * page_size tokens; a child is found by its first page's
     tokens, so siblings never share their first page;
   - a node's lock_ref counts the requests whose matched prefix ends at or below it; a node with
@@ -19,6 +23,8 @@ import itertools
 from typing import Protocol
 
 _CLOCK = itertools.count()  # last-use order (a counter: ties are impossible, time is not needed)
+ROOT = (0, 0)  # (start, context hash) of prefixes from position 0
+RootKey = tuple[int, int]
 
 
 class Pages(Protocol):
@@ -49,8 +55,9 @@ class RadixCache:
     def __init__(self, allocator: Pages) -> None:
         self.allocator = allocator
         self.page_size = allocator.page_size
-        self.root = TreeNode((), [], None)
+        self.root = TreeNode(ROOT, [], None)  # a root's key is its RootKey; it holds no pages
         self.root.lock_ref = 1  # never evicted
+        self.roots: dict[RootKey, TreeNode] = {ROOT: self.root}
         self.cached_pages = 0  # pages the tree owns
         self.locked_pages = 0  # of those, pages some request reads
         # prompt tokens asked for / found in the cache (for /metrics' hit rate)
@@ -80,10 +87,13 @@ class RadixCache:
                 hi = mid - 1
         return lo
 
-    def match_prefix(self, tokens: list[int]) -> tuple[list[int], TreeNode]:
-        """The pages of the longest cached whole-page prefix of `tokens`, and the node it ends
-        at (lock it before the pages are used: lock()). Splits a node a match ends inside."""
-        node, at, pages = self.root, 0, []
+    def match_prefix(self, tokens: list[int], root: RootKey = ROOT) -> tuple[list[int], TreeNode]:
+        """The pages of the longest cached whole-page prefix of `tokens` under `root`, and the
+        node it ends at (lock it before the pages are used: lock()). Splits a node a match ends
+        inside."""
+        node, at, pages = self.roots.get(root, self.root), 0, []
+        if root != ROOT and root not in self.roots:
+            return [], node
         ps = self.page_size
         while len(tokens) - at >= ps:
             child = node.children.get(self._first_page(tokens, at))
@@ -111,14 +121,14 @@ class RadixCache:
 
     # --------------------------------------------------------------- locking
     def lock(self, node: TreeNode) -> None:
-        while node is not self.root:
+        while node.parent is not None:
             if node.lock_ref == 0:
                 self.locked_pages += len(node.pages)
             node.lock_ref += 1
             node = node.parent
 
     def unlock(self, node: TreeNode) -> None:
-        while node is not self.root:
+        while node.parent is not None:
             if node.lock_ref == 1:
                 self.locked_pages -= len(node.pages)
             node.lock_ref -= 1
@@ -127,7 +137,7 @@ class RadixCache:
             node = node.parent
 
     # ---------------------------------------------------------------- insert
-    def insert(self, tokens: list[int], pages: list[int]) -> tuple[int, TreeNode]:
+    def insert(self, tokens: list[int], pages: list[int], root: RootKey = ROOT) -> tuple[int, TreeNode]:
         """Cache the KV of a whole-page prefix: pages[i] holds tokens[i*ps:(i+1)*ps]. Returns how
         many leading pages were cached already (the tree keeps its own; the caller's copies of
         them that are not the tree's pages are the caller's to free) and the node the prefix ends
@@ -135,7 +145,10 @@ class RadixCache:
         ps = self.page_size
         if len(tokens) != len(pages) * ps:
             raise ValueError("radix cache: insert wants whole pages")
-        node, at = self.root, 0
+        if root not in self.roots:
+            self.roots[root] = TreeNode(root, [], None)
+            self.roots[root].lock_ref = 1
+        node, at = self.roots[root], 0
         while at < len(tokens):
             node.last_use = next(_CLOCK)
             child = node.children.get(self._first_page(tokens, at))
@@ -151,6 +164,18 @@ class RadixCache:
             node = child
         node.last_use = next(_CLOCK)
         return len(pages), node
+
+    def adopt(self, tokens: list[int], pages: list[int], own_from: int, root: RootKey = ROOT) -> TreeNode:
+        """Cache a request's whole pages (pages[i] holds tokens[i*ps:(i+1)*ps]; the first
+        own_from are the tree's already). Where the tree had a page meanwhile (another request
+        cached it), it keeps its own: the caller's copy is freed and replaced in `pages` (in
+        place). Returns the node the tokens end at."""
+        present, node = self.insert(tokens, pages, root)
+        if present > own_from:
+            tree_pages, _ = self.match_prefix(tokens[: present * self.page_size], root)
+            self.allocator.free(pages[own_from:present])
+            pages[own_from:present] = tree_pages[own_from:present]
+        return node
 
     # ----------------------------------------------------------------- evict
     def evict(self, num_pages: int) -> int:
@@ -169,12 +194,14 @@ class RadixCache:
             self.cached_pages -= len(leaf.pages)
             parent = leaf.parent
             del parent.children[self._first_page(leaf.key)]
-            if parent is not self.root and not parent.children and parent.lock_ref == 0:
+            if parent.parent is not None and not parent.children and parent.lock_ref == 0:
                 heapq.heappush(heap, parent)
+            elif parent.parent is None and not parent.children and parent is not self.root:
+                del self.roots[parent.key]  # a segment root with nothing under it
         return freed
 
     def _nodes(self) -> list[TreeNode]:
-        out, stack = [], list(self.root.children.values())
+        out, stack = [], [child for root in self.roots.values() for child in root.children.values()]
         while stack:
             node = stack.pop()
             out.append(node)

@@ -159,17 +159,18 @@ class SchedulerCore:
         return max(total, 0)
 
     # ---------------------------------------------------- context parallelism
-    def reserve_foreign(self, key: int, start: int, end: int) -> bool:
+    def reserve_foreign(self, key: int, start: int, end: int, **cache: Any) -> bool:
         """Hold [start, end) of another home's request. Called between steps: own running
-        requests are retracted if that is what it takes."""
-        return self.foreign.reserve(key, start, end, self._make_room)
+        requests are retracted if that is what it takes. cache: ForeignKV.reserve's root, tokens
+        and reuse."""
+        return self.foreign.reserve(key, start, end, self._make_room, **cache)
 
     def _make_room(self, pages: int) -> None:
         while self.kv.num_free_pages < pages and self.running:
             self.retract(self.victim())
 
-    def release_foreign(self, key: int) -> None:
-        self.foreign.release(key)
+    def release_foreign(self, key: int, cache: bool = False) -> None:
+        self.foreign.release(key, cache)
 
     # ------------------------------------------------------------------- step
     def schedule(self) -> list[tuple[CoreReq, int]]:

@@ -134,6 +134,12 @@ class ForeignSegment:
     pages: list[int]
     # the slot of each position, as a device tensor; made by the step's routing on first use
     slots: Any = field(default=None, repr=False)
+    # prefix cache: the prompt tokens of [start, end) and the root they are cached under; the
+    # positions from start whose pages are the tree's (reused in place), locked through `node`
+    tokens: list[int] | None = field(default=None, repr=False)
+    root: Any = None
+    node: Any = field(default=None, repr=False)
+    cached: int = 0
 
 
 class PageSource(Protocol):
@@ -146,34 +152,78 @@ class PageSource(Protocol):
 
 class ForeignKV:
     """Pages this instance holds for other homes' requests: per request (cp_key) one or more
-    segments (the planned one, and later ones placed here when the request grew)."""
+    segments (the planned one, and later ones placed here when the request grew). With a prefix
+    cache (kvcache.radix_cache.RadixCache), a segment's prompt KV is cached under its root when
+    the request is released after its prefill, and a later request reusing the segment in
+    place gets those pages back, locked while it runs."""
 
-    def __init__(self, allocator: PageSource) -> None:
+    def __init__(self, allocator: PageSource, cache: Any = None) -> None:
         self.allocator = allocator
+        self.cache = cache
         self.segments: dict[int, list[ForeignSegment]] = {}
 
     def pages_for(self, start: int, end: int) -> int:
         return -(-(end - start) // self.allocator.page_size)
 
-    def reserve(self, key: int, start: int, end: int, make_room: Callable[[int], None] | None = None) -> bool:
+    def reserve(
+        self,
+        key: int,
+        start: int,
+        end: int,
+        make_room: Callable[[int], None] | None = None,
+        root: Any = None,
+        tokens: list[int] | None = None,
+        reuse: int = 0,
+    ) -> bool:
         """Hold [start, end) of request `key` (again: a no-op). make_room(pages) may free own
-        pages first (the scheduler retracts running requests); False: no room even then."""
+        pages first (the scheduler retracts running requests); False: no room even then. With
+        the cache: tokens, the segment's prompt tokens, cached under `root` at release; reuse:
+        positions from start whose cached KV the router expects here (cached() says how many
+        were found)."""
         segs = self.segments.get(key, [])
         if any(seg.start == start for seg in segs):
             return True
-        need = self.pages_for(start, end)
+        found, node = [], None
+        if self.cache is not None and tokens and reuse > 0:
+            n = min(reuse, len(tokens)) // self.allocator.page_size * self.allocator.page_size
+            found, node = self.cache.match_prefix(tokens[:n], root)
+            if found:
+                self.cache.lock(node)
+        need = self.pages_for(start, end) - len(found)
         if make_room is not None:
             make_room(need)
         pages = self.allocator.alloc(need)
         if pages is None:
+            if found:
+                self.cache.unlock(node)
             return False
-        segs.append(ForeignSegment(start, end, pages))
+        cached = len(found) * self.allocator.page_size
+        segs.append(
+            ForeignSegment(start, end, found + pages, None, tokens, root, node if found else None, cached)
+        )
         self.segments[key] = sorted(segs, key=lambda seg: seg.start)
         return True
 
-    def release(self, key: int) -> None:
+    def cached(self, key: int, start: int) -> int:
+        """Positions from `start` of the request's segment there found in the cache."""
+        return next((seg.cached for seg in self.segments.get(key, []) if seg.start == start), 0)
+
+    def release(self, key: int, cache: bool = False) -> None:
+        """Free the request's segments; cache: their prompt KV is complete (the home prefilled
+        it): keep it in the prefix cache."""
+        ps = self.allocator.page_size
         for seg in self.segments.pop(key, []):
-            self.allocator.free(seg.pages)
+            keep = seg.cached // ps
+            if cache and self.cache is not None and seg.tokens:
+                n = len(seg.tokens) // ps
+                if n > keep:
+                    pages = seg.pages[:n]
+                    self.cache.adopt(seg.tokens[: n * ps], pages, keep, seg.root)
+                    seg.pages[:n] = pages
+                    keep = n
+            if seg.node is not None:
+                self.cache.unlock(seg.node)
+            self.allocator.free(seg.pages[keep:])
 
     def held(self, key: int, positions: list[int]) -> list[ForeignSegment]:
         """The request's segments here, which must hold every one of `positions`."""

@@ -53,6 +53,9 @@ class Req:
     cached_len: int = 0
     computed_len: int = 0
     cached_tokens: int = 0
+    skipped_len: int = 0  # positions the admission skipped (cached), until it is counted
+    cached_prefix: int = 0  # reusing DCP segments in place: [0, cached_prefix) cached on holders
+    cache_root: Any = None
     # Context parallelism (scheduler/dcp.py): where the router placed the request's positions
     # (None: all KV here, unbounded); cp_key names the request to its holders.
     placement: Placement | None = None

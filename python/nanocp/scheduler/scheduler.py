@@ -55,6 +55,7 @@ class Scheduler(SchedulerCore):
             args.slo_tpot_ms / 1e3,
             args.long_prefill_token_threshold,
         )
+        self.foreign.cache = kv.cache  # segments held for other homes are cached too
         self.runner = runner
         self.tracer = tracer
         self.forward_ct = 0

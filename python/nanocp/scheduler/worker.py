@@ -139,6 +139,7 @@ class Worker:
         # [rid, cp_key] of requests finished since the last report: the router frees their
         # segments (the key tells a finished request from a newer one reusing its rid)
         self._finished: list[tuple[str, int | None]] = []
+        self._cacheable: list[int] = []  # see Load.cacheable
         self._placed: dict[str, Req] = {}  # requests with a context-parallel plan, by rid
 
         self._last_report = 0.0
@@ -229,20 +230,25 @@ class Worker:
             if msg.placement:
                 req.set_placement(Placement([tuple(seg) for seg in msg.placement], self.instance))
                 req.cp_key = msg.cp_key
+                req.cached_prefix = msg.cached_prefix
                 self._placed[req.rid] = req
             if msg.kv_from_prefill:
                 return self._land(msg, req)
             self.scheduler.add_request(req)
         elif isinstance(msg, Reserve):
-            ok = self.scheduler.reserve_foreign(msg.cp_key, msg.start, msg.end)
+            cache = {"root": (msg.start, msg.context), "tokens": msg.tokens, "reuse": msg.reuse}
+            ok = self.scheduler.reserve_foreign(msg.cp_key, msg.start, msg.end, **cache)
             dest = None
             if ok and msg.want_dest and self.receiver is not None:
                 dest = self.receiver.holder_dests(self.scheduler.foreign, msg.cp_key, msg.start)
-            self.to_router.send(encode(Reserved(msg.cp_key, msg.start, ok, self.instance, dest)))
+            found = self.scheduler.foreign.cached(msg.cp_key, msg.start) if ok else 0
+            self.to_router.send(
+                encode(Reserved(msg.cp_key, msg.start, ok, self.instance, dest, cached=found))
+            )
         elif isinstance(msg, Grown):
             self.scheduler.apply_growth(msg.rid, msg.cp_key, tuple(msg.segment))
         elif isinstance(msg, Release):
-            self.scheduler.release_foreign(msg.cp_key)
+            self.scheduler.release_foreign(msg.cp_key, msg.cache)
             landing = self.scheduler.drop_landing(msg.cp_key)
             if landing is not None:  # planned again later: forget it here
                 self._forget(landing.rid)
@@ -317,6 +323,9 @@ class Worker:
             # where the request's KV lived: [instance, tokens] per segment (the home holds the tail)
             req = self._placed.pop(out.rid, None)
             self._finished.append((out.rid, req.cp_key if req is not None else cp_key))
+            failed = (out.finish_reason or {}).get("status_code") == 500  # its KV is not trusted
+            if req is not None and out.completion_tokens and not failed:
+                self._cacheable.append(req.cp_key)  # its holders' prompt KV is complete
             total = out.prompt_tokens + out.completion_tokens
             if req is None:
                 d.placement = [[self.instance, total]]
@@ -345,10 +354,11 @@ class Worker:
             cache_query_tokens=cache.query_tokens if cache is not None else 0,
             step_kinds=s.step_kinds,
             finished=self._finished,
+            cacheable=self._cacheable,
             trace=s.tracer.summary() if s.tracer is not None else None,
         )
         self.to_router.send(encode(load))
-        self._finished = []
+        self._finished, self._cacheable = [], []
         self._last_report = now
 
     def step_lockstep(self) -> list[ReqOutput]:
