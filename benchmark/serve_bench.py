@@ -45,11 +45,20 @@ async def _one(client: httpx.AsyncClient, req: Request, index: int, vocab: int, 
         "rid": f"bench{int(t0 * 1000) % 10**9}-{index}",
         "input_ids": prompt_ids(req, index, vocab),
         "sampling_params": {"max_new_tokens": req.output_len, "temperature": 0.0, "ignore_eos": True},
-        "stream": True,
     }
-    m = {"index": index, "kind": req.kind, "input_len": req.input_len, "output_len": 0, "itl": []}
+    m = {"index": index, "kind": req.kind, "input_len": req.input_len}
+    return await stream_request(client, body, m)
+
+
+async def stream_request(client: httpx.AsyncClient, body: dict, m: dict) -> dict:
+    """POST a /generate request streaming and record into m: ttft, itl, tpot, e2e, output_len,
+    cp_degree, cached_tokens, placement (and output_ids with body["return_output_ids"]); or the
+    error."""
+    want_ids = body.get("return_output_ids", False)  # the client's flag, not sent
+    body = {**{k: v for k, v in body.items() if k != "return_output_ids"}, "stream": True}
+    m.update(output_len=0, itl=[])
     start = time.perf_counter()
-    last, tokens, meta = start, 0, {}
+    last, tokens, meta, ids = start, 0, {}, []
     try:
         async with client.stream("POST", "/generate", json=body) as res:
             if res.status_code != 200:
@@ -61,6 +70,7 @@ async def _one(client: httpx.AsyncClient, req: Request, index: int, vocab: int, 
                 if "error" in chunk:
                     raise RuntimeError(str(chunk["error"]))
                 meta = chunk["meta_info"]
+                ids = chunk.get("output_ids")
                 now, n = time.perf_counter(), meta["completion_tokens"]
                 if n > tokens:
                     if tokens == 0:  # tokens arriving with the first one count as ITL 0
@@ -74,6 +84,9 @@ async def _one(client: httpx.AsyncClient, req: Request, index: int, vocab: int, 
     m["e2e"] = time.perf_counter() - start
     m["output_len"] = tokens
     m["cp_degree"] = meta.get("cp_degree", 1)
+    m["cached_tokens"] = meta.get("cached_tokens", 0)
+    if want_ids:  # the whole output (streamed chunks carry all so far)
+        m["output_ids"] = ids or []
     if meta.get("placement"):  # [instance, tokens] per KV segment; the home holds the last one
         m["placement"] = meta["placement"]
     if "ttft" in m:

@@ -23,7 +23,10 @@ import torch
 from nanocp.kvcache.pool import PageAllocator, ReqToTokenPool
 from nanocp.kvcache.radix_cache import ROOT, CachedPages, RadixCache, RootKey, TreeNode
 from nanocp.scheduler.dcp import held_spans, held_tokens
+from nanocp.utils import get_logger
 from nanocp_router.prefix_index import context_hash
+
+logger = get_logger(__name__)
 
 
 class KVOwner(Protocol):
@@ -68,9 +71,10 @@ class KVManager:
         return max(0, -(-held_tokens(req.held_ranges, new_len) // self.page_size) - len(req.kv_pages))
 
     # ---------------------------------------------------------- prefix cache
-    def _span(self, req: KVOwner) -> tuple[RootKey, int, float] | None:
+    def _span(self, req: KVOwner) -> tuple[RootKey | None, int, float] | None:
         """(root, start, end) of the positions of a request this instance can cache: its first
-        held range (all of them when it holds all), under the root of that range's start."""
+        held range (all of them when it holds all), under the root of that range's start (None
+        while the request has fewer tokens than that start: the root names the tokens before)."""
         held = req.held_ranges
         if held is None:
             return ROOT, 0, math.inf
@@ -79,14 +83,14 @@ class KVManager:
         s0, e0 = held[0]
         if s0 == 0:
             return ROOT, 0, e0
-        if req.cache_root is None:
+        if req.cache_root is None and len(req.fill_ids) >= s0:
             req.cache_root = (s0, context_hash(req.fill_ids, s0))
         return req.cache_root, s0, e0
 
     def _cacheable(self, req: KVOwner, upto: int) -> int:
         """Local positions (from the span's start) below `upto` that can be cached: whole pages."""
         span = self._span(req)
-        if span is None:
+        if span is None or span[0] is None:
             return 0
         _, s0, e0 = span
         return max(0, int(min(upto, e0)) - s0) // self.page_size * self.page_size
@@ -98,6 +102,13 @@ class KVManager:
         compute (its logits are sampled). Returns the positions skipped."""
         if self.cache is None or req.kv_len or req.kv_pages or req.req_pool_idx is not None:
             return 0
+        try:
+            return self._match_prefix(req)
+        except Exception:  # a cache fault costs this request its reuse, never the instance
+            logger.exception("prefix cache: matching a request failed; it is computed in full")
+            return 0
+
+    def _match_prefix(self, req: KVOwner) -> int:
         span = self._span(req)
         if span is None:
             return 0
@@ -110,7 +121,7 @@ class KVManager:
         else:
             end = int(min(e0, last))
             n = (end - s0) // self.page_size * self.page_size
-            if n > 0:
+            if n > 0 and root is not None:
                 pages, node = self.cache.match_prefix(req.fill_ids[s0 : s0 + n], root)
             skip = s0 + len(pages) * self.page_size
             if skip >= e0:  # the whole first range: on to the holders' cached positions after it
