@@ -202,3 +202,35 @@ def test_context_parallel_segments_are_cached_under_their_own_root() -> None:
     kv.release(head)
     assert kv.match_prefix(FakeReq(ids, held_ranges=[(0, 6), (10, 16)])) == 6
     assert kv.match_prefix(FakeReq(ids, held_ranges=[(0, 6), (10, 16)], cached_prefix=10)) == 10
+
+
+def test_holders_cache_their_segments_and_never_evict_one_in_use() -> None:
+    """ForeignKV with the cache: a segment held for another home is cached under its root when
+    released after the prefill; a later request reusing it in place gets the same pages, locked:
+    neither eviction nor a full pool takes them while it runs."""
+    from nanocp.kvcache.radix_cache import CachedPages
+    from nanocp.scheduler.dcp import ForeignKV
+
+    alloc = PageAllocator(14, 4)
+    cache = RadixCache(alloc)
+    foreign = ForeignKV(CachedPages(alloc, cache), cache)
+    tokens = list(range(100, 124))
+    root = (16, 12345)  # (start, hash of the tokens before it)
+    assert foreign.reserve(1, 16, 40, root=root, tokens=tokens) and foreign.cached(1, 16) == 0
+    first = list(foreign.segments[1][0].pages)
+    foreign.release(1, cache=False)  # not prefilled: nothing kept
+    assert cache.cached_pages == 0 and alloc.num_free_pages == 14
+    assert foreign.reserve(1, 16, 40, root=root, tokens=tokens)
+    first = list(foreign.segments[1][0].pages)
+    foreign.release(1, cache=True)
+    assert cache.cached_pages == 6 and alloc.num_free_pages == 8
+    # the same tokens under another root (other tokens before them): no reuse
+    assert foreign.reserve(2, 16, 40, root=(16, 999), tokens=tokens, reuse=24) and foreign.cached(2, 16) == 0
+    foreign.release(2)
+    assert foreign.reserve(3, 16, 44, root=root, tokens=tokens + [7, 7, 7, 7], reuse=24)
+    assert foreign.cached(3, 16) == 24 and foreign.segments[3][0].pages[:6] == first
+    assert cache.locked_pages == 6 and cache.evict(8) == 0  # in use: not evictable
+    assert not foreign.reserve(4, 0, 4 * 9)  # 7 pages are not locked: a 9-page segment fails
+    foreign.release(3, cache=True)
+    assert cache.locked_pages == 0 and cache.cached_pages == 7 and cache.flush()
+    assert alloc.num_free_pages == 14

@@ -290,8 +290,9 @@ def test_disconnect_and_abort_of_a_sharded_request_while_prefilling(moe_model, t
         meta = bg.result().json()["meta_info"]
         assert meta["finish_reason"]["type"] == "abort" and meta["completion_tokens"] == 0
         wait_idle(c)
-        for stream in (False, True):
-            body = {"input_ids": long, "sampling_params": greedy_params(50), "stream": stream}
+        for seed, stream in ((77, False), (78, True)):  # other prompts: nothing of them is cached
+            prompt = random_prompts([1200], vocab=500, seed=seed)[0]
+            body = {"input_ids": prompt, "sampling_params": greedy_params(50), "stream": stream}
             with pytest.raises(httpx.ReadTimeout):  # the client gives up while the prompt is prefilled
                 with httpx.stream("POST", s.url + "/generate", json=body, timeout=0.6) as r:
                     r.read()
