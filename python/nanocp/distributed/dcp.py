@@ -18,7 +18,7 @@ Executors (DCPExecutor): EagerDCP (all_to_all of the step's exact sizes) and Gra
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,8 @@ class DCPPlan:
     f_q_pos: torch.Tensor
     f_kv_pos: torch.Tensor
     graph: bool = False  # every instance replays this step from its context-parallel CUDA graphs
+    # (cp_key, last position + 1) of the foreign K/V rows written here this step (prefix cache)
+    written: list[tuple[int, int]] = field(default_factory=list)
 
     @classmethod
     def idle(cls, world: int, device: torch.device) -> DCPPlan:
@@ -165,7 +167,7 @@ def build_dcp_plan(
             kv_rows[inst] += [row0 + p - start for p in kv_pos]
             q_rows[inst] += [row0 + p - start for p in q_pos]
     received = _exchange_ints(blocks, cpu_group)
-    kv_recv_counts, q_recv_counts, kv_slots = [], [], []
+    kv_recv_counts, q_recv_counts, kv_slots, written = [], [], [], []
     f_qo, f_kv, f_kv_idx, f_qpos, f_kvpos = [0], [0], [], [], []
     for blk in received:
         n_kv_total = n_q_total = 0
@@ -176,6 +178,8 @@ def build_dcp_plan(
             q_pos = blk[i + _HEADER + n_kv : i + _HEADER + n_kv + n_q]
             i += _HEADER + n_kv + n_q
             kv_slots.append(foreign_slots(foreign, key, kv_pos, device))
+            if kv_pos:
+                written.append((key, max(kv_pos) + 1))
             n_kv_total += n_kv
             n_q_total += n_q
             if n_q:  # one attention sequence: these queries over the request's keys here they can see
@@ -208,6 +212,7 @@ def build_dcp_plan(
         f_q_pos=cat(f_qpos),
         f_kv_pos=cat(f_kvpos),
         graph=graph,
+        written=written,
     )
 
 

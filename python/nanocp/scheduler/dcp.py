@@ -204,6 +204,30 @@ class ForeignKV:
         self.segments[key] = sorted(segs, key=lambda seg: seg.start)
         return True
 
+    def cache_written(self, written: list[tuple[int, int]]) -> None:
+        """After a step: (cp_key, last position + 1) of the foreign K/V rows it wrote here. The
+        whole pages of prompt KV written so far enter the prefix cache (locked by the request),
+        so requests arriving while the home still prefills find them, as on the home."""
+        if self.cache is None:
+            return
+        ps = self.allocator.page_size
+        for key, upto in written:
+            for seg in self.segments.get(key, []):
+                if not seg.tokens or upto <= seg.start:
+                    continue
+                n, keep = min(upto - seg.start, seg.end - seg.start, len(seg.tokens)) // ps, seg.cached // ps
+                if n <= keep:
+                    continue
+                pages = seg.pages[:n]
+                node = self.cache.adopt(seg.tokens[: n * ps], pages, keep, seg.root)
+                if pages != seg.pages[:n]:  # the tree had some already: read its pages
+                    seg.pages[:n] = pages
+                    seg.slots = None
+                self.cache.lock(node)
+                if seg.node is not None:
+                    self.cache.unlock(seg.node)
+                seg.node, seg.cached = node, n * ps
+
     def cached(self, key: int, start: int) -> int:
         """Positions from `start` of the request's segment there found in the cache."""
         return next((seg.cached for seg in self.segments.get(key, []) if seg.start == start), 0)

@@ -240,6 +240,8 @@ class Scheduler(SchedulerCore):
             for req, n in self.work:  # prefill chunks' KV is complete: requests arriving now find it
                 if n > 1:
                     self.kv.cache_unfinished(req)
+            if batch.dcp is not None:  # and so is the K/V written here for other homes
+                self.foreign.cache_written(batch.dcp.written)
             return self._sample(logits, sampling)
         except Exception as e:
             return self.fail_step(e)
