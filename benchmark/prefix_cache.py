@@ -25,7 +25,9 @@ import asyncio
 import random
 import shlex
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -184,7 +186,7 @@ def main(argv=None) -> None:
             model, dp, args.device, args.max_total_tokens, *extra, chunked_prefill=args.chunked_prefill_size
         )
         print(f"[{label}] server: {shlex.join(cmd)}", flush=True)
-        with ServerProcess(cmd, log_path=str(RESULTS / f".prefix_cache_{dp}.log")) as s:
+        with ServerProcess(cmd, log_path=str(Path(tempfile.gettempdir()) / f"prefix_cache_dp{dp}.log")) as s:
             warm_up(s.url, dp, args.chunked_prefill_size)
             vocab = server_vocab(s.url)
             for w in args.workloads:
@@ -237,7 +239,7 @@ def table(out: dict) -> str:
 
 def plot(results: dict, path) -> None:
     plt = pyplot()
-    fig, axes = plt.subplots(len(results), 3, figsize=(13, 3.2 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(len(results), 4, figsize=(17, 3.2 * len(results)), squeeze=False)
     for row, (w, runs) in zip(axes, results.items()):
         labels = list(runs)
         x = np.arange(len(labels))
@@ -253,6 +255,14 @@ def plot(results: dict, path) -> None:
             ax.bar(x, vals, color=[f"C{i}" for i in range(len(labels))])
             ax.set_xticks(x, labels, rotation=25, ha="right", fontsize=7)
             ax.set_title(f"{w}: {title}", fontsize=9)
+        ax = row[3]  # the dual balance: time-averaged max/mean over instances
+        for j, (key, name) in enumerate(
+            (("kv_max_over_mean", "KV held"), ("batch_max_over_mean", "running"))
+        ):
+            ax.bar(x + (j - 0.5) * 0.4, [runs[k]["imbalance"][key] for k in labels], 0.4, label=name)
+        ax.set_xticks(x, labels, rotation=25, ha="right", fontsize=7)
+        ax.set_title(f"{w}: max/mean over instances (time-averaged)", fontsize=9)
+        ax.legend(fontsize=7)
     save_figure(fig, path)
 
 
