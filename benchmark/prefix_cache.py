@@ -72,7 +72,7 @@ def shared_prefix(rng: random.Random, vocab: int, quick: bool) -> list[dict]:
     """bench_serving's generated-shared-prefix (its defaults: 64 groups x 16 prompts, system
     prompt 2048, question 128, output 256), scaled for a CPU: shuffled, Poisson arrivals."""
     groups, per_group, system, question, out, rate = (
-        (4, 4, 512, 32, 8, 4.0) if quick else (8, 8, 1024, 64, 16, 3.0)
+        (4, 4, 512, 32, 8, 4.0) if quick else (8, 8, 1024, 64, 64, 3.0)
     )
     prompts = [ids(rng, system, vocab) for _ in range(groups)]
     reqs = [
@@ -101,7 +101,7 @@ def long_document(rng: random.Random, vocab: int, quick: bool) -> list[dict]:
 
 def conversations(rng: random.Random, vocab: int, quick: bool) -> list[dict]:
     """Multi-turn chat: each turn = the history + a new message (built as answers come)."""
-    n, turns, first, message, out = (4, 3, 256, 32, 8) if quick else (8, 4, 512, 64, 24)
+    n, turns, first, message, out = (4, 3, 256, 32, 8) if quick else (16, 4, 512, 64, 24)
     return [
         {"first": ids(rng, first, vocab), "messages": [ids(rng, message, vocab) for _ in range(turns - 1)],
          "max_new": out, "start_s": i * 0.5}

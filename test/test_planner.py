@@ -339,8 +339,11 @@ def test_cache_home_keeps_dual_balance():
     assert cache_home(s, {2: 900}, 1000).instance == 2
     for name in POLICIES[::2]:  # none, dynamic (uniform splits every request: no cached home)
         assert create_cp_policy(name).plan(1000, s, {2: 900}).segments == [Segment(2, 0, 1000)]
-    # one request more than the most loaded would have after the cache-blind plan: refused
+    # one request more than the cache-blind home would have: still its home
     s = make_state([4000, 4000, 4000, 4000], [3, 3, 4, 3], page, 1 << 16)
+    assert cache_home(s, {2: 900}, 1000).instance == 2
+    # two more: refused
+    s = make_state([4000, 4000, 4000, 4000], [3, 3, 5, 3], page, 1 << 16)
     assert cache_home(s, {2: 900}, 1000) is None
     assert create_cp_policy("dynamic").plan(1000, s, {2: 900}).home != 2
     # far more KV than the others: refused although the batch is even

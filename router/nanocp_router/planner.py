@@ -23,21 +23,29 @@ while the home is not above the cluster's water level, otherwise on the least-lo
 (a new segment there; the home's tail is sealed where it is). A request growing to many times
 its prompt thus keeps spreading its KV, and memory is reserved only for outputs that come.
 
-Prefix caches (cache-aware home). Each instance caches the KV of prompts it held from position
-0 (kvcache/radix_cache.py); the router estimates who holds which prefix (prefix_index.py). A
-request whose prefix is cached somewhere goes home there when that keeps dual balance:
+Prefix caches (cache-aware home). Each instance caches the KV of the positions it holds of a
+request (kvcache/radix_cache.py); the router estimates who caches which prefix
+(prefix_index.py). A request whose prefix some instance caches from position 0 goes home there
+when that keeps dual balance:
     maximise    saved prefill = the cached prefix length on h
-    subject to  B_h + 1 <= max(max_i B_i, B_b + 1, (1 + eps) * mean B')                  (batch)
-                KV_h + new_h <= max(max_i KV_i, KV_b', (1 + eps) * mean KV' + page)     (KV)
-where b is the home the plan without caches picks, KV_b' the most KV that plan leaves on an
-instance (KV_b + length, or the water level when it would shard), new_h = length - saved what
-the request adds on h, mean B' and mean KV' the means after placing it, eps =
-CACHE_BALANCE_TOLERANCE. The lockstep step costs about the max over instances of batch and KV,
-so a home inside this envelope saves its prefill while raising neither max above what the
-cache-blind plan gives, or above (1 + eps) times the mean (so affinity cannot creep an instance
-up step by step); outside it, the request would make its home the straggler for its whole life,
-and the plan is the cache-blind one. A cached home gets the whole request (degree 1): its prefix is only reused where
-it is held from position 0.
+    subject to  B_h + 1 <= max(max_i B_i, B_b + 2, (1 + eps) * mean B')              (batch)
+                KV_h + new_h <= max(max_i KV_i, KV_b', (1 + eps) * mean KV' + page)  (KV)
+where b is the home the cache-blind plan picks (the fewest requests), KV_b' the most KV that
+plan leaves on an instance (KV_b + length, or the water level when it would shard), new_h =
+length - saved what the request adds on h, mean B' and mean KV' the means after placing it,
+eps = CACHE_BALANCE_TOLERANCE. The lockstep step costs about the max over instances of batch
+and KV: inside the envelope the cached home ends with at most one request more than the least
+loaded instance would, and no more KV than the cache-blind plan leaves somewhere (or eps above
+the mean), so the prefill is saved at a bounded cost to every step and affinity cannot creep an
+instance up (both bounds are anchored to the minimum or the mean, not to h itself). Outside it,
+the request would make its home the straggler for its whole life: the plan is the cache-blind
+one. A cached home gets the whole request (degree 1).
+
+DCP and prefixes (`DynamicCP.plan`, chain). A long prefix cached as segments on several
+instances (a sharded request's) stays where it is: the plan is those segments + the
+remainder's own plan (Plan.reused), when the chain is at least cp_min_shard_tokens long and
+longer than any one instance caches from 0. Holders confirm what they found; the home computes
+from there.
 
 Cost: a plan reads the cluster state's index (instances by home load and by used KV, the total
 used KV) and fills a few candidate groups in closed form: O(degree log N), flat in N
@@ -110,7 +118,7 @@ def cache_home(
         return None
     n, eps = len(state.instances), CACHE_BALANCE_TOLERANCE
     base = base or next(state.by_home())
-    batch_cap = max(state.max_requests, home_load(base)[0] + 1, (1 + eps) * (state.total_requests + 1) / n)
+    batch_cap = max(state.max_requests, home_load(base)[0] + 2, (1 + eps) * (state.total_requests + 1) / n)
     base_kv = used_tokens(base) + length
     if shard_level is not None:
         base_kv = min(base_kv, shard_level)
