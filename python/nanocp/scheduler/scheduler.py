@@ -120,6 +120,7 @@ class Scheduler(SchedulerCore):
         """Every KV of the prompt landed: the request runs from the prefill server's first token."""
         req = self.landing.pop(cp_key)
         req.status = ReqStatus.RUNNING
+        req.computed_len = req.kv_len  # computed by the prefill server: no cache query here
         out = self._record_token(req, token, (lp[0], top[0] if top else []) if lp else None, time.monotonic())
         if req.finished:
             self.finish(req)
