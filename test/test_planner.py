@@ -331,7 +331,7 @@ def test_closed_form_fill_equals_the_bisection(loads, caps, length, page):
 
 # ------------------------------------------------------------------ cache-aware homes
 def test_cache_home_keeps_dual_balance():
-    from nanocp_router.planner import cache_home
+    from nanocp_router.cache_aware import cache_home
 
     page = 16
     # instance 2 caches 900 tokens of the request; it is as loaded as the others: it is home

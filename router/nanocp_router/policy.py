@@ -6,8 +6,8 @@ from __future__ import annotations
 import itertools
 from abc import ABC, abstractmethod
 
+from nanocp_router.cache_aware import cache_home
 from nanocp_router.cluster_state import ClusterState
-from nanocp_router.planner import cache_home
 
 
 class LoadBalancePolicy(ABC):
