@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -221,15 +222,29 @@ class ServerArgs:
         kernels are half-precision, without context parallelism), else triton."""
         if self.device != "cuda":
             return "torch"
+        dtype = self._checkpoint_dtype()
         for name in ("flashinfer", "triton"):
             cls = ATTENTION_BACKENDS.get(name)
             if self.cp_policy != "none" and not cls.supports_context_parallel:
                 continue
-            if cls.dtypes is not None and self.dtype not in ("auto", *cls.dtypes):
+            if cls.dtypes is not None and dtype not in ("auto", *cls.dtypes):
                 continue
             if cls.available():
                 return name
         return "triton"
+
+    def _checkpoint_dtype(self) -> str:
+        """--dtype, with auto read from a local checkpoint's config.json as the model runner
+        resolves it (utils.resolve_dtype: a float32 checkpoint runs in float32); auto when unknown."""
+        if self.dtype != "auto":
+            return self.dtype
+        try:
+            with open(os.path.join(self.model_path, "config.json")) as f:
+                cfg = json.load(f)
+        except (OSError, ValueError, TypeError):
+            return "auto"
+        found = cfg.get("dtype") or cfg.get("torch_dtype")
+        return found if found in ("float32", "bfloat16", "float16") else "auto"
 
     # ---------------------------------------------------------- validate together
     def _validate(self) -> None:
