@@ -274,7 +274,7 @@ class DynamicCP(CPPolicy):
                     return Plan(rest.home, segments, reused)
         return self._plan(length, state, cached)
 
-    def _plan(self, length: int, state: ClusterState, cached: dict[int, int] | None) -> Plan | None:
+    def _plan(self, length: int, state: ClusterState, cached: Cached) -> Plan | None:
         cfg = self.config
         insts = state.instances
         page = insts[0].page_size

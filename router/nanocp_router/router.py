@@ -127,7 +127,7 @@ class Router:
     def dispatch(self, inst: int, msg: Generate, budget: int) -> None:
         """Send a request whole to an instance (static DP, or pinned by data_parallel_rank)."""
         logger.debug("request %s (%d tokens) -> instance %d", msg.rid, len(msg.input_ids), inst)
-        self.note_prefix(inst, self.block_hashes(msg))
+        self.note_segments(msg, Plan(inst, [Segment(inst, 0, budget)]), self.block_hashes(msg))
         self.state.on_dispatch(inst, budget)
         self.rid_to_instance[msg.rid] = inst
         self.send_work(inst, msg)
@@ -220,12 +220,6 @@ class Router:
         if self._hashed is None or self._hashed[0] is not msg:
             self._hashed = (msg, block_hashes(msg.input_ids, self.prefixes.block))
         return self._hashed[1]
-
-    def note_prefix(self, inst: int, hashes: list[int]) -> None:
-        """The instance holds the whole prompt from position 0: its cache will hold these blocks."""
-        if hashes:
-            i = self.state.instances[inst]
-            self.prefixes.record(inst, hashes, i.total_pages * i.page_size)
 
     def plan(self, msg: Generate, hashes: list[int] | None = None) -> Plan | None:
         """The request's placement (None: it does not fit now); hashes: its prompt's blocks, to
@@ -365,9 +359,7 @@ class Router:
                 self.queue.append(msg)
                 self.place()
             else:
-                hashes = self.block_hashes(msg)
-                cached = self.prefixes.match(hashes) if hashes else None
-                self.dispatch(self.policy.select(self.state, budget, cached), msg, budget)
+                self.dispatch(self.plan(msg, self.block_hashes(msg)).home, msg, budget)
         elif isinstance(msg, Reserved):
             if self.pd is not None and msg.cp_key in self.pd.transfers:
                 self.pd.on_reserved(msg, time.monotonic())

@@ -91,9 +91,9 @@ class RadixCache:
         """The pages of the longest cached whole-page prefix of `tokens` under `root`, and the
         node it ends at (lock it before the pages are used: lock()). Splits a node a match ends
         inside."""
-        node, at, pages = self.roots.get(root, self.root), 0, []
-        if root != ROOT and root not in self.roots:
-            return [], node
+        node, at, pages = self.roots.get(root), 0, []
+        if node is None:  # nothing cached under that root
+            return [], self.root
         ps = self.page_size
         while len(tokens) - at >= ps:
             child = node.children.get(self._first_page(tokens, at))

@@ -210,23 +210,28 @@ class ForeignKV:
         so requests arriving while the home still prefills find them, as on the home."""
         if self.cache is None:
             return
-        ps = self.allocator.page_size
         for key, upto in written:
             for seg in self.segments.get(key, []):
-                if not seg.tokens or upto <= seg.start:
-                    continue
-                n, keep = min(upto - seg.start, seg.end - seg.start, len(seg.tokens)) // ps, seg.cached // ps
-                if n <= keep:
-                    continue
-                pages = seg.pages[:n]
-                node = self.cache.adopt(seg.tokens[: n * ps], pages, keep, seg.root)
-                if pages != seg.pages[:n]:  # the tree had some already: read its pages
-                    seg.pages[:n] = pages
-                    seg.slots = None
-                self.cache.lock(node)
-                if seg.node is not None:
-                    self.cache.unlock(seg.node)
-                seg.node, seg.cached = node, n * ps
+                if seg.tokens and upto > seg.start:
+                    self._cache_segment(seg, min(upto, seg.end) - seg.start)
+
+    def _cache_segment(self, seg: ForeignSegment, upto: int) -> None:
+        """Put the segment's whole pages of prompt KV below local position `upto` into the tree;
+        it reads the tree's pages from now on (the tree's own where it had them), locked."""
+        ps = self.allocator.page_size
+        n = min(upto, len(seg.tokens)) // ps
+        keep = seg.cached // ps
+        if n <= keep:
+            return
+        pages = seg.pages[:n]
+        node = self.cache.adopt(seg.tokens[: n * ps], pages, keep, seg.root)
+        if pages != seg.pages[:n]:  # the tree had some already: read its pages
+            seg.pages[:n] = pages
+            seg.slots = None
+        self.cache.lock(node)
+        if seg.node is not None:
+            self.cache.unlock(seg.node)
+        seg.node, seg.cached = node, n * ps
 
     def cached(self, key: int, start: int) -> int:
         """Positions from `start` of the request's segment there found in the cache."""
@@ -235,19 +240,12 @@ class ForeignKV:
     def release(self, key: int, cache: bool = False) -> None:
         """Free the request's segments; cache: their prompt KV is complete (the home prefilled
         it): keep it in the prefix cache."""
-        ps = self.allocator.page_size
         for seg in self.segments.pop(key, []):
-            keep = seg.cached // ps
             if cache and self.cache is not None and seg.tokens:
-                n = len(seg.tokens) // ps
-                if n > keep:
-                    pages = seg.pages[:n]
-                    self.cache.adopt(seg.tokens[: n * ps], pages, keep, seg.root)
-                    seg.pages[:n] = pages
-                    keep = n
+                self._cache_segment(seg, len(seg.tokens))
             if seg.node is not None:
                 self.cache.unlock(seg.node)
-            self.allocator.free(seg.pages[keep:])
+            self.allocator.free(seg.pages[seg.cached // self.allocator.page_size :])
 
     def held(self, key: int, positions: list[int]) -> list[ForeignSegment]:
         """The request's segments here, which must hold every one of `positions`."""
